@@ -1,0 +1,262 @@
+//! Reading ptxas resource reports and SASS listings, and checking what kernels declare.
+//!
+//! A kernel source declares SASS checks in comments, one per line:
+//!
+//! ```text
+//! // moekit-sass: <kernel name or *> forbid LDL STL
+//! // moekit-sass: gemm_bf16_sm90 require HGMMA
+//! // moekit-sass: cast@sm_90a require F2FP
+//! ```
+//!
+//! A `@arch` suffix limits a check to one architecture.
+//!
+//! `forbid X` fails when any SASS instruction of the kernel starts with mnemonic `X`
+//! (so `LDL` matches `LDL.64`); `require X` fails when none does. Every kernel of every
+//! module must also report zero spill bytes.
+
+use std::collections::BTreeMap;
+
+/// Resource usage of one kernel on one architecture, from ptxas.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelResources {
+    /// Kernel (entry function) name as in the binary.
+    pub kernel: String,
+    /// Architecture, e.g. `sm_90a`.
+    pub arch: String,
+    /// Registers per thread.
+    pub registers: u32,
+    /// Static shared memory per block, bytes.
+    pub smem_bytes: u32,
+    /// Stack frame per thread, bytes.
+    pub stack_bytes: u32,
+    /// Spill stores, bytes.
+    pub spill_stores: u32,
+    /// Spill loads, bytes.
+    pub spill_loads: u32,
+    /// Named barriers used.
+    pub barriers: u32,
+}
+
+/// Parses `nvcc --resource-usage` (ptxas `-v`) output into one entry per kernel and arch.
+pub fn parse_ptxas(report: &str) -> Vec<KernelResources> {
+    let mut out: Vec<KernelResources> = Vec::new();
+    let mut current: Option<KernelResources> = None;
+    for line in report.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("ptxas info    : Compiling entry function '") {
+            if let Some(k) = current.take() {
+                out.push(k);
+            }
+            // `<name>' for '<arch>'`
+            let mut parts = rest.split('\'');
+            let kernel = parts.next().unwrap_or_default().to_string();
+            let arch = parts.nth(1).unwrap_or_default().to_string();
+            current = Some(KernelResources { kernel, arch, ..Default::default() });
+        } else if let Some(k) = current.as_mut() {
+            if line.contains("bytes stack frame") {
+                for (n, what) in numbers_with_units(line) {
+                    match what.as_str() {
+                        "bytes stack frame" => k.stack_bytes = n,
+                        "bytes spill stores" => k.spill_stores = n,
+                        "bytes spill loads" => k.spill_loads = n,
+                        _ => {}
+                    }
+                }
+            } else if let Some(rest) = line.strip_prefix("ptxas info    : Used ") {
+                for (n, what) in numbers_with_units(&format!("{rest},")) {
+                    if what == "registers" {
+                        k.registers = n;
+                    } else if what == "bytes smem" {
+                        k.smem_bytes = n;
+                    } else if what == "barriers" {
+                        k.barriers = n;
+                    }
+                }
+                out.push(current.take().unwrap_or_default());
+            }
+        }
+    }
+    if let Some(k) = current.take() {
+        out.push(k);
+    }
+    out
+}
+
+/// Splits `"0 bytes stack frame, 4 bytes spill stores"` into `(0, "bytes stack frame")`, ...
+/// Also handles `used 2 barriers`.
+fn numbers_with_units(line: &str) -> Vec<(u32, String)> {
+    line.split(',')
+        .filter_map(|item| {
+            let item = item.trim().trim_start_matches("used ").trim_start_matches("Used ");
+            let (num, unit) = item.split_once(' ')?;
+            Some((num.parse().ok()?, unit.trim().to_string()))
+        })
+        .collect()
+}
+
+/// A SASS check declared in a kernel source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SassCheck {
+    /// Kernel name the check applies to, or `*` for all.
+    pub kernel: String,
+    /// Architecture the check applies to (`sm_90a`), or `None` for all.
+    pub arch: Option<String>,
+    /// `true` for `require`, `false` for `forbid`.
+    pub require: bool,
+    /// Instruction mnemonic prefix, e.g. `HGMMA`, `LDL`.
+    pub mnemonic: String,
+}
+
+impl SassCheck {
+    /// Short description, e.g. `forbid LDL`.
+    pub fn describe(&self) -> String {
+        format!("{} {}", if self.require { "require" } else { "forbid" }, self.mnemonic)
+    }
+}
+
+/// Reads `// moekit-sass:` directives from a kernel source.
+pub fn parse_sass_checks(source: &str) -> Result<Vec<SassCheck>, String> {
+    let mut checks = Vec::new();
+    for (i, line) in source.lines().enumerate() {
+        let Some(rest) = line.trim().strip_prefix("// moekit-sass:") else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        let (Some(kernel), Some(verb)) = (words.next(), words.next()) else {
+            return Err(format!("line {}: expected `// moekit-sass: <kernel|*> forbid|require MNEMONIC...`", i + 1));
+        };
+        let require = match verb {
+            "require" => true,
+            "forbid" => false,
+            other => return Err(format!("line {}: unknown verb {other:?}", i + 1)),
+        };
+        let mnemonics: Vec<&str> = words.collect();
+        if mnemonics.is_empty() {
+            return Err(format!("line {}: no mnemonic", i + 1));
+        }
+        let (kernel, arch) = match kernel.split_once('@') {
+            Some((k, a)) => (k, Some(a.to_string())),
+            None => (kernel, None),
+        };
+        for m in mnemonics {
+            checks.push(SassCheck { kernel: kernel.to_string(), arch: arch.clone(), require, mnemonic: m.to_string() });
+        }
+    }
+    Ok(checks)
+}
+
+/// SASS listing of one fatbin, split by (arch, kernel) into lists of instruction mnemonics
+/// (with their modifiers, e.g. `LDG.E.128`).
+pub fn parse_cuobjdump_sass(listing: &str) -> BTreeMap<(String, String), Vec<String>> {
+    let mut out: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    let mut arch = String::new();
+    let mut func: Option<(String, String)> = None;
+    for line in listing.lines() {
+        let t = line.trim();
+        if let Some(a) = t.strip_prefix("code for ") {
+            arch = a.trim().to_string();
+            func = None;
+        } else if let Some(f) = t.strip_prefix("Function : ") {
+            let key = (arch.clone(), f.trim().to_string());
+            out.entry(key.clone()).or_default();
+            func = Some(key);
+        } else if let (Some(key), Some(rest)) = (func.as_ref(), t.strip_prefix("/*")) {
+            // `/*0040*/  @P0 IMAD R5, R5, UR4, R0 ;  /* 0x... */`
+            let Some((_, code)) = rest.split_once("*/") else {
+                continue;
+            };
+            let code = code.split("/*").next().unwrap_or("").trim();
+            let mut words = code.split_whitespace();
+            let Some(mut first) = words.next() else { continue };
+            if first.starts_with('@') {
+                first = words.next().unwrap_or("");
+            }
+            if !first.is_empty() {
+                if let Some(v) = out.get_mut(key) {
+                    v.push(first.to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Applies `checks` to one kernel's instruction list on `arch`; returns the failed checks'
+/// descriptions.
+pub fn failed_checks(kernel: &str, arch: &str, instructions: &[String], checks: &[SassCheck]) -> Vec<String> {
+    checks
+        .iter()
+        .filter(|c| c.kernel == "*" || c.kernel == kernel)
+        .filter(|c| c.arch.as_deref().is_none_or(|a| a == arch))
+        .filter(|c| {
+            let present = instructions.iter().any(|ins| ins.split('.').next() == Some(c.mnemonic.as_str()));
+            present != c.require
+        })
+        .map(SassCheck::describe)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PTXAS: &str = "ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'k' for 'sm_90a'
+ptxas info    : Function properties for k
+    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 10 registers, used 1 barriers, 4096 bytes smem
+ptxas info    : Compile time = 2.733 ms
+ptxas info    : Compiling entry function 'k' for 'sm_80'
+ptxas info    : Function properties for k
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 12 registers, used 0 barriers, 372 bytes cmem[0]
+";
+
+    #[test]
+    fn ptxas_report() {
+        let r = parse_ptxas(PTXAS);
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            r[0],
+            KernelResources {
+                kernel: "k".into(),
+                arch: "sm_90a".into(),
+                registers: 10,
+                smem_bytes: 4096,
+                stack_bytes: 8,
+                spill_stores: 4,
+                spill_loads: 12,
+                barriers: 1
+            }
+        );
+        assert_eq!((r[1].arch.as_str(), r[1].registers, r[1].smem_bytes), ("sm_80", 12, 0));
+    }
+
+    #[test]
+    fn sass_checks() {
+        let src = "// moekit-sass: * forbid LDL STL\n// moekit-sass: gemm require HGMMA\n// moekit-sass: other@sm_80 require F2FP\nint x;";
+        let checks = parse_sass_checks(src).unwrap();
+        assert_eq!(checks.len(), 4);
+        assert_eq!(checks[3].arch.as_deref(), Some("sm_80"));
+        assert!(parse_sass_checks("// moekit-sass: * ban LDL").is_err());
+        let listing = "
+	code for sm_90a
+		Function : gemm
+        /*0000*/                   LDC R1, c[0x0][0x28] ;  /* 0x00000a00ff017b82 */
+        /*0010*/               @P0 LDL.64 R2, [R1] ;      /* 0x0 */
+        /*0020*/                   EXIT ;                  /* 0x0 */
+		Function : other
+        /*0000*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;  /* 0x0 */
+";
+        let sass = parse_cuobjdump_sass(listing);
+        let gemm = &sass[&("sm_90a".to_string(), "gemm".to_string())];
+        assert_eq!(gemm, &vec!["LDC".to_string(), "LDL.64".into(), "EXIT".into()]);
+        assert_eq!(
+            failed_checks("gemm", "sm_90a", gemm, &checks),
+            vec!["forbid LDL".to_string(), "require HGMMA".into()]
+        );
+        let other = &sass[&("sm_90a".to_string(), "other".to_string())];
+        assert!(failed_checks("other", "sm_90a", other, &checks).is_empty());
+        assert_eq!(failed_checks("other", "sm_80", other, &checks), vec!["require F2FP".to_string()]);
+    }
+}

@@ -1,0 +1,213 @@
+//! Driver discovery and the device/context handle.
+
+use crate::error::{CudaContext, Error, Result};
+use crate::image::{Function, KernelImage, LoadedModule};
+use cudarc::driver::{result, sys};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Whether the CUDA driver library can be loaded. Never panics, never touches a device.
+pub fn driver_available() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    // SAFETY: `is_culib_present` only tries `dlopen` on candidate names and drops the handles.
+    *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() })
+}
+
+/// Initialises the driver once; `NoDriver` when libcuda is absent.
+fn init_driver() -> Result<()> {
+    static INIT: OnceLock<Result<()>> = OnceLock::new();
+    INIT.get_or_init(|| {
+        if !driver_available() {
+            return Err(Error::NoDriver);
+        }
+        // cudarc panics when a driver symbol is missing (a driver older than the API we bind):
+        // turn that into an error instead of aborting the caller.
+        match std::panic::catch_unwind(result::init) {
+            Ok(r) => r.during("cuInit"),
+            Err(_) => Err(Error::NoDriver),
+        }
+    })
+    .clone()
+}
+
+/// Number of CUDA devices; `Ok(0)` when the driver is present but sees none (or has no
+/// usable GPU), `Err(NoDriver)` when the driver library is absent.
+pub fn device_count() -> Result<usize> {
+    match init_driver() {
+        Ok(()) => {}
+        Err(Error::Cuda { code, .. }) if code == sys::CUresult::CUDA_ERROR_NO_DEVICE as u32 => return Ok(0),
+        Err(e) => return Err(e),
+    }
+    Ok(result::device::get_count().during("cuDeviceGetCount")?.max(0) as usize)
+}
+
+/// A CUDA device with its context. Cheap to clone (shared handle).
+///
+/// [`Gpu::new`] uses the device's *primary* context, the one the CUDA runtime, PyTorch and
+/// cudarc use too, so buffers and streams are interchangeable with theirs.
+/// [`Gpu::from_raw_context`] wraps a context owned by another runtime without taking ownership.
+#[derive(Clone)]
+pub struct Gpu {
+    inner: Arc<GpuInner>,
+}
+
+struct GpuInner {
+    ordinal: usize,
+    device: sys::CUdevice,
+    ctx: sys::CUcontext,
+    owns_primary: bool,
+    name: String,
+    major: u32,
+    minor: u32,
+    sm_count: u32,
+    modules: Mutex<HashMap<&'static str, Arc<LoadedModule>>>,
+}
+
+// SAFETY: a CUcontext and CUdevice are process-wide handles usable from any thread once made
+// current; all mutable state (the module cache) is behind a Mutex.
+unsafe impl Send for GpuInner {}
+// SAFETY: see above; `&GpuInner` only reads immutable handles or locks the Mutex.
+unsafe impl Sync for GpuInner {}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Gpu({}: {}, sm_{}{})", self.inner.ordinal, self.inner.name, self.inner.major, self.inner.minor)
+    }
+}
+
+impl Gpu {
+    /// Opens device `ordinal` with its primary context.
+    pub fn new(ordinal: usize) -> Result<Gpu> {
+        let count = device_count()?;
+        if ordinal >= count {
+            return Err(Error::NoDevice { ordinal, count });
+        }
+        let device = result::device::get(ordinal as i32).during("cuDeviceGet")?;
+        // SAFETY: `device` is a valid device handle from cuDeviceGet; retain is balanced by the
+        // release in Drop (owns_primary = true).
+        let ctx = unsafe { result::primary_ctx::retain(device) }.during("cuDevicePrimaryCtxRetain")?;
+        Self::wrap(ordinal, device, ctx, true)
+    }
+
+    /// Wraps a context owned by another runtime. moekit never destroys or releases it.
+    ///
+    /// # Safety
+    /// `ctx` must be a valid context of device `ordinal` and outlive every object made from
+    /// the returned handle (buffers, streams, loaded modules).
+    pub unsafe fn from_raw_context(ordinal: usize, ctx: sys::CUcontext) -> Result<Gpu> {
+        init_driver()?;
+        let device = result::device::get(ordinal as i32).during("cuDeviceGet")?;
+        Self::wrap(ordinal, device, ctx, false)
+    }
+
+    fn wrap(ordinal: usize, device: sys::CUdevice, ctx: sys::CUcontext, owns_primary: bool) -> Result<Gpu> {
+        // SAFETY: `ctx` is valid per the constructors' contracts.
+        unsafe { result::ctx::set_current(ctx) }.during("cuCtxSetCurrent")?;
+        let attr = |a| {
+            // SAFETY: `device` is a valid device handle; the attribute enum is a valid query.
+            unsafe { result::device::get_attribute(device, a) }.during("cuDeviceGetAttribute")
+        };
+        let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? as u32;
+        let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)? as u32;
+        let sm_count = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let name = result::device::get_name(device).during("cuDeviceGetName")?;
+        Ok(Gpu {
+            inner: Arc::new(GpuInner {
+                ordinal,
+                device,
+                ctx,
+                owns_primary,
+                name,
+                major,
+                minor,
+                sm_count,
+                modules: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.inner.ordinal
+    }
+    /// Device name, e.g. `NVIDIA H200`.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+    /// Compute capability `(major, minor)`, e.g. `(9, 0)`.
+    pub fn compute_capability(&self) -> (u32, u32) {
+        (self.inner.major, self.inner.minor)
+    }
+    /// Number of streaming multiprocessors.
+    pub fn sm_count(&self) -> u32 {
+        self.inner.sm_count
+    }
+    /// The raw context handle.
+    pub fn raw_context(&self) -> sys::CUcontext {
+        self.inner.ctx
+    }
+
+    /// Makes this device's context current on the calling thread (every driver call that
+    /// allocates, copies, loads or launches does this first).
+    pub fn bind(&self) -> Result<()> {
+        // SAFETY: the context is valid for the lifetime of `self` (see constructors).
+        unsafe { result::ctx::set_current(self.inner.ctx) }.during("cuCtxSetCurrent")
+    }
+
+    /// Whether two handles refer to the same context.
+    pub fn same_as(&self, other: &Gpu) -> bool {
+        self.inner.ctx == other.inner.ctx
+    }
+
+    /// Looks up kernel `name` in `image`, loading the image into this context the first time.
+    pub fn function(&self, image: &'static KernelImage, name: &str) -> Result<Function> {
+        let module = self.module(image)?;
+        Function::lookup(self.clone(), module, name)
+    }
+
+    fn module(&self, image: &'static KernelImage) -> Result<Arc<LoadedModule>> {
+        let mut cache = self.inner.modules.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = cache.get(image.name()) {
+            return Ok(m.clone());
+        }
+        let (major, minor) = self.compute_capability();
+        let unsupported = || Error::UnsupportedArchitecture {
+            module: image.name(),
+            major,
+            minor,
+            built_for: image.archs().join(", "),
+        };
+        let bytes = image.fatbin().ok_or(Error::KernelsNotBuilt { module: image.name() })?;
+        if image.hopper_only() && (major, minor) != (9, 0) {
+            return Err(unsupported());
+        }
+        self.bind()?;
+        let m = LoadedModule::load(bytes).map_err(|e| {
+            if Error::is_no_binary(&e) {
+                unsupported()
+            } else {
+                Error::cuda("cuModuleLoadData", e)
+            }
+        })?;
+        let m = Arc::new(m);
+        cache.insert(image.name(), m.clone());
+        Ok(m)
+    }
+}
+
+impl Drop for GpuInner {
+    fn drop(&mut self) {
+        // SAFETY: the context is still valid here (we hold it); modules are unloaded before the
+        // primary context is released, and only if we retained it.
+        unsafe {
+            if result::ctx::set_current(self.ctx).is_ok() {
+                for (_, m) in self.modules.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+                    drop(m);
+                }
+            }
+            if self.owns_primary {
+                let _ = result::primary_ctx::release(self.device);
+            }
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Typed kernel launches.
+
+use crate::error::{CudaContext, Error, Result};
+use crate::image::Function;
+use crate::memory::{DevPtr, DevPtrMut};
+use crate::stream::Stream;
+use cudarc::driver::result;
+use std::ffi::c_void;
+
+/// Grid, block and dynamic shared memory of a launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchConfig {
+    /// Blocks in x, y, z.
+    pub grid: (u32, u32, u32),
+    /// Threads per block in x, y, z.
+    pub block: (u32, u32, u32),
+    /// Dynamic shared memory per block, bytes.
+    pub shared_mem_bytes: u32,
+}
+
+impl LaunchConfig {
+    /// A 1-D launch of `ceil(n / block)` blocks of `block` threads (at least one block).
+    pub fn for_elements(n: usize, block: u32) -> Result<Self> {
+        let blocks = n.div_ceil(block.max(1) as usize).max(1);
+        let grid =
+            u32::try_from(blocks).map_err(|_| Error::Shape(format!("{n} elements need more than 2^32 blocks")))?;
+        Ok(LaunchConfig { grid: (grid, 1, 1), block: (block, 1, 1), shared_mem_bytes: 0 })
+    }
+}
+
+/// A value that can be passed to a kernel by value.
+///
+/// # Safety
+/// `Raw` must have exactly the size, alignment and meaning of the kernel parameter it is
+/// passed as (e.g. `u64` for a device pointer, a `#[repr(C)]` struct mirroring the C struct).
+pub unsafe trait KernelParam {
+    /// The bytes the kernel receives.
+    type Raw: Copy;
+    /// Converts to the kernel's representation.
+    fn to_raw(&self) -> Self::Raw;
+}
+
+macro_rules! by_value {
+    ($($t:ty),*) => {$(
+        // SAFETY: plain scalars are passed to kernels as themselves.
+        unsafe impl KernelParam for $t {
+            type Raw = $t;
+            fn to_raw(&self) -> $t { *self }
+        }
+    )*};
+}
+by_value!(i8, u8, i16, u16, i32, u32, i64, u64, f32, f64);
+
+// SAFETY: a device pointer parameter is a 64-bit address.
+unsafe impl<T> KernelParam for DevPtr<'_, T> {
+    type Raw = u64;
+    fn to_raw(&self) -> u64 {
+        self.addr()
+    }
+}
+
+// SAFETY: a device pointer parameter is a 64-bit address.
+unsafe impl<T> KernelParam for DevPtrMut<'_, T> {
+    type Raw = u64;
+    fn to_raw(&self) -> u64 {
+        self.addr()
+    }
+}
+
+/// A tuple of kernel parameters.
+pub trait LaunchArgs {
+    /// Calls `f` with the driver's parameter array (pointers to each raw value).
+    fn with_params<R>(&self, f: impl FnOnce(&mut [*mut c_void]) -> R) -> R;
+}
+
+macro_rules! tuple_args {
+    ($($name:ident),+) => {
+        impl<$($name: KernelParam),+> LaunchArgs for ($($name,)+) {
+            #[allow(non_snake_case)]
+            fn with_params<R>(&self, f: impl FnOnce(&mut [*mut c_void]) -> R) -> R {
+                let ($($name,)+) = self;
+                $(let mut $name = $name.to_raw();)+
+                let mut params = [$(&mut $name as *mut _ as *mut c_void),+];
+                f(&mut params)
+            }
+        }
+    };
+}
+tuple_args!(A);
+tuple_args!(A, B);
+tuple_args!(A, B, C);
+tuple_args!(A, B, C, D);
+tuple_args!(A, B, C, D, E);
+tuple_args!(A, B, C, D, E, F);
+tuple_args!(A, B, C, D, E, F, G);
+tuple_args!(A, B, C, D, E, F, G, H);
+tuple_args!(A, B, C, D, E, F, G, H, I);
+tuple_args!(A, B, C, D, E, F, G, H, I, J);
+tuple_args!(A, B, C, D, E, F, G, H, I, J, K);
+tuple_args!(A, B, C, D, E, F, G, H, I, J, K, L);
+
+impl Stream {
+    /// Enqueues `f` with `args` on this stream.
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameter list in number, order and type, and the
+    /// kernel must only touch memory the arguments give it (within their lengths). Kernel
+    /// crates wrap this in safe functions that check shapes first.
+    pub unsafe fn launch<A: LaunchArgs>(&self, f: &Function, cfg: LaunchConfig, args: A) -> Result<()> {
+        if !f.gpu().same_as(self.gpu()) {
+            return Err(Error::InvalidArgument(format!("{f:?} launched on a stream of another context")));
+        }
+        let (g, b) = (cfg.grid, cfg.block);
+        if g.0 == 0 || g.1 == 0 || g.2 == 0 || b.0 == 0 || b.1 == 0 || b.2 == 0 {
+            return Err(Error::InvalidArgument(format!("empty launch {cfg:?}")));
+        }
+        self.gpu().bind()?;
+        args.with_params(|params| {
+            // SAFETY: the caller guarantees the parameter list; `params` points at values that
+            // live until this closure returns, and cuLaunchKernel copies them before returning.
+            unsafe { result::launch_kernel(f.raw(), g, b, cfg.shared_mem_bytes, self.raw(), params) }
+        })
+        .during("cuLaunchKernel")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn for_elements_rounds_up_and_never_empty() {
+        assert_eq!(LaunchConfig::for_elements(0, 256).unwrap().grid.0, 1);
+        assert_eq!(LaunchConfig::for_elements(257, 256).unwrap().grid.0, 2);
+        assert!(LaunchConfig::for_elements(usize::MAX, 1).is_err());
+    }
+
+    #[test]
+    fn params_point_at_raw_values() {
+        // SAFETY: test-only fabricated address, never dereferenced.
+        let p = unsafe { DevPtr::<f32>::from_raw(0xdead_beef, 4) };
+        (7u32, p, 2.5f32).with_params(|params| {
+            assert_eq!(params.len(), 3);
+            // SAFETY: each entry points at the raw value of the matching tuple field.
+            unsafe {
+                assert_eq!(*(params[0] as *const u32), 7);
+                assert_eq!(*(params[1] as *const u64), 0xdead_beef);
+                assert_eq!(*(params[2] as *const f32), 2.5);
+            }
+        });
+    }
+}

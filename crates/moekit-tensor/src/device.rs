@@ -1,0 +1,75 @@
+//! Where a tensor lives.
+
+use moekit_cuda::{Gpu, Result, Stream};
+use std::sync::Arc;
+
+/// A CUDA device with the stream tensor operations run on. Cheap to clone.
+///
+/// Every op on tensors of this device is enqueued on [`CudaDevice::stream`]; reading a tensor
+/// back to the host waits for it, so tensor code never needs explicit synchronisation.
+#[derive(Clone, Debug)]
+pub struct CudaDevice {
+    gpu: Gpu,
+    stream: Arc<Stream>,
+}
+
+impl CudaDevice {
+    /// Device `ordinal` with a new stream.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let gpu = Gpu::new(ordinal)?;
+        let stream = Arc::new(Stream::new(&gpu)?);
+        Ok(CudaDevice { gpu, stream })
+    }
+
+    /// Uses an existing device handle and stream (e.g. borrowed from another runtime).
+    pub fn from_parts(gpu: Gpu, stream: Arc<Stream>) -> Self {
+        CudaDevice { gpu, stream }
+    }
+
+    /// The device handle.
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+    /// The stream ops run on.
+    pub fn stream(&self) -> &Stream {
+        &self.stream
+    }
+}
+
+/// Where a tensor's storage lives.
+#[derive(Clone, Debug)]
+pub enum Device {
+    /// Host memory; ops run the CPU reference implementations.
+    Cpu,
+    /// Device memory on a CUDA GPU; ops run the kernels.
+    Cuda(CudaDevice),
+}
+
+impl Device {
+    /// CUDA device `ordinal` if one is usable, else [`Device::Cpu`].
+    pub fn cuda_if_available(ordinal: usize) -> Device {
+        CudaDevice::new(ordinal).map(Device::Cuda).unwrap_or(Device::Cpu)
+    }
+
+    /// Whether this is the CPU.
+    pub fn is_cpu(&self) -> bool {
+        matches!(self, Device::Cpu)
+    }
+
+    /// Whether two devices are the same place (same CUDA context, or both CPU).
+    pub fn same_as(&self, other: &Device) -> bool {
+        match (self, other) {
+            (Device::Cpu, Device::Cpu) => true,
+            (Device::Cuda(a), Device::Cuda(b)) => a.gpu.same_as(&b.gpu),
+            _ => false,
+        }
+    }
+
+    /// Short name: `cpu` or `cuda:N`.
+    pub fn name(&self) -> String {
+        match self {
+            Device::Cpu => "cpu".into(),
+            Device::Cuda(d) => format!("cuda:{}", d.gpu.ordinal()),
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! The tensor: a contiguous, row-major view of shared storage.
+
+use crate::device::Device;
+use crate::dtype::{DType, Element};
+use moekit_cuda::{DevPtr, DevPtrMut, DeviceBuffer, Error, Result};
+use std::sync::Arc;
+
+/// Bytes of a tensor's memory, on the host or on a GPU.
+enum Storage {
+    /// Host bytes, 8-byte aligned (backed by `u64`s; views never reach the padding).
+    Cpu { words: Vec<u64> },
+    /// Device bytes (`cuMemAlloc` memory is 256-byte aligned).
+    Cuda(DeviceBuffer<u8>),
+}
+
+/// An n-dimensional, contiguous, row-major array of one [`DType`] on one [`Device`].
+///
+/// Cloning and views ([`Tensor::narrow`], [`Tensor::reshape`]) share storage; writes
+/// ([`Tensor::cpu_slice_mut`], [`Tensor::dev_ptr_mut`]) require the storage to be unshared,
+/// so a view can never be changed behind another's back.
+///
+/// ```
+/// use moekit_tensor::{Device, Tensor};
+/// let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], &[3, 2], &Device::Cpu)?;
+/// let rows = t.narrow(0, 1, 2)?; // rows 1 and 2
+/// assert_eq!(rows.dims(), &[2, 2]);
+/// assert_eq!(rows.to_vec::<f32>()?, vec![3.0, 4.0, 5.0, 6.0]);
+/// assert!(t.to_vec::<i32>().is_err()); // wrong dtype is a typed error
+/// # Ok::<(), moekit_cuda::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Tensor {
+    storage: Arc<Storage>,
+    device: Device,
+    dtype: DType,
+    dims: Vec<usize>,
+    /// First element of this view in the storage.
+    offset: usize,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({:?}, {}, {})", self.dims, self.dtype, self.device.name())
+    }
+}
+
+/// Number of elements of `dims`, or a shape error on overflow.
+pub fn numel_of(dims: &[usize]) -> Result<usize> {
+    dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(|| Error::Shape(format!("{dims:?} overflows")))
+}
+
+impl Tensor {
+    /// A zero-filled tensor.
+    pub fn zeros(dims: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let numel = numel_of(dims)?;
+        let bytes = numel
+            .checked_mul(dtype.size_in_bytes())
+            .ok_or_else(|| Error::Shape(format!("{dims:?} of {dtype} overflows")))?;
+        let storage = match device {
+            Device::Cpu => Storage::Cpu { words: vec![0u64; bytes.div_ceil(8)] },
+            Device::Cuda(d) => Storage::Cuda(DeviceBuffer::zeros(d.gpu(), bytes)?),
+        };
+        Ok(Tensor { storage: Arc::new(storage), device: device.clone(), dtype, dims: dims.to_vec(), offset: 0 })
+    }
+
+    /// A tensor holding a copy of `data` with shape `dims`.
+    pub fn from_slice<T: Element>(data: &[T], dims: &[usize], device: &Device) -> Result<Tensor> {
+        let numel = numel_of(dims)?;
+        if numel != data.len() {
+            return Err(Error::Shape(format!("{} elements do not fill shape {dims:?}", data.len())));
+        }
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let storage = match device {
+            Device::Cpu => {
+                let mut words = vec![0u64; bytes.len().div_ceil(8)];
+                bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+                Storage::Cpu { words }
+            }
+            Device::Cuda(d) => Storage::Cuda(DeviceBuffer::from_host(d.gpu(), bytes)?),
+        };
+        Ok(Tensor {
+            storage: Arc::new(storage),
+            device: device.clone(),
+            dtype: T::DTYPE,
+            dims: dims.to_vec(),
+            offset: 0,
+        })
+    }
+
+    /// Shape.
+    pub fn dims(&self) -> &[usize] {
+        &self.dims
+    }
+    /// Number of dimensions.
+    pub fn rank(&self) -> usize {
+        self.dims.len()
+    }
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.dims.iter().product()
+    }
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// Where the storage lives.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    /// Bytes of this view.
+    pub fn size_in_bytes(&self) -> usize {
+        self.numel() * self.dtype.size_in_bytes()
+    }
+
+    /// Size of dimension `d`, or a shape error.
+    pub fn dim(&self, d: usize) -> Result<usize> {
+        self.dims.get(d).copied().ok_or_else(|| Error::Shape(format!("dimension {d} of a rank-{} tensor", self.rank())))
+    }
+
+    /// Errors unless the dtype is `dtype` (`what` names the argument in the message).
+    pub fn expect_dtype(&self, what: &str, dtype: DType) -> Result<()> {
+        if self.dtype == dtype {
+            Ok(())
+        } else {
+            Err(Error::Dtype { what: what.into(), expected: dtype.name().into(), got: self.dtype.name().into() })
+        }
+    }
+
+    /// A view of `len` entries of dimension `dim` starting at `start`. Because tensors are
+    /// contiguous, `dim` must be 0 or every dimension before it must have size 1.
+    pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+        let size = self.dim(dim)?;
+        if start.checked_add(len).is_none_or(|end| end > size) {
+            return Err(Error::Shape(format!("narrow {start}..{start}+{len} of dimension {dim} (size {size})")));
+        }
+        if self.dims[..dim].iter().any(|&d| d != 1) {
+            return Err(Error::Shape(format!("narrow of dimension {dim} of {:?} is not contiguous", self.dims)));
+        }
+        let inner: usize = self.dims[dim + 1..].iter().product();
+        let mut dims = self.dims.clone();
+        dims[dim] = len;
+        Ok(Tensor { dims, offset: self.offset + start * inner, ..self.clone() })
+    }
+
+    /// The same elements with another shape of equal element count.
+    pub fn reshape(&self, dims: &[usize]) -> Result<Tensor> {
+        if numel_of(dims)? != self.numel() {
+            return Err(Error::Shape(format!("reshape {:?} to {dims:?}", self.dims)));
+        }
+        Ok(Tensor { dims: dims.to_vec(), ..self.clone() })
+    }
+
+    /// Copies the elements to a host vector (waits for the device's stream).
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        self.expect_dtype("to_vec", T::DTYPE)?;
+        match self.storage.as_ref() {
+            Storage::Cpu { .. } => Ok(self.cpu_slice::<T>()?.to_vec()),
+            Storage::Cuda(buf) => {
+                let Device::Cuda(d) = &self.device else { unreachable!("CUDA storage on a CUDA device") };
+                let mut out = vec![T::zeroed(); self.numel()];
+                buf.copy_range_to_host(d.stream(), self.byte_offset(), bytemuck::cast_slice_mut(&mut out))?;
+                Ok(out)
+            }
+        }
+    }
+
+    /// A copy on `device` (shares storage when already there).
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        if self.device.same_as(device) {
+            return Ok(self.clone());
+        }
+        let bytes = self.bytes_to_host()?;
+        let mut t = Tensor::from_slice(&bytes, &[bytes.len()], device)?;
+        t.dtype = self.dtype;
+        t.dims = self.dims.clone();
+        Ok(t)
+    }
+
+    fn bytes_to_host(&self) -> Result<Vec<u8>> {
+        match self.storage.as_ref() {
+            Storage::Cpu { words } => {
+                let all: &[u8] = bytemuck::cast_slice(words);
+                Ok(all[self.byte_offset()..self.byte_offset() + self.size_in_bytes()].to_vec())
+            }
+            Storage::Cuda(buf) => {
+                let Device::Cuda(d) = &self.device else { unreachable!("CUDA storage on a CUDA device") };
+                let mut bytes = vec![0u8; self.size_in_bytes()];
+                buf.copy_range_to_host(d.stream(), self.byte_offset(), &mut bytes)?;
+                Ok(bytes)
+            }
+        }
+    }
+
+    fn byte_offset(&self) -> usize {
+        self.offset * self.dtype.size_in_bytes()
+    }
+
+    fn check_element<T: Element>(&self) -> Result<()> {
+        self.expect_dtype(std::any::type_name::<T>(), T::DTYPE)
+    }
+
+    /// The elements of a CPU tensor.
+    pub fn cpu_slice<T: Element>(&self) -> Result<&[T]> {
+        self.check_element::<T>()?;
+        match self.storage.as_ref() {
+            Storage::Cpu { words } => {
+                let all: &[u8] = bytemuck::cast_slice(words);
+                Ok(bytemuck::cast_slice(&all[self.byte_offset()..self.byte_offset() + self.size_in_bytes()]))
+            }
+            Storage::Cuda(_) => Err(Error::InvalidArgument(format!("{self:?} is not on the CPU"))),
+        }
+    }
+
+    /// The elements of a CPU tensor, writable; errors when the storage is shared.
+    pub fn cpu_slice_mut<T: Element>(&mut self) -> Result<&mut [T]> {
+        self.check_element::<T>()?;
+        let (start, len, name) = (self.byte_offset(), self.size_in_bytes(), format!("{self:?}"));
+        match Arc::get_mut(&mut self.storage) {
+            Some(Storage::Cpu { words }) => {
+                let all: &mut [u8] = bytemuck::cast_slice_mut(words);
+                Ok(bytemuck::cast_slice_mut(&mut all[start..start + len]))
+            }
+            Some(Storage::Cuda(_)) => Err(Error::InvalidArgument(format!("{name} is not on the CPU"))),
+            None => Err(Error::InvalidArgument(format!("{name}: storage is shared with another view"))),
+        }
+    }
+
+    /// The elements of a CUDA tensor as a kernel argument.
+    pub fn dev_ptr<T: Element>(&self) -> Result<DevPtr<'_, T>> {
+        self.check_element::<T>()?;
+        match self.storage.as_ref() {
+            Storage::Cuda(buf) => buf.slice(self.byte_offset(), self.size_in_bytes())?.cast::<T>(),
+            Storage::Cpu { .. } => Err(Error::InvalidArgument(format!("{self:?} is not on a CUDA device"))),
+        }
+    }
+
+    /// The elements of a CUDA tensor as a writable kernel argument; errors when the storage is
+    /// shared.
+    pub fn dev_ptr_mut<T: Element>(&mut self) -> Result<DevPtrMut<'_, T>> {
+        self.check_element::<T>()?;
+        let (start, len, name) = (self.byte_offset(), self.size_in_bytes(), format!("{self:?}"));
+        match Arc::get_mut(&mut self.storage) {
+            Some(Storage::Cuda(buf)) => buf.slice_mut(start, len)?.cast::<T>(),
+            Some(Storage::Cpu { .. }) => Err(Error::InvalidArgument(format!("{name} is not on a CUDA device"))),
+            None => Err(Error::InvalidArgument(format!("{name}: storage is shared with another view"))),
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! `gpu-bundle`: everything a GPU machine without Rust or CUDA toolkit needs, in one folder.
+
+use crate::setup::ensure_toolchain;
+use crate::{cargo, root, run};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+const MAX_BYTES: u64 = 60 << 20;
+
+pub fn gpu_bundle() -> Result<(), String> {
+    let tc = ensure_toolchain()?;
+    std::env::set_var("MOEKIT_REQUIRE_KERNELS", "1");
+    let dir = root().join("target").join("gpu-bundle");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    for sub in ["tests", "benches"] {
+        std::fs::create_dir_all(dir.join(sub)).map_err(|e| e.to_string())?;
+    }
+    let tests = executables(cargo(Some(&tc.nvcc)).args(["test", "--workspace", "--release", "--no-run"]))?;
+    let benches = executables(cargo(Some(&tc.nvcc)).args(["bench", "-p", "moekit-benches", "--no-run"]))?;
+    let mut total = 0;
+    for (sub, exes) in [("tests", &tests), ("benches", &benches)] {
+        for exe in exes {
+            let name = exe.file_name().ok_or("executable without a name")?;
+            let dest = dir.join(sub).join(name);
+            std::fs::copy(exe, &dest).map_err(|e| format!("copy {}: {e}", exe.display()))?;
+            // Best effort: symbols are not needed on the GPU machine.
+            let _ = Command::new("strip").arg(&dest).stderr(Stdio::null()).status();
+            total += std::fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
+        }
+    }
+    let run_sh = dir.join("run.sh");
+    std::fs::write(&run_sh, RUN_SH).map_err(|e| e.to_string())?;
+    run(Command::new("chmod").arg("+x").arg(&run_sh))?;
+    eprintln!(
+        "xtask: gpu bundle at {} ({} test and {} bench binaries, {:.1} MiB)\n       on the GPU machine: bash run.sh",
+        dir.display(),
+        tests.len(),
+        benches.len(),
+        total as f64 / (1 << 20) as f64
+    );
+    if total > MAX_BYTES {
+        return Err(format!("bundle is {total} bytes, over the 60 MiB limit"));
+    }
+    Ok(())
+}
+
+/// Builds with `--message-format=json` and returns the executables cargo reports.
+fn executables(cmd: &mut Command) -> Result<Vec<PathBuf>, String> {
+    cmd.arg("--message-format=json").stdout(Stdio::piped());
+    eprintln!("xtask: running {cmd:?}");
+    let out = cmd.output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!("{cmd:?} failed"));
+    }
+    let mut v: Vec<PathBuf> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("\"reason\":\"compiler-artifact\""))
+        .filter_map(|l| {
+            let start = l.find("\"executable\":\"")? + "\"executable\":\"".len();
+            let end = l[start..].find('"')?;
+            Some(PathBuf::from(&l[start..start + end]))
+        })
+        .filter(|p| p.is_file() && !is_build_script(p))
+        .collect();
+    v.sort();
+    v.dedup();
+    Ok(v)
+}
+
+fn is_build_script(p: &Path) -> bool {
+    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("build_script"))
+}
+
+/// The bundle's entry point. Needs bash, coreutils and an NVIDIA driver; nothing else.
+const RUN_SH: &str = r#"#!/usr/bin/env bash
+# moekit GPU bundle: runs every GPU test (MOEKIT_REQUIRE_GPU=1: a skip is a failure), then the
+# benchmarks in quick mode, and prints a summary table last. Made by `cargo xtask gpu-bundle`.
+set -u
+cd "$(dirname "$0")"
+have_driver() {
+  ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1' && return 0
+  for d in /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/lib /usr/local/nvidia/lib64 /usr/lib/wsl/lib ${LD_LIBRARY_PATH//:/ }; do
+    [ -e "$d/libcuda.so.1" ] && return 0
+  done
+  return 1
+}
+if ! have_driver; then
+  echo "run.sh: no NVIDIA driver on this machine (libcuda.so.1 not found)." >&2
+  echo "run.sh: this bundle runs moekit's GPU tests and benchmarks; run it on a machine with an NVIDIA GPU." >&2
+  exit 2
+fi
+export MOEKIT_REQUIRE_GPU=1
+summary=()
+failed=0
+passed_total=0
+failed_total=0
+for t in tests/*; do
+  [ -x "$t" ] || continue
+  name=$(basename "$t")
+  out=$("$t" --include-ignored gpu_ --test-threads=1 2>&1)
+  rc=$?
+  echo "$out" | grep -E '^(test |SKIPPED|thread .* panicked|---- )' | sed "s|^|[$name] |"
+  p=$(echo "$out" | sed -n 's/^test result: .* \([0-9][0-9]*\) passed; \([0-9][0-9]*\) failed.*/\1/p' | awk '{s+=$1} END {print s+0}')
+  f=$(echo "$out" | sed -n 's/^test result: .* \([0-9][0-9]*\) passed; \([0-9][0-9]*\) failed.*/\2/p' | awk '{s+=$1} END {print s+0}')
+  passed_total=$((passed_total + p)); failed_total=$((failed_total + f))
+  if [ "$p" -gt 0 ] || [ "$f" -gt 0 ] || [ $rc -ne 0 ]; then
+    status=ok; [ $rc -ne 0 ] && { status=FAILED; failed=1; }
+    summary+=("| test | $name | $p passed, $f failed | $status |")
+  fi
+done
+bench_lines=()
+for b in benches/*; do
+  [ -x "$b" ] || continue
+  name=$(basename "$b")
+  out=$(MOEKIT_BENCH_QUICK=1 "$b" --bench 2>&1)
+  rc=$?
+  echo "$out" | sed "s|^|[$name] |"
+  while IFS= read -r l; do bench_lines+=("$l"); done < <(echo "$out" | grep '^MOEKIT-BENCH |' | sed 's/^MOEKIT-BENCH //')
+  [ $rc -ne 0 ] && { failed=1; summary+=("| bench | $name | exit $rc | FAILED |"); }
+done
+echo
+echo "== moekit GPU bundle summary =="
+echo "| kind | binary | result | status |"
+echo "|---|---|---|---|"
+for l in "${summary[@]}"; do echo "$l"; done
+echo
+echo "| benchmark | shape | median | achieved | fraction of ceiling |"
+echo "|---|---|---|---|---|"
+for l in "${bench_lines[@]}"; do echo "$l"; done
+echo
+echo "gpu tests: $passed_total passed, $failed_total failed"
+exit $failed
+"#;

@@ -1,0 +1,83 @@
+//! `cargo xtask <command>`: moekit's developer commands.
+
+mod bundle;
+mod codegen;
+mod kernels;
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  setup-cuda        install the pinned CUDA 13.0 toolchain from PyPI into .cuda-toolchain/
+  build-kernels     compile every kernel for every configured arch; print resources and SASS checks
+  codegen [--check] regenerate (or check) the Rust bindings of kernels/include/moekit/abi.h
+  ci                the full test pipeline (toolchain, build-kernels, codegen --check, fmt, clippy, test)
+  gpu-bundle        build GPU test and benchmark binaries into target/gpu-bundle with a run.sh";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup-cuda") => setup::setup_cuda().map(|_| ()),
+        Some("build-kernels") => kernels::build_kernels(),
+        Some("codegen") => codegen::codegen(args.iter().any(|a| a == "--check")),
+        Some("ci") => ci(),
+        Some("gpu-bundle") => bundle::gpu_bundle(),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => Err(USAGE.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+}
+
+/// Runs `cmd` with inherited output; error when it fails.
+pub fn run(cmd: &mut Command) -> Result<(), String> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} failed ({status})"))
+    }
+}
+
+/// A `cargo` command in the workspace root, with `MOEKIT_NVCC` pointing at the toolchain
+/// xtask resolved so that build scripts use the same nvcc.
+pub fn cargo(nvcc: Option<&Path>) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    if let Some(nvcc) = nvcc {
+        cmd.env("MOEKIT_NVCC", nvcc);
+    }
+    cmd
+}
+
+fn ci() -> Result<(), String> {
+    let start = std::time::Instant::now();
+    let tc = setup::ensure_toolchain()?;
+    // From here on a missing toolchain is an error, never a silent skip.
+    std::env::set_var("MOEKIT_REQUIRE_KERNELS", "1");
+    std::env::set_var("MOEKIT_NVCC", &tc.nvcc);
+    kernels::build_kernels()?;
+    codegen::codegen(true)?;
+    run(cargo(Some(&tc.nvcc)).args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo(Some(&tc.nvcc)).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo(Some(&tc.nvcc)).args(["test", "--workspace"]))?;
+    eprintln!("xtask ci: all steps passed in {:.0} s", start.elapsed().as_secs_f64());
+    Ok(())
+}
