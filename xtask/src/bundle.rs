@@ -14,14 +14,15 @@ pub fn gpu_bundle() -> Result<(), String> {
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    for sub in ["tests", "benches"] {
+    for sub in ["tests", "benches", "examples"] {
         std::fs::create_dir_all(dir.join(sub)).map_err(|e| e.to_string())?;
     }
-    let tests = executables(cargo(Some(&tc.nvcc)).args(["test", "--workspace", "--release", "--no-run"]))?;
+    let built = executables(cargo(Some(&tc.nvcc)).args(["test", "--workspace", "--release", "--no-run"]))?;
+    let (tests, examples): (Vec<_>, Vec<_>) = built.into_iter().partition(|(_, test)| *test);
     let benches = executables(cargo(Some(&tc.nvcc)).args(["bench", "-p", "moekit-benches", "--no-run"]))?;
     let mut total = 0;
-    for (sub, exes) in [("tests", &tests), ("benches", &benches)] {
-        for exe in exes {
+    for (sub, exes) in [("tests", &tests), ("benches", &benches), ("examples", &examples)] {
+        for (exe, _) in exes {
             let name = exe.file_name().ok_or("executable without a name")?;
             let dest = dir.join(sub).join(name);
             std::fs::copy(exe, &dest).map_err(|e| format!("copy {}: {e}", exe.display()))?;
@@ -46,23 +47,24 @@ pub fn gpu_bundle() -> Result<(), String> {
     Ok(())
 }
 
-/// Builds with `--message-format=json` and returns the executables cargo reports.
-fn executables(cmd: &mut Command) -> Result<Vec<PathBuf>, String> {
+/// Builds with `--message-format=json` and returns the executables cargo reports, each with
+/// whether it is a test harness (`profile.test`) rather than an example.
+fn executables(cmd: &mut Command) -> Result<Vec<(PathBuf, bool)>, String> {
     cmd.arg("--message-format=json").stdout(Stdio::piped());
     eprintln!("xtask: running {cmd:?}");
     let out = cmd.output().map_err(|e| e.to_string())?;
     if !out.status.success() {
         return Err(format!("{cmd:?} failed"));
     }
-    let mut v: Vec<PathBuf> = String::from_utf8_lossy(&out.stdout)
+    let mut v: Vec<(PathBuf, bool)> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.contains("\"reason\":\"compiler-artifact\""))
         .filter_map(|l| {
             let start = l.find("\"executable\":\"")? + "\"executable\":\"".len();
             let end = l[start..].find('"')?;
-            Some(PathBuf::from(&l[start..start + end]))
+            Some((PathBuf::from(&l[start..start + end]), l.contains("\"test\":true")))
         })
-        .filter(|p| p.is_file() && !is_build_script(p))
+        .filter(|(p, _)| p.is_file() && !is_build_script(p))
         .collect();
     v.sort();
     v.dedup();
@@ -81,7 +83,7 @@ set -u
 cd "$(dirname "$0")"
 have_driver() {
   ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1' && return 0
-  for d in /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/lib /usr/local/nvidia/lib64 /usr/lib/wsl/lib ${LD_LIBRARY_PATH//:/ }; do
+  for d in /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/lib /usr/local/nvidia/lib64 /usr/lib/wsl/lib ${LD_LIBRARY_PATH:+${LD_LIBRARY_PATH//:/ }}; do
     [ -e "$d/libcuda.so.1" ] && return 0
   done
   return 1
@@ -109,6 +111,16 @@ for t in tests/*; do
     status=ok; [ $rc -ne 0 ] && { status=FAILED; failed=1; }
     summary+=("| test | $name | $p passed, $f failed | $status |")
   fi
+done
+# The main job's example on the GPU: kernel output must equal the CPU reference bit for bit.
+for e in examples/*; do
+  [ -x "$e" ] || continue
+  name=$(basename "$e")
+  out=$("$e" --device cuda 2>&1)
+  rc=$?
+  echo "$out" | sed "s|^|[$name] |"
+  status=ok; [ $rc -ne 0 ] && { status=FAILED; failed=1; }
+  summary+=("| example | $name --device cuda | exit $rc | $status |")
 done
 bench_lines=()
 for b in benches/*; do
