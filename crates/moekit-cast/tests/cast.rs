@@ -11,7 +11,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 fn random_bf16(n: usize, seed: u64) -> Vec<bf16> {
     let mut rng = StdRng::seed_from_u64(seed);
     let specials =
-        [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 448.0, 464.0, -57344.0, 61440.0, 1.0 / 512.0];
+        [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 448.0, 464.0, -57344.0, 61440.0, 1.0 / 512.0];
     (0..n)
         .map(|_| {
             if rng.gen_ratio(1, 50) {
