@@ -63,6 +63,11 @@ pub fn codegen(check: bool) -> Result<(), String> {
         }
     }
     rust.push_str("];\n");
+    rust.push_str("\n/// Calls `$m!(Struct)` for every ABI struct (used to implement traits on all of them).\n#[macro_export]\nmacro_rules! for_each_abi_struct {\n    ($m:ident) => {\n");
+    for (name, _) in &structs {
+        rust.push_str(&format!("        $m!($crate::{name});\n"));
+    }
+    rust.push_str("    };\n}\n");
     c.push_str(&format!("}};\nconst size_t moekit_abi_c_layout_len = {count};\n"));
 
     let outputs: [(PathBuf, String); 3] = [

@@ -15,3 +15,23 @@ pub struct MoekitCastParams {
     pub scale: f32,
     pub format: i32,
 }
+pub const MOEKIT_EMU_ORDER_IN_ORDER: MoekitEmuBlockOrder = 0;
+pub const MOEKIT_EMU_ORDER_REVERSED: MoekitEmuBlockOrder = 1;
+pub const MOEKIT_EMU_ORDER_SHUFFLED: MoekitEmuBlockOrder = 2;
+pub type MoekitEmuBlockOrder = ::core::ffi::c_uint;
+pub const MOEKIT_EMU_OK: MoekitEmuStatus = 0;
+pub const MOEKIT_EMU_BAD_CONFIG: MoekitEmuStatus = 1;
+pub const MOEKIT_EMU_KERNEL_FAULT: MoekitEmuStatus = 2;
+pub type MoekitEmuStatus = ::core::ffi::c_uint;
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MoekitEmuLaunch {
+    pub grid: [u32; 3usize],
+    pub block: [u32; 3usize],
+    pub shared_mem_bytes: u32,
+    pub block_order: i32,
+    pub seed: u64,
+    pub workers: u32,
+    pub _pad: u32,
+    pub stack_bytes: u64,
+}

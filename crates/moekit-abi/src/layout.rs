@@ -14,4 +14,23 @@ pub const RUST_LAYOUT: &[(&str, &str, usize)] = &[
     ("MoekitCastParams", "n", offset_of!(MoekitCastParams, n)),
     ("MoekitCastParams", "scale", offset_of!(MoekitCastParams, scale)),
     ("MoekitCastParams", "format", offset_of!(MoekitCastParams, format)),
+    ("MoekitEmuLaunch", "", size_of::<MoekitEmuLaunch>()),
+    ("MoekitEmuLaunch", "<align>", align_of::<MoekitEmuLaunch>()),
+    ("MoekitEmuLaunch", "grid", offset_of!(MoekitEmuLaunch, grid)),
+    ("MoekitEmuLaunch", "block", offset_of!(MoekitEmuLaunch, block)),
+    ("MoekitEmuLaunch", "shared_mem_bytes", offset_of!(MoekitEmuLaunch, shared_mem_bytes)),
+    ("MoekitEmuLaunch", "block_order", offset_of!(MoekitEmuLaunch, block_order)),
+    ("MoekitEmuLaunch", "seed", offset_of!(MoekitEmuLaunch, seed)),
+    ("MoekitEmuLaunch", "workers", offset_of!(MoekitEmuLaunch, workers)),
+    ("MoekitEmuLaunch", "_pad", offset_of!(MoekitEmuLaunch, _pad)),
+    ("MoekitEmuLaunch", "stack_bytes", offset_of!(MoekitEmuLaunch, stack_bytes)),
 ];
+
+/// Calls `$m!(Struct)` for every ABI struct (used to implement traits on all of them).
+#[macro_export]
+macro_rules! for_each_abi_struct {
+    ($m:ident) => {
+        $m!($crate::MoekitCastParams);
+        $m!($crate::MoekitEmuLaunch);
+    };
+}

@@ -1,7 +1,9 @@
 //! The cast against CUDA's own conversion (CPU reference) and against the reference (kernel).
 
+use moekit_cast::kernels::CAST;
 use moekit_cast::{cast_bf16_to_fp8, raw, reference, Fp8Format};
-use moekit_cuda::testing::gpu_or_skip;
+use moekit_cuda::testing::{emulator_or_skip, gpu_or_skip};
+use moekit_cuda::{BlockOrder, EmuBuffer};
 use moekit_dtype::{bf16, F8E4M3, F8E5M2};
 use moekit_tensor::{CudaDevice, DType, Device, Error, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -10,8 +12,19 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 /// random sign and exponent 2^-20..2^20, plus specials (NaN, +-inf, +-0, FP8 boundaries).
 fn random_bf16(n: usize, seed: u64) -> Vec<bf16> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let specials =
-        [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 448.0, 464.0, -57344.0, 61440.0, 1.0 / 512.0];
+    let specials = [
+        f32::NAN,
+        -f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        0.0,
+        -0.0,
+        448.0,
+        464.0,
+        -57344.0,
+        61440.0,
+        1.0 / 512.0,
+    ];
     (0..n)
         .map(|_| {
             if rng.gen_ratio(1, 50) {
@@ -64,19 +77,14 @@ fn tensor_op_on_cpu_and_typed_errors() {
 }
 
 /// Kernel == reference, bit for bit, over sizes that exercise the vector path, the tail and the
-/// unaligned scalar path (views starting at odd elements), twice (determinism).
-#[test]
-#[ignore = "needs a GPU: cargo test -- --include-ignored gpu_ (the GPU bundle does)"]
-fn gpu_cast_matches_reference_bitwise() {
-    let Some(_) = gpu_or_skip("gpu_cast_matches_reference_bitwise", &[&moekit_cast::kernels::CAST]) else {
-        return;
-    };
-    let dev = Device::Cuda(CudaDevice::new(0).unwrap());
-    for (i, &n) in [1usize, 7, 8, 9, 255, 4096 + 3, (1 << 20) + 5].iter().enumerate() {
+/// unaligned scalar path (views starting at odd elements), twice (determinism). One body for
+/// every kernel device: the GPU and the host emulation.
+fn kernel_matches_reference_bitwise(dev: &Device, sizes: &[usize]) {
+    for (i, &n) in sizes.iter().enumerate() {
         let x = random_bf16(n + 1, 10 + i as u64);
         for offset in [0usize, 1] {
             let host = &x[offset..offset + n];
-            let t = Tensor::from_slice(&x, &[n + 1], &dev).unwrap().narrow(0, offset, n).unwrap();
+            let t = Tensor::from_slice(&x, &[n + 1], dev).unwrap().narrow(0, offset, n).unwrap();
             for (scale, format) in [(1.0, Fp8Format::E4M3), (0.37, Fp8Format::E4M3), (2.0, Fp8Format::E5M2)] {
                 let mut want = vec![0u8; n];
                 reference::cast_bf16_to_fp8(host, scale, format, &mut want).unwrap();
@@ -90,8 +98,11 @@ fn gpu_cast_matches_reference_bitwise() {
                 let got = run();
                 if let Some(j) = (0..n).find(|&j| got[j] != want[j]) {
                     panic!(
-                        "n={n} offset={offset} {format:?} scale={scale}: element {j} = {} -> 0x{:02x}, want 0x{:02x}",
-                        host[j], got[j], want[j]
+                        "{}: n={n} offset={offset} {format:?} scale={scale}: element {j} = {} -> 0x{:02x}, want 0x{:02x}",
+                        dev.name(),
+                        host[j],
+                        got[j],
+                        want[j]
                     );
                 }
                 assert_eq!(run(), got, "not deterministic");
@@ -101,10 +112,38 @@ fn gpu_cast_matches_reference_bitwise() {
 }
 
 #[test]
+fn emu_cast_matches_reference_bitwise() {
+    for order in [BlockOrder::InOrder, BlockOrder::Reversed, BlockOrder::Shuffled(7)] {
+        let Some(emu) = emulator_or_skip("emu_cast_matches_reference_bitwise", &[&CAST], order) else { return };
+        kernel_matches_reference_bitwise(&Device::Emulated(emu), &[1, 7, 8, 9, 255, 4096 + 3, 100_003]);
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: cargo test -- --include-ignored gpu_ (the GPU bundle does)"]
+fn gpu_cast_matches_reference_bitwise() {
+    let Some(_) = gpu_or_skip("gpu_cast_matches_reference_bitwise", &[&CAST]) else { return };
+    let dev = Device::Cuda(CudaDevice::new(0).unwrap());
+    kernel_matches_reference_bitwise(&dev, &[1, 7, 8, 9, 255, 4096 + 3, (1 << 20) + 5]);
+}
+
+#[test]
+fn emu_raw_rejects_mismatched_lengths_before_launch() {
+    let Some(emu) = emulator_or_skip("emu_raw_rejects_mismatched_lengths_before_launch", &[&CAST], BlockOrder::InOrder)
+    else {
+        return;
+    };
+    let src = EmuBuffer::from_host(&emu, &random_bf16(16, 3)).unwrap();
+    let mut dst = EmuBuffer::<u8>::zeros(&emu, 15).unwrap();
+    let r = raw::cast_bf16_to_fp8(&emu, src.view(), dst.view_mut(), 1.0, Fp8Format::E4M3);
+    assert!(matches!(r, Err(Error::Shape(_))));
+    assert_eq!(dst.as_slice(), &[0u8; 15], "nothing was written");
+}
+
+#[test]
 #[ignore = "needs a GPU: cargo test -- --include-ignored gpu_ (the GPU bundle does)"]
 fn gpu_raw_rejects_mismatched_lengths_before_launch() {
-    let Some(gpu) = gpu_or_skip("gpu_raw_rejects_mismatched_lengths_before_launch", &[&moekit_cast::kernels::CAST])
-    else {
+    let Some(gpu) = gpu_or_skip("gpu_raw_rejects_mismatched_lengths_before_launch", &[&CAST]) else {
         return;
     };
     let stream = moekit_cuda::Stream::new(&gpu).unwrap();

@@ -11,5 +11,15 @@ const size_t moekit_abi_c_layout[] = {
     offsetof(MoekitCastParams, n),
     offsetof(MoekitCastParams, scale),
     offsetof(MoekitCastParams, format),
+    sizeof(MoekitEmuLaunch),
+    _Alignof(MoekitEmuLaunch),
+    offsetof(MoekitEmuLaunch, grid),
+    offsetof(MoekitEmuLaunch, block),
+    offsetof(MoekitEmuLaunch, shared_mem_bytes),
+    offsetof(MoekitEmuLaunch, block_order),
+    offsetof(MoekitEmuLaunch, seed),
+    offsetof(MoekitEmuLaunch, workers),
+    offsetof(MoekitEmuLaunch, _pad),
+    offsetof(MoekitEmuLaunch, stack_bytes),
 };
-const size_t moekit_abi_c_layout_len = 7;
+const size_t moekit_abi_c_layout_len = 17;

@@ -26,6 +26,16 @@ pub enum Error {
         /// Kernel module name.
         module: &'static str,
     },
+    /// The crate was built without the CUDA headers, so its kernels have no host build.
+    #[error("kernel image `{module}` has no host emulation build (CUDA headers were not found at build time); run `cargo xtask setup-cuda` and rebuild")]
+    EmulationNotBuilt {
+        /// Kernel module name.
+        module: &'static str,
+    },
+    /// An emulated kernel misbehaved: a deadlock at a barrier, or a write outside a buffer
+    /// or outside its dynamic shared memory.
+    #[error("kernel fault: {0}")]
+    KernelFault(String),
     /// The embedded image has no code the device can run.
     #[error("kernel image `{module}` cannot run on sm_{major}{minor}: built for {built_for}")]
     UnsupportedArchitecture {

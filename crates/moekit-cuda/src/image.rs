@@ -1,5 +1,6 @@
 //! Embedded kernel images (fatbins) and the functions looked up in them.
 
+use crate::emu::EmuKernel;
 use crate::error::{CudaContext, Error, Result};
 use crate::gpu::Gpu;
 use cudarc::driver::{result, sys, DriverError};
@@ -14,6 +15,7 @@ pub struct KernelImage {
     fatbin: Option<&'static [u8]>,
     archs: &'static [&'static str],
     hopper_only: bool,
+    emulation: &'static [EmuKernel],
 }
 
 impl KernelImage {
@@ -24,12 +26,23 @@ impl KernelImage {
         archs: &'static [&'static str],
         hopper_only: bool,
     ) -> Self {
-        KernelImage { name, fatbin: Some(fatbin), archs, hopper_only }
+        KernelImage { name, fatbin: Some(fatbin), archs, hopper_only, emulation: &[] }
     }
 
     /// An image that could not be compiled (no nvcc at build time).
     pub const fn not_built(name: &'static str, hopper_only: bool) -> Self {
-        KernelImage { name, fatbin: None, archs: &[], hopper_only }
+        KernelImage { name, fatbin: None, archs: &[], hopper_only, emulation: &[] }
+    }
+
+    /// Adds the host-compiled entry points of the image's kernels (see [`crate::emu`]).
+    pub const fn with_emulation(mut self, kernels: &'static [EmuKernel]) -> Self {
+        self.emulation = kernels;
+        self
+    }
+
+    /// The host-compiled kernels (empty when the CUDA headers were missing at build time).
+    pub fn emulation(&self) -> &'static [EmuKernel] {
+        self.emulation
     }
 
     /// Module name.

@@ -1,7 +1,8 @@
 //! Typed kernel launches.
 
+use crate::emu::Emulator;
 use crate::error::{CudaContext, Error, Result};
-use crate::image::Function;
+use crate::image::{Function, KernelImage};
 use crate::memory::{DevPtr, DevPtrMut};
 use crate::stream::Stream;
 use cudarc::driver::result;
@@ -67,6 +68,20 @@ unsafe impl<T> KernelParam for DevPtrMut<'_, T> {
     }
 }
 
+macro_rules! abi_struct_param {
+    ($t:ty) => {
+        // SAFETY: bindgen mirrors the C struct (`#[repr(C)]`); moekit-abi's layout test checks
+        // every size and offset against the C compiler, so the kernel receives the same bytes.
+        unsafe impl KernelParam for $t {
+            type Raw = $t;
+            fn to_raw(&self) -> $t {
+                *self
+            }
+        }
+    };
+}
+moekit_abi::for_each_abi_struct!(abi_struct_param);
+
 /// A tuple of kernel parameters.
 pub trait LaunchArgs {
     /// Calls `f` with the driver's parameter array (pointers to each raw value).
@@ -98,6 +113,96 @@ tuple_args!(A, B, C, D, E, F, G, H, I);
 tuple_args!(A, B, C, D, E, F, G, H, I, J);
 tuple_args!(A, B, C, D, E, F, G, H, I, J, K);
 tuple_args!(A, B, C, D, E, F, G, H, I, J, K, L);
+
+/// Where kernels run: a GPU [`Stream`] or the host [`Emulator`](crate::Emulator). Kernel
+/// crates' raw launch functions take `&dyn Launcher`, so one function serves both.
+pub trait Launcher {
+    /// Launches `kernel` of `image` with cuLaunchKernel-style `params` (one pointer per
+    /// kernel argument).
+    ///
+    /// # Safety
+    /// `params` must match the kernel's parameter list in number, order and type, and the
+    /// memory they address must be valid for this target (device memory of the stream's
+    /// context, or host memory for the emulator) and within what the kernel touches.
+    unsafe fn launch_params(
+        &self,
+        image: &'static KernelImage,
+        kernel: &str,
+        cfg: LaunchConfig,
+        params: &mut [*mut c_void],
+    ) -> Result<()>;
+
+    /// Streaming multiprocessors to size grids for (the emulator reports a few).
+    fn multiprocessors(&self) -> u32;
+
+    /// Short description for messages.
+    fn describe(&self) -> String;
+}
+
+/// Launches `kernel` of `image` with the typed `args` on `on`.
+///
+/// # Safety
+/// As for [`Launcher::launch_params`]: `args` must match the kernel's parameter list and
+/// address only memory the kernel may touch on this target.
+pub unsafe fn launch<A: LaunchArgs>(
+    on: &dyn Launcher,
+    image: &'static KernelImage,
+    kernel: &str,
+    cfg: LaunchConfig,
+    args: A,
+) -> Result<()> {
+    let (g, b) = (cfg.grid, cfg.block);
+    if g.0 == 0 || g.1 == 0 || g.2 == 0 || b.0 == 0 || b.1 == 0 || b.2 == 0 {
+        return Err(Error::InvalidArgument(format!("empty launch {cfg:?}")));
+    }
+    // SAFETY: forwarded from the caller.
+    args.with_params(|params| unsafe { on.launch_params(image, kernel, cfg, params) })
+}
+
+impl Launcher for Stream {
+    unsafe fn launch_params(
+        &self,
+        image: &'static KernelImage,
+        kernel: &str,
+        cfg: LaunchConfig,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
+        let f = self.gpu().function(image, kernel)?;
+        self.gpu().bind()?;
+        // SAFETY: the caller guarantees the parameter list; the driver copies `params`.
+        unsafe { result::launch_kernel(f.raw(), cfg.grid, cfg.block, cfg.shared_mem_bytes, self.raw(), params) }
+            .during("cuLaunchKernel")
+    }
+
+    fn multiprocessors(&self) -> u32 {
+        self.gpu().sm_count()
+    }
+
+    fn describe(&self) -> String {
+        format!("{:?}", self.gpu())
+    }
+}
+
+impl Launcher for Emulator {
+    unsafe fn launch_params(
+        &self,
+        image: &'static KernelImage,
+        kernel: &str,
+        cfg: LaunchConfig,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe { Emulator::launch_params(self, image, kernel, cfg, params) }
+    }
+
+    fn multiprocessors(&self) -> u32 {
+        4
+    }
+
+    fn describe(&self) -> String {
+        format!("{self:?}")
+    }
+}
 
 impl Stream {
     /// Enqueues `f` with `args` on this stream.

@@ -6,7 +6,8 @@
 //!   ([`Gpu::from_raw_context`], [`Stream::borrowed`]), and [`DevPtr`] / [`DevPtrMut`] wrap
 //!   device memory owned elsewhere, so other runtimes can embed moekit's kernels.
 //! - [`KernelImage`]: a fatbin embedded by `moekit-build`, loaded into a context on first use.
-//! - [`Stream::launch`]: a typed launch of a tuple of [`KernelParam`]s.
+//! - [`launch`] on a [`Launcher`]: a typed launch of a tuple of [`KernelParam`]s on a GPU
+//!   [`Stream`] or on the host [`Emulator`] (the same kernel compiled for the CPU).
 //!
 //! Built on cudarc's `driver::result` layer with dynamic loading of `libcuda`.
 //!
@@ -20,6 +21,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod emu;
 mod error;
 mod gpu;
 mod image;
@@ -29,9 +31,10 @@ mod stream;
 pub mod testing;
 
 pub use cudarc::driver::sys;
+pub use emu::{BlockOrder, EmuBuffer, Emulator};
 pub use error::{Error, Result};
 pub use gpu::{device_count, driver_available, Gpu};
 pub use image::{Function, KernelImage};
-pub use launch::{KernelParam, LaunchArgs, LaunchConfig};
+pub use launch::{launch, KernelParam, LaunchArgs, LaunchConfig, Launcher};
 pub use memory::{DevPtr, DevPtrMut, DeviceBuffer};
 pub use stream::{Event, Stream};

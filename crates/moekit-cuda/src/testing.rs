@@ -35,3 +35,20 @@ pub fn skip_notice(test: &str, why: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
 }
+
+/// Returns an emulator (blocks in `order`) if `images` have host builds. Otherwise prints
+/// `SKIPPED <test>: ...` and returns `None`, or panics when `MOEKIT_REQUIRE_KERNELS=1` (CI),
+/// where a missing host build means the pipeline is broken.
+pub fn emulator_or_skip(test: &str, images: &[&KernelImage], order: crate::BlockOrder) -> Option<crate::Emulator> {
+    if let Some(missing) = images.iter().find(|i| i.emulation().is_empty()) {
+        let why =
+            format!("kernel image `{}` has no host emulation build (no CUDA headers at build time)", missing.name());
+        assert!(
+            !std::env::var("MOEKIT_REQUIRE_KERNELS").is_ok_and(|v| v == "1"),
+            "{test}: MOEKIT_REQUIRE_KERNELS=1 but {why}"
+        );
+        skip_notice(test, &why);
+        return None;
+    }
+    Some(crate::Emulator::new().with_block_order(order))
+}

@@ -1,6 +1,6 @@
 //! Where a tensor lives.
 
-use moekit_cuda::{Gpu, Result, Stream};
+use moekit_cuda::{Emulator, Gpu, Launcher, Result, Stream};
 use std::sync::Arc;
 
 /// A CUDA device with the stream tensor operations run on. Cheap to clone.
@@ -43,6 +43,9 @@ pub enum Device {
     Cpu,
     /// Device memory on a CUDA GPU; ops run the kernels.
     Cuda(CudaDevice),
+    /// Host memory (guarded); ops run the same kernels compiled for the CPU, in the host
+    /// emulation of the CUDA execution model. For testing kernels without a GPU.
+    Emulated(Emulator),
 }
 
 impl Device {
@@ -56,12 +59,23 @@ impl Device {
         matches!(self, Device::Cpu)
     }
 
-    /// Whether two devices are the same place (same CUDA context, or both CPU).
+    /// Whether two devices are the same place (same CUDA context, same emulator, or both CPU).
     pub fn same_as(&self, other: &Device) -> bool {
         match (self, other) {
             (Device::Cpu, Device::Cpu) => true,
             (Device::Cuda(a), Device::Cuda(b)) => a.gpu.same_as(&b.gpu),
+            (Device::Emulated(a), Device::Emulated(b)) => a.same_as(b),
             _ => false,
+        }
+    }
+
+    /// Where kernels for tensors of this device run: the CUDA stream or the emulator;
+    /// `None` for the CPU (ops run their references there).
+    pub fn launcher(&self) -> Option<&dyn Launcher> {
+        match self {
+            Device::Cpu => None,
+            Device::Cuda(d) => Some(d.stream()),
+            Device::Emulated(e) => Some(e),
         }
     }
 
@@ -70,6 +84,7 @@ impl Device {
         match self {
             Device::Cpu => "cpu".into(),
             Device::Cuda(d) => format!("cuda:{}", d.gpu.ordinal()),
+            Device::Emulated(_) => "emulated".into(),
         }
     }
 }

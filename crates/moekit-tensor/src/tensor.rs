@@ -2,7 +2,7 @@
 
 use crate::device::Device;
 use crate::dtype::{DType, Element};
-use moekit_cuda::{DevPtr, DevPtrMut, DeviceBuffer, Error, Result};
+use moekit_cuda::{DevPtr, DevPtrMut, DeviceBuffer, EmuBuffer, Error, Result};
 use std::sync::Arc;
 
 /// Bytes of a tensor's memory, on the host or on a GPU.
@@ -11,6 +11,8 @@ enum Storage {
     Cpu { words: Vec<u64> },
     /// Device bytes (`cuMemAlloc` memory is 256-byte aligned).
     Cuda(DeviceBuffer<u8>),
+    /// Guarded host bytes of the emulation target (256-byte aligned).
+    Emu(EmuBuffer<u8>),
 }
 
 /// An n-dimensional, contiguous, row-major array of one [`DType`] on one [`Device`].
@@ -59,6 +61,7 @@ impl Tensor {
         let storage = match device {
             Device::Cpu => Storage::Cpu { words: vec![0u64; bytes.div_ceil(8)] },
             Device::Cuda(d) => Storage::Cuda(DeviceBuffer::zeros(d.gpu(), bytes)?),
+            Device::Emulated(e) => Storage::Emu(EmuBuffer::zeros(e, bytes)?),
         };
         Ok(Tensor { storage: Arc::new(storage), device: device.clone(), dtype, dims: dims.to_vec(), offset: 0 })
     }
@@ -77,6 +80,7 @@ impl Tensor {
                 Storage::Cpu { words }
             }
             Device::Cuda(d) => Storage::Cuda(DeviceBuffer::from_host(d.gpu(), bytes)?),
+            Device::Emulated(e) => Storage::Emu(EmuBuffer::from_host(e, bytes)?),
         };
         Ok(Tensor {
             storage: Arc::new(storage),
@@ -154,7 +158,7 @@ impl Tensor {
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
         self.expect_dtype("to_vec", T::DTYPE)?;
         match self.storage.as_ref() {
-            Storage::Cpu { .. } => Ok(self.cpu_slice::<T>()?.to_vec()),
+            Storage::Cpu { .. } | Storage::Emu(_) => Ok(bytemuck::cast_slice(self.host_bytes()?).to_vec()),
             Storage::Cuda(buf) => {
                 let Device::Cuda(d) = &self.device else { unreachable!("CUDA storage on a CUDA device") };
                 let mut out = vec![T::zeroed(); self.numel()];
@@ -178,10 +182,7 @@ impl Tensor {
 
     fn bytes_to_host(&self) -> Result<Vec<u8>> {
         match self.storage.as_ref() {
-            Storage::Cpu { words } => {
-                let all: &[u8] = bytemuck::cast_slice(words);
-                Ok(all[self.byte_offset()..self.byte_offset() + self.size_in_bytes()].to_vec())
-            }
+            Storage::Cpu { .. } | Storage::Emu(_) => Ok(self.host_bytes()?.to_vec()),
             Storage::Cuda(buf) => {
                 let Device::Cuda(d) = &self.device else { unreachable!("CUDA storage on a CUDA device") };
                 let mut bytes = vec![0u8; self.size_in_bytes()];
@@ -189,6 +190,16 @@ impl Tensor {
                 Ok(bytes)
             }
         }
+    }
+
+    /// This view's bytes when they live in host memory (CPU or emulated).
+    fn host_bytes(&self) -> Result<&[u8]> {
+        let all: &[u8] = match self.storage.as_ref() {
+            Storage::Cpu { words } => bytemuck::cast_slice(words),
+            Storage::Emu(buf) => buf.as_slice(),
+            Storage::Cuda(_) => return Err(Error::InvalidArgument(format!("{self:?} is not in host memory"))),
+        };
+        Ok(&all[self.byte_offset()..self.byte_offset() + self.size_in_bytes()])
     }
 
     fn byte_offset(&self) -> usize {
@@ -207,7 +218,7 @@ impl Tensor {
                 let all: &[u8] = bytemuck::cast_slice(words);
                 Ok(bytemuck::cast_slice(&all[self.byte_offset()..self.byte_offset() + self.size_in_bytes()]))
             }
-            Storage::Cuda(_) => Err(Error::InvalidArgument(format!("{self:?} is not on the CPU"))),
+            Storage::Cuda(_) | Storage::Emu(_) => Err(Error::InvalidArgument(format!("{self:?} is not on the CPU"))),
         }
     }
 
@@ -220,28 +231,32 @@ impl Tensor {
                 let all: &mut [u8] = bytemuck::cast_slice_mut(words);
                 Ok(bytemuck::cast_slice_mut(&mut all[start..start + len]))
             }
-            Some(Storage::Cuda(_)) => Err(Error::InvalidArgument(format!("{name} is not on the CPU"))),
+            Some(Storage::Cuda(_) | Storage::Emu(_)) => {
+                Err(Error::InvalidArgument(format!("{name} is not on the CPU")))
+            }
             None => Err(Error::InvalidArgument(format!("{name}: storage is shared with another view"))),
         }
     }
 
-    /// The elements of a CUDA tensor as a kernel argument.
+    /// The elements of a CUDA or emulated tensor as a kernel argument.
     pub fn dev_ptr<T: Element>(&self) -> Result<DevPtr<'_, T>> {
         self.check_element::<T>()?;
         match self.storage.as_ref() {
             Storage::Cuda(buf) => buf.slice(self.byte_offset(), self.size_in_bytes())?.cast::<T>(),
-            Storage::Cpu { .. } => Err(Error::InvalidArgument(format!("{self:?} is not on a CUDA device"))),
+            Storage::Emu(buf) => buf.slice(self.byte_offset(), self.size_in_bytes())?.cast::<T>(),
+            Storage::Cpu { .. } => Err(Error::InvalidArgument(format!("{self:?} is not on a kernel device"))),
         }
     }
 
-    /// The elements of a CUDA tensor as a writable kernel argument; errors when the storage is
-    /// shared.
+    /// The elements of a CUDA or emulated tensor as a writable kernel argument; errors when the
+    /// storage is shared.
     pub fn dev_ptr_mut<T: Element>(&mut self) -> Result<DevPtrMut<'_, T>> {
         self.check_element::<T>()?;
         let (start, len, name) = (self.byte_offset(), self.size_in_bytes(), format!("{self:?}"));
         match Arc::get_mut(&mut self.storage) {
             Some(Storage::Cuda(buf)) => buf.slice_mut(start, len)?.cast::<T>(),
-            Some(Storage::Cpu { .. }) => Err(Error::InvalidArgument(format!("{name} is not on a CUDA device"))),
+            Some(Storage::Emu(buf)) => buf.slice_mut(start, len)?.cast::<T>(),
+            Some(Storage::Cpu { .. }) => Err(Error::InvalidArgument(format!("{name} is not on a kernel device"))),
             None => Err(Error::InvalidArgument(format!("{name}: storage is shared with another view"))),
         }
     }

@@ -35,6 +35,37 @@ typedef struct MoekitCastParams {
   int32_t format; /* MoekitFp8Format */
 } MoekitCastParams;
 
+/* Block visiting order of the host emulation (MoekitEmuLaunch.block_order). */
+typedef enum MoekitEmuBlockOrder {
+  MOEKIT_EMU_ORDER_IN_ORDER = 0,
+  MOEKIT_EMU_ORDER_REVERSED = 1,
+  MOEKIT_EMU_ORDER_SHUFFLED = 2
+} MoekitEmuBlockOrder;
+
+/* Return codes of the host emulation's launch entry points. */
+typedef enum MoekitEmuStatus {
+  MOEKIT_EMU_OK = 0,
+  MOEKIT_EMU_BAD_CONFIG = 1,  /* grid or block size out of range */
+  MOEKIT_EMU_KERNEL_FAULT = 2 /* deadlock or shared-memory overrun; message in the error buffer */
+} MoekitEmuStatus;
+
+/*
+ * A launch of the host emulation (kernels/include/moekit/emu/), the counterpart of
+ * cuLaunchKernel's configuration. Every kernel `k` compiled for the host gets an entry point
+ *   int moekit_emu__k(const MoekitEmuLaunch* cfg, void** params, char* err, uint64_t err_len);
+ * with `params` laid out as for cuLaunchKernel (one pointer per kernel argument).
+ */
+typedef struct MoekitEmuLaunch {
+  uint32_t grid[3];
+  uint32_t block[3];
+  uint32_t shared_mem_bytes; /* dynamic shared memory per block */
+  int32_t block_order;       /* MoekitEmuBlockOrder */
+  uint64_t seed;             /* for MOEKIT_EMU_ORDER_SHUFFLED */
+  uint32_t workers;          /* OS threads running blocks concurrently (0 = 1) */
+  uint32_t _pad;
+  uint64_t stack_bytes;      /* per emulated thread (0 = 64 KiB) */
+} MoekitEmuLaunch;
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,316 @@
+//! The host emulation target: the same kernels, compiled for the CPU, run by
+//! `kernels/include/moekit/emu/` (one fiber per CUDA thread, blocks on worker threads).
+//!
+//! [`Emulator`] is a [`Launcher`](crate::Launcher) like a GPU [`Stream`](crate::Stream), so a
+//! kernel crate's raw launch function runs unchanged on either. Memory is host memory:
+//! [`EmuBuffer`] allocations carry guard zones, and every emulated launch checks the guards of
+//! every live buffer of its emulator, so a kernel writing out of bounds fails with
+//! [`Error::KernelFault`](crate::Error::KernelFault) instead of corrupting the heap silently.
+
+use crate::error::{Error, Result};
+use crate::image::KernelImage;
+use crate::launch::LaunchConfig;
+use crate::memory::{DevPtr, DevPtrMut};
+use bytemuck::Pod;
+use moekit_abi::MoekitEmuLaunch;
+use std::ffi::{c_char, c_void};
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex, Weak};
+
+/// Entry point generated for each emulated kernel (see `kernels/include/moekit/abi.h`).
+pub type EmuEntry = unsafe extern "C" fn(*const MoekitEmuLaunch, *mut *mut c_void, *mut c_char, u64) -> i32;
+
+/// One kernel of an image, compiled for the host.
+#[derive(Debug, Clone, Copy)]
+pub struct EmuKernel {
+    /// Kernel name, as in the `.cu` source.
+    pub name: &'static str,
+    /// Launch entry point.
+    pub entry: EmuEntry,
+}
+
+/// In which order the emulator hands blocks to its workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockOrder {
+    /// 0, 1, 2, ...
+    InOrder,
+    /// Last block first.
+    Reversed,
+    /// A permutation fixed by the seed.
+    Shuffled(u64),
+}
+
+struct Registry {
+    buffers: Mutex<Vec<Weak<Guarded>>>,
+}
+
+/// Runs emulated kernels. Cheap to clone; clones share the buffer registry.
+#[derive(Clone)]
+pub struct Emulator {
+    order: BlockOrder,
+    workers: u32,
+    stack_bytes: u64,
+    registry: Arc<Registry>,
+}
+
+impl std::fmt::Debug for Emulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Emulator({:?}, {} workers)", self.order, self.workers)
+    }
+}
+
+impl Default for Emulator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Emulator {
+    /// Blocks in order on two workers (blocks run concurrently), 64 KiB stack per thread.
+    pub fn new() -> Self {
+        Emulator {
+            order: BlockOrder::InOrder,
+            workers: 2,
+            stack_bytes: 64 << 10,
+            registry: Arc::new(Registry { buffers: Mutex::new(Vec::new()) }),
+        }
+    }
+    /// Sets the block order.
+    pub fn with_block_order(mut self, order: BlockOrder) -> Self {
+        self.order = order;
+        self
+    }
+    /// Sets how many OS threads run blocks concurrently (at least 1).
+    pub fn with_workers(mut self, workers: u32) -> Self {
+        self.workers = workers.max(1);
+        self
+    }
+    /// Sets the stack size of each emulated thread.
+    pub fn with_stack_bytes(mut self, bytes: u64) -> Self {
+        self.stack_bytes = bytes;
+        self
+    }
+    /// Whether two handles are clones of one emulator (same buffer registry).
+    pub fn same_as(&self, other: &Emulator) -> bool {
+        Arc::ptr_eq(&self.registry, &other.registry)
+    }
+    /// The block order.
+    pub fn block_order(&self) -> BlockOrder {
+        self.order
+    }
+
+    /// Launches `kernel` of `image` with cuLaunchKernel-style `params`, then checks the guard
+    /// zones of every live buffer of this emulator.
+    ///
+    /// # Safety
+    /// As for [`Stream::launch`](crate::Stream::launch): `params` must match the kernel's
+    /// parameter list, and the memory it addresses must be host memory the kernel may use.
+    pub unsafe fn launch_params(
+        &self,
+        image: &'static KernelImage,
+        kernel: &str,
+        cfg: LaunchConfig,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
+        let entry = image
+            .emulation()
+            .iter()
+            .find(|k| k.name == kernel)
+            .ok_or_else(|| {
+                if image.emulation().is_empty() {
+                    Error::EmulationNotBuilt { module: image.name() }
+                } else {
+                    Error::InvalidArgument(format!("no kernel `{kernel}` in image `{}`", image.name()))
+                }
+            })?
+            .entry;
+        let (order, seed) = match self.order {
+            BlockOrder::InOrder => (moekit_abi::MOEKIT_EMU_ORDER_IN_ORDER, 0),
+            BlockOrder::Reversed => (moekit_abi::MOEKIT_EMU_ORDER_REVERSED, 0),
+            BlockOrder::Shuffled(s) => (moekit_abi::MOEKIT_EMU_ORDER_SHUFFLED, s),
+        };
+        let launch = MoekitEmuLaunch {
+            grid: [cfg.grid.0, cfg.grid.1, cfg.grid.2],
+            block: [cfg.block.0, cfg.block.1, cfg.block.2],
+            shared_mem_bytes: cfg.shared_mem_bytes,
+            block_order: order as i32,
+            seed,
+            workers: self.workers,
+            _pad: 0,
+            stack_bytes: self.stack_bytes,
+        };
+        let mut err = vec![0u8; 512];
+        // SAFETY: `entry` was generated for this kernel and reads `params` as the kernel's
+        // argument list (caller's contract); `launch` and `err` outlive the synchronous call.
+        let rc = unsafe { entry(&launch, params.as_mut_ptr(), err.as_mut_ptr().cast(), err.len() as u64) };
+        let msg = || {
+            let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
+            format!("{kernel}: {}", String::from_utf8_lossy(&err[..end]))
+        };
+        match rc as u32 {
+            x if x == moekit_abi::MOEKIT_EMU_OK => {}
+            x if x == moekit_abi::MOEKIT_EMU_BAD_CONFIG => return Err(Error::InvalidArgument(msg())),
+            _ => return Err(Error::KernelFault(msg())),
+        }
+        self.check_guards(kernel)
+    }
+
+    /// Checks the guard zones of every live buffer.
+    fn check_guards(&self, kernel: &str) -> Result<()> {
+        let mut buffers = self.registry.buffers.lock().unwrap_or_else(|p| p.into_inner());
+        buffers.retain(|w| w.strong_count() > 0);
+        for g in buffers.iter().filter_map(Weak::upgrade) {
+            if let Some(at) = g.damaged_at() {
+                g.repair();
+                return Err(Error::KernelFault(format!(
+                    "{kernel}: wrote out of bounds of a buffer of {} bytes (guard byte at offset {at})",
+                    g.len
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+const GUARD: usize = 4096;
+const GUARD_BYTE: u8 = 0xA5;
+
+/// A guarded host allocation, 256-byte aligned like `cuMemAlloc`:
+/// `GUARD` bytes | `len` data bytes | `GUARD` bytes.
+struct Guarded {
+    base: *mut u8,
+    layout: std::alloc::Layout,
+    len: usize,
+}
+
+// SAFETY: `base` is an allocation owned by this value; access to the bytes is ordered by the
+// caller (kernels run synchronously inside `launch_params`).
+unsafe impl Send for Guarded {}
+// SAFETY: as above.
+unsafe impl Sync for Guarded {}
+
+impl Guarded {
+    fn new(len: usize) -> Result<Arc<Guarded>> {
+        let too_big = || Error::Shape(format!("{len} bytes overflow"));
+        let total = len.checked_add(2 * GUARD).ok_or_else(too_big)?;
+        let layout = std::alloc::Layout::from_size_align(total, 256).map_err(|_| too_big())?;
+        // SAFETY: `layout` has a non-zero size (at least 2 * GUARD).
+        let base = unsafe { std::alloc::alloc(layout) };
+        if base.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        // SAFETY: all three ranges lie inside the fresh allocation of `total` bytes.
+        unsafe {
+            std::ptr::write_bytes(base, GUARD_BYTE, GUARD);
+            std::ptr::write_bytes(base.add(GUARD), 0, len);
+            std::ptr::write_bytes(base.add(GUARD + len), GUARD_BYTE, GUARD);
+        }
+        Ok(Arc::new(Guarded { base, layout, len }))
+    }
+    fn data(&self) -> *mut u8 {
+        // SAFETY: GUARD < allocation size.
+        unsafe { self.base.add(GUARD) }
+    }
+    fn guard(&self, before: bool) -> &[u8] {
+        let start = if before { 0 } else { GUARD + self.len };
+        // SAFETY: each guard is GUARD initialised bytes inside the allocation.
+        unsafe { std::slice::from_raw_parts(self.base.add(start), GUARD) }
+    }
+    /// Offset (relative to the data start) of the first damaged guard byte, if any.
+    fn damaged_at(&self) -> Option<isize> {
+        let before = self.guard(true).iter().position(|&b| b != GUARD_BYTE).map(|i| i as isize - GUARD as isize);
+        before.or_else(|| self.guard(false).iter().position(|&b| b != GUARD_BYTE).map(|i| (self.len + i) as isize))
+    }
+    fn repair(&self) {
+        // SAFETY: both guard ranges lie inside the allocation.
+        unsafe {
+            std::ptr::write_bytes(self.base, GUARD_BYTE, GUARD);
+            std::ptr::write_bytes(self.base.add(GUARD + self.len), GUARD_BYTE, GUARD);
+        }
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout, freed once.
+        unsafe { std::alloc::dealloc(self.base, self.layout) };
+    }
+}
+
+/// Host memory for emulated kernels, zero-initialised, 256-byte aligned, with guard zones
+/// checked after every launch of the emulator that allocated it.
+pub struct EmuBuffer<T: Pod> {
+    mem: Arc<Guarded>,
+    len: usize,
+    _t: PhantomData<T>,
+}
+
+impl<T: Pod> std::fmt::Debug for EmuBuffer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EmuBuffer<{}>(len {})", std::any::type_name::<T>(), self.len)
+    }
+}
+
+impl<T: Pod> EmuBuffer<T> {
+    /// `len` zeroed elements, registered with `emu` for guard checks.
+    pub fn zeros(emu: &Emulator, len: usize) -> Result<Self> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or_else(|| Error::Shape(format!("{len} elements overflow")))?;
+        let mem = Guarded::new(bytes)?;
+        emu.registry.buffers.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(&mem));
+        Ok(EmuBuffer { mem, len, _t: PhantomData })
+    }
+    /// A copy of `data`.
+    pub fn from_host(emu: &Emulator, data: &[T]) -> Result<Self> {
+        let mut b = Self::zeros(emu, data.len())?;
+        b.as_mut_slice().copy_from_slice(data);
+        Ok(b)
+    }
+    /// Elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The elements.
+    pub fn as_slice(&self) -> &[T] {
+        // SAFETY: the data range holds `len` initialised, suitably aligned (256) elements.
+        unsafe { std::slice::from_raw_parts(self.mem.data().cast::<T>(), self.len) }
+    }
+    /// The elements, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [T] {
+        // SAFETY: as above, and `&mut self` gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.mem.data().cast::<T>(), self.len) }
+    }
+    /// Read-only kernel argument for elements `start..start + len`.
+    pub fn slice(&self, start: usize, len: usize) -> Result<DevPtr<'_, T>> {
+        self.check_range(start, len)?;
+        // SAFETY: the range is inside the buffer, which outlives the returned borrow.
+        Ok(unsafe { DevPtr::from_raw(self.mem.data().cast::<T>().add(start) as u64, len) })
+    }
+    /// Writable kernel argument for elements `start..start + len`.
+    pub fn slice_mut(&mut self, start: usize, len: usize) -> Result<DevPtrMut<'_, T>> {
+        self.check_range(start, len)?;
+        // SAFETY: the range is inside the buffer, exclusively borrowed for the result's life.
+        Ok(unsafe { DevPtrMut::from_raw(self.mem.data().cast::<T>().add(start) as u64, len) })
+    }
+    /// Whole-buffer read-only argument.
+    pub fn view(&self) -> DevPtr<'_, T> {
+        // SAFETY: covers exactly the buffer.
+        unsafe { DevPtr::from_raw(self.mem.data() as u64, self.len) }
+    }
+    /// Whole-buffer writable argument.
+    pub fn view_mut(&mut self) -> DevPtrMut<'_, T> {
+        // SAFETY: covers exactly the buffer, exclusively borrowed.
+        unsafe { DevPtrMut::from_raw(self.mem.data() as u64, self.len) }
+    }
+    fn check_range(&self, start: usize, len: usize) -> Result<()> {
+        match start.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(Error::Shape(format!("range {start}..{start}+{len} outside a buffer of {}", self.len))),
+        }
+    }
+}

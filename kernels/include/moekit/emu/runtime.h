@@ -1,0 +1,337 @@
+// moekit host emulation of the CUDA execution model: the scheduler.
+//
+// Each CUDA thread of a block is a fiber (ucontext) with its own stack; the fibers of one
+// block run on one OS thread, cooperatively, in a fixed round-robin order: a fiber runs until
+// it waits (barrier, warp exchange) or exits. Blocks are handed to a pool of worker OS
+// threads in a chosen order (in order, reversed, shuffled by seed), so blocks run
+// concurrently with each other and atomics are real atomics.
+//
+// Why fibers: the schedule is deterministic, so a missing __syncthreads makes the reading
+// thread see the other thread's *old* data on every run (a test fails every time, not once
+// in a while), and 256-thread blocks cost context switches of a few hundred nanoseconds,
+// not OS thread wake-ups.
+//
+// Checks made here: a barrier that some live threads never reach (deadlock) and writes
+// outside the dynamic shared memory of a block (guard zones) fail the launch with a message.
+#pragma once
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "moekit/abi.h"
+
+namespace moekit {
+namespace emu {
+
+// Bytes of guard before and after each block's dynamic shared memory.
+constexpr size_t kSmemGuard = 256;
+// The guard and fresh-shared-memory fill byte (uninitialised shared memory reads as NaN).
+constexpr unsigned char kPoison = 0xFF;
+
+struct Block;
+
+struct Fiber {
+  ucontext_t ctx;
+  std::vector<unsigned char> stack;
+  unsigned lane = 0, warp = 0, linear = 0;
+  uint3 tid{0, 0, 0};
+  enum State { Ready, Waiting, Done } state = Ready;
+};
+
+// Per-warp exchange state for shuffles, votes and __syncwarp.
+struct Warp {
+  unsigned arrived = 0;  // lanes that reached the current exchange
+  unsigned departed = 0;  // lanes that finished reading it
+  unsigned live = 0;      // lanes that have not exited
+  uint64_t slot[32] = {};
+};
+
+struct Block {
+  uint3 idx{0, 0, 0};
+  std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
+  unsigned live = 0;          // threads that have not exited
+  unsigned at_barrier = 0;    // threads waiting in __syncthreads
+  std::vector<unsigned char> smem;  // guard | dynamic shared memory | guard
+  size_t smem_bytes = 0;
+};
+
+// What one worker OS thread is running now.
+struct Worker {
+  ucontext_t sched;
+  Block* block = nullptr;
+  Fiber* current = nullptr;
+  void (*run)(void*) = nullptr;  // calls the kernel with its arguments
+  void* run_arg = nullptr;
+  uint3 grid{1, 1, 1};
+  uint3 block_dim{1, 1, 1};
+};
+
+inline thread_local Worker* tl_worker = nullptr;
+
+inline Worker& worker() { return *tl_worker; }
+inline Fiber& fiber() { return *tl_worker->current; }
+inline Block& block() { return *tl_worker->block; }
+
+// Switches from the running fiber back to the scheduler.
+inline void yield_to_scheduler() {
+  Worker& w = worker();
+  swapcontext(&w.current->ctx, &w.sched);
+}
+
+// Marks the fibers of `lanes` in warp `warp` that are waiting as ready.
+inline void wake_lanes(Block& b, unsigned warp, unsigned lanes) {
+  for (unsigned l = 0; l < 32; ++l) {
+    unsigned i = warp * 32 + l;
+    if ((lanes >> l & 1u) && i < b.fibers.size() && b.fibers[i].state == Fiber::Waiting) {
+      b.fibers[i].state = Fiber::Ready;
+    }
+  }
+}
+
+// One phase of a warp-level rendezvous among the live lanes of `mask`: returns once all of
+// them have called it with the same `phase` bit set (`Warp::arrived` or `Warp::departed`).
+inline void warp_rendezvous(unsigned mask, unsigned Warp::*phase) {
+  Block& b = block();
+  Fiber& f = fiber();
+  Warp& w = b.warps[f.warp];
+  const unsigned need = mask & w.live;
+  const unsigned me = 1u << f.lane;
+  w.*phase |= me;
+  if ((w.*phase & need) == need) {
+    w.*phase &= ~need;
+    wake_lanes(b, f.warp, need & ~me);
+    return;
+  }
+  f.state = Fiber::Waiting;
+  yield_to_scheduler();
+}
+
+// Exchanges one 64-bit value among the lanes of `mask`; `read(slots)` runs between the two
+// phases, when every participant's value is in place and none has moved on.
+template <typename Read>
+inline auto warp_exchange(unsigned mask, uint64_t value, Read read) {
+  Block& b = block();
+  Fiber& f = fiber();
+  Warp& w = b.warps[f.warp];
+  w.slot[f.lane] = value;
+  warp_rendezvous(mask, &Warp::arrived);
+  auto result = read(w.slot, mask & w.live);
+  warp_rendezvous(mask, &Warp::departed);
+  return result;
+}
+
+inline void syncthreads() {
+  Block& b = block();
+  b.at_barrier++;
+  if (b.at_barrier == b.live) {
+    b.at_barrier = 0;
+    for (auto& other : b.fibers) {
+      if (other.state == Fiber::Waiting) other.state = Fiber::Ready;
+    }
+    return;
+  }
+  fiber().state = Fiber::Waiting;
+  yield_to_scheduler();
+}
+
+inline void fiber_main() {
+  Worker& w = worker();
+  w.run(w.run_arg);
+  Block& b = *w.block;
+  Fiber& f = *w.current;
+  f.state = Fiber::Done;
+  b.live--;
+  b.warps[f.warp].live &= ~(1u << f.lane);
+  // An exiting thread no longer holds back a barrier or a warp exchange.
+  if (b.at_barrier > 0 && b.at_barrier == b.live) {
+    b.at_barrier = 0;
+    for (auto& other : b.fibers) {
+      if (other.state == Fiber::Waiting) other.state = Fiber::Ready;
+    }
+  }
+  Warp& wp = b.warps[f.warp];
+  for (unsigned Warp::*phase : {&Warp::arrived, &Warp::departed}) {
+    if (wp.*phase != 0 && (wp.*phase & wp.live) == wp.live) {
+      unsigned waiting = wp.*phase;
+      wp.*phase = 0;
+      wake_lanes(b, f.warp, waiting);
+    }
+  }
+  // Returning resumes uc_link, the scheduler.
+}
+
+// Runs one block to completion on the calling worker. Returns "" or an error message.
+inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
+  const unsigned nthreads = w.block_dim.x * w.block_dim.y * w.block_dim.z;
+  b.fibers.resize(nthreads);
+  b.warps.assign((nthreads + 31) / 32, Warp{});
+  b.live = nthreads;
+  b.at_barrier = 0;
+  std::fill(b.smem.begin(), b.smem.end(), kPoison);
+  for (unsigned i = 0; i < nthreads; ++i) {
+    Fiber& f = b.fibers[i];
+    f.linear = i;
+    f.lane = i % 32;
+    f.warp = i / 32;
+    f.tid = uint3{i % w.block_dim.x, (i / w.block_dim.x) % w.block_dim.y, i / (w.block_dim.x * w.block_dim.y)};
+    f.state = Fiber::Ready;
+    if (f.stack.size() != stack_bytes) f.stack.assign(stack_bytes, 0);
+    b.warps[f.warp].live |= 1u << f.lane;
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack.data();
+    f.ctx.uc_stack.ss_size = f.stack.size();
+    f.ctx.uc_link = &w.sched;
+    makecontext(&f.ctx, fiber_main, 0);
+  }
+  w.block = &b;
+  for (;;) {
+    bool progressed = false;
+    for (auto& f : b.fibers) {
+      if (f.state != Fiber::Ready) continue;
+      progressed = true;
+      w.current = &f;
+      swapcontext(&w.sched, &f.ctx);
+    }
+    if (b.live == 0) break;
+    if (!progressed) {
+      unsigned waiting = 0;
+      for (auto& f : b.fibers) waiting += f.state == Fiber::Waiting;
+      return "deadlock in block (" + std::to_string(b.idx.x) + "," + std::to_string(b.idx.y) + "," +
+             std::to_string(b.idx.z) + "): " + std::to_string(waiting) + " of " + std::to_string(b.live) +
+             " live threads wait at a barrier or warp exchange that the others never reach";
+    }
+  }
+  for (size_t i = 0; i < kSmemGuard; ++i) {
+    if (b.smem[i] != kPoison || b.smem[kSmemGuard + b.smem_bytes + i] != kPoison) {
+      return "block (" + std::to_string(b.idx.x) + "," + std::to_string(b.idx.y) + "," + std::to_string(b.idx.z) +
+             ") wrote outside its " + std::to_string(b.smem_bytes) + " bytes of dynamic shared memory";
+    }
+  }
+  return "";
+}
+
+// Block visiting order for a launch (linear block ids).
+inline std::vector<unsigned> block_order(unsigned n, int order, uint64_t seed) {
+  std::vector<unsigned> ids(n);
+  for (unsigned i = 0; i < n; ++i) ids[i] = i;
+  if (order == MOEKIT_EMU_ORDER_REVERSED) {
+    std::reverse(ids.begin(), ids.end());
+  } else if (order == MOEKIT_EMU_ORDER_SHUFFLED) {
+    // Fisher-Yates with splitmix64: the same permutation for a seed on every platform.
+    uint64_t s = seed;
+    auto next = [&s]() {
+      uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+      z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+      return z ^ (z >> 31);
+    };
+    for (unsigned i = n; i > 1; --i) std::swap(ids[i - 1], ids[next() % i]);
+  }
+  return ids;
+}
+
+inline std::mutex& error_mutex() {
+  static std::mutex m;
+  return m;
+}
+inline std::string& last_error() {
+  static std::string e;
+  return e;
+}
+
+// Runs a whole grid. `run(arg)` is called on every emulated thread and invokes the kernel.
+inline int launch(const MoekitEmuLaunch& cfg, void (*run)(void*), void* arg) {
+  {
+    std::lock_guard<std::mutex> lock(error_mutex());
+    last_error().clear();
+  }
+  const uint64_t threads = uint64_t(cfg.block[0]) * cfg.block[1] * cfg.block[2];
+  const uint64_t blocks = uint64_t(cfg.grid[0]) * cfg.grid[1] * cfg.grid[2];
+  if (threads == 0 || threads > 1024 || blocks == 0 || blocks > (1ull << 31)) {
+    std::lock_guard<std::mutex> lock(error_mutex());
+    last_error() = "invalid launch: grid " + std::to_string(blocks) + " blocks of " + std::to_string(threads) +
+                   " threads (1..1024 threads per block)";
+    return MOEKIT_EMU_BAD_CONFIG;
+  }
+  const std::vector<unsigned> order = block_order(unsigned(blocks), cfg.block_order, cfg.seed);
+  std::atomic<size_t> next{0};
+  std::atomic<int> status{MOEKIT_EMU_OK};
+  const size_t stack_bytes = cfg.stack_bytes ? cfg.stack_bytes : (64u << 10);
+  auto work = [&]() {
+    Worker w;
+    w.run = run;
+    w.run_arg = arg;
+    w.grid = uint3{cfg.grid[0], cfg.grid[1], cfg.grid[2]};
+    w.block_dim = uint3{cfg.block[0], cfg.block[1], cfg.block[2]};
+    tl_worker = &w;
+    Block b;
+    b.smem_bytes = cfg.shared_mem_bytes;
+    b.smem.assign(2 * kSmemGuard + b.smem_bytes, kPoison);
+    for (size_t i; (i = next.fetch_add(1)) < order.size() && status.load() == MOEKIT_EMU_OK;) {
+      const unsigned id = order[i];
+      b.idx = uint3{id % cfg.grid[0], (id / cfg.grid[0]) % cfg.grid[1], id / (cfg.grid[0] * cfg.grid[1])};
+      std::string err = run_block(w, b, stack_bytes);
+      if (!err.empty()) {
+        std::lock_guard<std::mutex> lock(error_mutex());
+        if (last_error().empty()) last_error() = err;
+        status.store(MOEKIT_EMU_KERNEL_FAULT);
+        // The block's fibers are abandoned mid-kernel; their stacks must not be reused.
+        b.fibers = std::vector<Fiber>();
+      }
+    }
+    tl_worker = nullptr;
+  };
+  const unsigned workers = std::max(1u, std::min<unsigned>(cfg.workers ? cfg.workers : 1, unsigned(blocks)));
+  if (workers == 1) {
+    work();
+  } else {
+    std::vector<std::thread> pool;
+    for (unsigned t = 0; t < workers; ++t) pool.emplace_back(work);
+    for (auto& t : pool) t.join();
+  }
+  return status.load();
+}
+
+// Copies `last_error()` into `buf` (NUL-terminated, truncated to `len`).
+inline void copy_last_error(char* buf, size_t len) {
+  if (!buf || len == 0) return;
+  std::lock_guard<std::mutex> lock(error_mutex());
+  std::snprintf(buf, len, "%s", last_error().c_str());
+}
+
+// Calls `kernel(args...)` with each argument read from `params[i]`, like cuLaunchKernel.
+template <typename... Args, size_t... I>
+void invoke(void (*kernel)(Args...), void** params, std::index_sequence<I...>) {
+  kernel(*static_cast<std::remove_cv_t<std::remove_reference_t<Args>>*>(params[I])...);
+}
+
+template <typename... Args>
+struct Thunk {
+  void (*kernel)(Args...);
+  void** params;
+  static void run(void* self) {
+    auto* t = static_cast<Thunk*>(self);
+    invoke(t->kernel, t->params, std::index_sequence_for<Args...>{});
+  }
+};
+
+// The entry point generated for every kernel: launch `kernel` with cuLaunchKernel-style params.
+template <typename... Args>
+int launch_kernel(void (*kernel)(Args...), const MoekitEmuLaunch* cfg, void** params) {
+  Thunk<Args...> t{kernel, params};
+  return launch(*cfg, &Thunk<Args...>::run, &t);
+}
+
+}  // namespace emu
+}  // namespace moekit
