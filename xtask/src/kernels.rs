@@ -10,14 +10,17 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::Command;
 
-/// Every `kernels/*.cu`, sorted.
+/// Every `kernels/*.cu` and `kernels/tests/*.cu` (emulation self-test kernels), sorted.
 pub fn kernel_sources() -> Result<Vec<PathBuf>, String> {
-    let dir = root().join("kernels");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
-        .collect();
+    let mut v = Vec::new();
+    for dir in [root().join("kernels"), root().join("kernels").join("tests")] {
+        v.extend(
+            std::fs::read_dir(&dir)
+                .map_err(|e| format!("{}: {e}", dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "cu")),
+        );
+    }
     v.sort();
     Ok(v)
 }

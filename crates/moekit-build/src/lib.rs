@@ -184,7 +184,7 @@ pub fn embed_kernels(modules: &[KernelModule]) {
                 for k in &kernels {
                     let _ = writeln!(
                         code,
-                        "        pub fn {}(cfg: *const ::moekit_abi::MoekitEmuLaunch, params: *mut *mut ::core::ffi::c_void, \
+                        "        pub fn {}(cfg: *const ::moekit_cuda::emu::MoekitEmuLaunch, params: *mut *mut ::core::ffi::c_void, \
                          err: *mut ::core::ffi::c_char, err_len: u64) -> i32;",
                         entry_symbol(k)
                     );

@@ -12,7 +12,7 @@ use crate::image::KernelImage;
 use crate::launch::LaunchConfig;
 use crate::memory::{DevPtr, DevPtrMut};
 use bytemuck::Pod;
-use moekit_abi::MoekitEmuLaunch;
+pub use moekit_abi::MoekitEmuLaunch;
 use std::ffi::{c_char, c_void};
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, Weak};

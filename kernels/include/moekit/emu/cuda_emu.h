@@ -50,7 +50,9 @@ inline void __syncthreads() { ::moekit::emu::syncthreads(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   ::moekit::emu::warp_rendezvous(mask, &::moekit::emu::Warp::arrived);
 }
-inline unsigned __activemask() { return ::moekit::emu::block().warps[::moekit::emu::fiber().warp].live; }
+// The lanes that were live when the warp last met at a warp-wide operation (the emulation
+// runs lanes one after another, so "currently converged" is approximated by that).
+inline unsigned __activemask() { return ::moekit::emu::block().warps[::moekit::emu::fiber().warp].converged; }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 

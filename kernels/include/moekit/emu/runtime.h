@@ -53,6 +53,7 @@ struct Warp {
   unsigned arrived = 0;  // lanes that reached the current exchange
   unsigned departed = 0;  // lanes that finished reading it
   unsigned live = 0;      // lanes that have not exited
+  unsigned converged = 0; // lanes live at the last completed warp-wide rendezvous (__activemask)
   uint64_t slot[32] = {};
 };
 
@@ -110,6 +111,7 @@ inline void warp_rendezvous(unsigned mask, unsigned Warp::*phase) {
   w.*phase |= me;
   if ((w.*phase & need) == need) {
     w.*phase &= ~need;
+    w.converged = w.live;
     wake_lanes(b, f.warp, need & ~me);
     return;
   }
@@ -188,6 +190,7 @@ inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
     f.state = Fiber::Ready;
     if (f.stack.size() != stack_bytes) f.stack.assign(stack_bytes, 0);
     b.warps[f.warp].live |= 1u << f.lane;
+    b.warps[f.warp].converged |= 1u << f.lane;
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack.data();
     f.ctx.uc_stack.ss_size = f.stack.size();
