@@ -125,6 +125,12 @@ extern "C" __global__ void planted_global_overrun(float* out, int n) {
   if (i <= n) out[i] = 1.0f;
 }
 
+// PLANTED BUG: reads one element past the input (caught by AddressSanitizer builds).
+extern "C" __global__ void planted_global_overread(const float* x, float* out, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = x[i + 1];
+}
+
 // PLANTED BUG: half a warp waits in a warp shuffle for lanes that wait at a block barrier.
 extern "C" __global__ void planted_deadlock(int* out) {
   int v = threadIdx.x;

@@ -14,7 +14,8 @@ commands:
   setup-cuda        install the pinned CUDA 13.0 toolchain from PyPI into .cuda-toolchain/
   build-kernels     compile every kernel for every configured arch; print resources and SASS checks
   codegen [--check] regenerate (or check) the Rust bindings of kernels/include/moekit/abi.h
-  ci                the full test pipeline (toolchain, build-kernels, codegen --check, fmt, clippy, test)
+  ci                the full test pipeline (toolchain, build-kernels, codegen --check, fmt, clippy,
+                    test, emulated tests under AddressSanitizer)
   gpu-bundle        build GPU test and benchmark binaries into target/gpu-bundle with a run.sh";
 
 fn main() -> ExitCode {
@@ -67,6 +68,20 @@ pub fn cargo(nvcc: Option<&Path>) -> Command {
     cmd
 }
 
+/// The emulated kernel tests (`emu_*`) again, with the kernels' host builds under
+/// AddressSanitizer and buffer guard zones poisoned, so out-of-bounds reads fail too. The
+/// planted-bug tests that expect a reported fault are skipped here (ASan aborts the process
+/// first); `emu_asan_catches_planted_read` checks ASan's report in a child process.
+fn emulated_tests_under_asan(nvcc: &Path) -> Result<(), String> {
+    run(cargo(Some(nvcc))
+        .env("MOEKIT_EMU_SANITIZE", "address")
+        .env("CARGO_TARGET_DIR", root().join("target").join("asan"))
+        .env("MOEKIT_KERNEL_CACHE", root().join("target").join("moekit-kernel-cache"))
+        .env("ASAN_OPTIONS", "verify_asan_link_order=0:detect_leaks=0")
+        .args(["test", "--workspace", "--exclude", "xtask", "--exclude", "moekit-benches", "--tests", "--", "emu_"])
+        .args(["--skip", "catches_planted", "--skip", "reports_planted"]))
+}
+
 fn ci() -> Result<(), String> {
     let start = std::time::Instant::now();
     let tc = setup::ensure_toolchain()?;
@@ -78,6 +93,7 @@ fn ci() -> Result<(), String> {
     run(cargo(Some(&tc.nvcc)).args(["fmt", "--all", "--", "--check"]))?;
     run(cargo(Some(&tc.nvcc)).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     run(cargo(Some(&tc.nvcc)).args(["test", "--workspace"]))?;
+    emulated_tests_under_asan(&tc.nvcc)?;
     eprintln!("xtask ci: all steps passed in {:.0} s", start.elapsed().as_secs_f64());
     Ok(())
 }

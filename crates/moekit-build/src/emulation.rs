@@ -65,6 +65,11 @@ pub fn wrapper_source(source: &Path, kernels: &[String]) -> String {
     s
 }
 
+/// Whether `MOEKIT_EMU_SANITIZE=address`: the host builds of kernels get AddressSanitizer.
+pub fn sanitize_address() -> bool {
+    std::env::var("MOEKIT_EMU_SANITIZE").is_ok_and(|v| v == "address")
+}
+
 /// Compiles the wrappers into static library `lib_name` (linked into the crate) with the host
 /// C++ compiler. `MOEKIT_EMU_SANITIZE=address` adds AddressSanitizer.
 pub fn compile_host_library(
@@ -84,8 +89,20 @@ pub fn compile_host_library(
         .includes(project_includes)
         .flag("-isystem")
         .flag(cuda_include.as_os_str());
-    if std::env::var("MOEKIT_EMU_SANITIZE").is_ok_and(|v| v == "address") {
+    if sanitize_address() {
         b.flag("-fsanitize=address").flag("-fno-omit-frame-pointer").opt_level(1);
+        // Link gcc's ASan runtime into the crate's binaries (run them with
+        // ASAN_OPTIONS=verify_asan_link_order=0, since Rust does not put it first).
+        let lib = std::process::Command::new("gcc")
+            .arg("-print-file-name=libasan.so")
+            .output()
+            .map_err(|e| format!("MOEKIT_EMU_SANITIZE=address needs gcc's libasan: {e}"))?;
+        let lib = PathBuf::from(String::from_utf8_lossy(&lib.stdout).trim());
+        if let Some(dir) = lib.parent() {
+            println!("cargo:rustc-link-search=native={}", dir.display());
+        }
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-lib=dylib=asan");
     }
     for w in wrappers {
         b.file(w);

@@ -27,7 +27,7 @@ mod toolchain;
 
 pub use compile::{compile_module, Compiled, BASE_FLAGS};
 pub use deps::scan_includes;
-pub use emulation::{compile_host_library, entry_symbol, kernel_names, wrapper_source, EMU_HEADER};
+pub use emulation::{compile_host_library, entry_symbol, kernel_names, sanitize_address, wrapper_source, EMU_HEADER};
 pub use module::{archs_for, default_archs, Arch, ArchClass, KernelModule};
 pub use report::{failed_checks, parse_cuobjdump_sass, parse_ptxas, parse_sass_checks, KernelResources, SassCheck};
 pub use toolchain::{
@@ -70,7 +70,7 @@ pub fn toolchain_stamp(cache_dir: &Path) -> PathBuf {
 /// discovery and `rerun-if-changed` for the toolchain stamp (created empty if missing, since
 /// cargo reruns a script on every build while a watched path does not exist).
 pub fn watch_toolchain() {
-    for var in DISCOVERY_ENV_VARS.iter().chain(&["MOEKIT_CUDA_ARCHS", "MOEKIT_KERNEL_CACHE"]) {
+    for var in DISCOVERY_ENV_VARS.iter().chain(&["MOEKIT_CUDA_ARCHS", "MOEKIT_KERNEL_CACHE", "MOEKIT_EMU_SANITIZE"]) {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let Some(out_dir) = std::env::var_os("OUT_DIR").map(PathBuf::from) else {

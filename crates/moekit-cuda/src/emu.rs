@@ -172,6 +172,34 @@ impl Emulator {
     }
 }
 
+/// AddressSanitizer's (un)poisoning entry points, when the process has the ASan runtime
+/// (kernels built with `MOEKIT_EMU_SANITIZE=address`): guard zones are then poisoned, so an
+/// instrumented kernel that *reads* them is reported too, not only one that writes them.
+fn asan() -> Option<(PoisonFn, PoisonFn)> {
+    static FNS: std::sync::OnceLock<Option<(PoisonFn, PoisonFn)>> = std::sync::OnceLock::new();
+    *FNS.get_or_init(|| {
+        // SAFETY: dlsym on the global namespace with NUL-terminated names; a non-null result is
+        // ASan's `void (void const volatile *addr, size_t size)` function.
+        unsafe {
+            let poison = libc::dlsym(libc::RTLD_DEFAULT, c"__asan_poison_memory_region".as_ptr());
+            let unpoison = libc::dlsym(libc::RTLD_DEFAULT, c"__asan_unpoison_memory_region".as_ptr());
+            (!poison.is_null() && !unpoison.is_null()).then(|| {
+                (
+                    std::mem::transmute::<*mut c_void, PoisonFn>(poison),
+                    std::mem::transmute::<*mut c_void, PoisonFn>(unpoison),
+                )
+            })
+        }
+    })
+}
+type PoisonFn = unsafe extern "C" fn(*const c_void, usize);
+
+/// Whether this process runs with AddressSanitizer (emulated kernels built with
+/// `MOEKIT_EMU_SANITIZE=address`); buffer guard zones are then poisoned.
+pub fn asan_active() -> bool {
+    asan().is_some()
+}
+
 const GUARD: usize = 4096;
 const GUARD_BYTE: u8 = 0xA5;
 
@@ -205,12 +233,26 @@ impl Guarded {
             std::ptr::write_bytes(base.add(GUARD), 0, len);
             std::ptr::write_bytes(base.add(GUARD + len), GUARD_BYTE, GUARD);
         }
-        Ok(Arc::new(Guarded { base, layout, len }))
+        let g = Guarded { base, layout, len };
+        g.set_poison(true);
+        Ok(Arc::new(g))
     }
     fn data(&self) -> *mut u8 {
         // SAFETY: GUARD < allocation size.
         unsafe { self.base.add(GUARD) }
     }
+    /// Poisons (or unpoisons) both guards for ASan, when it is present.
+    fn set_poison(&self, poisoned: bool) {
+        if let Some((poison, unpoison)) = asan() {
+            let f = if poisoned { poison } else { unpoison };
+            // SAFETY: both ranges lie inside our allocation; the functions only mark shadow bytes.
+            unsafe {
+                f(self.base.cast(), GUARD);
+                f(self.base.add(GUARD + self.len).cast(), GUARD);
+            }
+        }
+    }
+
     fn guard(&self, before: bool) -> &[u8] {
         let start = if before { 0 } else { GUARD + self.len };
         // SAFETY: each guard is GUARD initialised bytes inside the allocation.
@@ -218,20 +260,29 @@ impl Guarded {
     }
     /// Offset (relative to the data start) of the first damaged guard byte, if any.
     fn damaged_at(&self) -> Option<isize> {
+        self.set_poison(false);
+        let damaged = self.find_damage();
+        self.set_poison(true);
+        damaged
+    }
+    fn find_damage(&self) -> Option<isize> {
         let before = self.guard(true).iter().position(|&b| b != GUARD_BYTE).map(|i| i as isize - GUARD as isize);
         before.or_else(|| self.guard(false).iter().position(|&b| b != GUARD_BYTE).map(|i| (self.len + i) as isize))
     }
     fn repair(&self) {
+        self.set_poison(false);
         // SAFETY: both guard ranges lie inside the allocation.
         unsafe {
             std::ptr::write_bytes(self.base, GUARD_BYTE, GUARD);
             std::ptr::write_bytes(self.base.add(GUARD + self.len), GUARD_BYTE, GUARD);
         }
+        self.set_poison(true);
     }
 }
 
 impl Drop for Guarded {
     fn drop(&mut self) {
+        self.set_poison(false);
         // SAFETY: allocated in `new` with this layout, freed once.
         unsafe { std::alloc::dealloc(self.base, self.layout) };
     }

@@ -391,3 +391,49 @@ fn emu_rejects_bad_launch_configs() {
     let r = unsafe { run(&dev, "planted_deadlock", 1, 2048, 0, (out.dev_ptr_mut::<i32>().unwrap(),)) };
     assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
 }
+
+/// Under AddressSanitizer (`MOEKIT_EMU_SANITIZE=address`, as CI runs it) an out-of-bounds
+/// *read* is caught too: the child test below reads past its input and must die with an ASan
+/// report. Without ASan this is skipped visibly (guard zones catch writes only).
+#[test]
+fn emu_asan_catches_planted_read() {
+    if !moekit_cuda::emu::asan_active() {
+        moekit_cuda::testing::skip_notice(
+            "emu_asan_catches_planted_read",
+            "not an AddressSanitizer build (MOEKIT_EMU_SANITIZE=address)",
+        );
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "planted_read_child", "--include-ignored", "--nocapture"])
+        .env("MOEKIT_PLANTED_CHILD", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the out-of-bounds read went unnoticed:\n{stderr}");
+    assert!(stderr.contains("AddressSanitizer") && stderr.contains("planted_global_overread"), "{stderr}");
+}
+
+#[test]
+#[ignore = "child process of emu_asan_catches_planted_read"]
+fn planted_read_child() {
+    if std::env::var("MOEKIT_PLANTED_CHILD").is_err() {
+        return;
+    }
+    let Some(e) = emu("planted_read_child", BlockOrder::InOrder) else { return };
+    let dev = Device::Emulated(e);
+    let n = 1000;
+    let x = Tensor::from_slice(&vec![1f32; n], &[n], &dev).unwrap();
+    let mut out = Tensor::zeros(&[n], DType::F32, &dev).unwrap();
+    // SAFETY: deliberately reads x[n]: the point of this test.
+    let _ = unsafe {
+        run(
+            &dev,
+            "planted_global_overread",
+            4,
+            256,
+            0,
+            (x.dev_ptr::<f32>().unwrap(), out.dev_ptr_mut::<f32>().unwrap(), n as i32),
+        )
+    };
+}

@@ -30,6 +30,15 @@
 
 #include "moekit/abi.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define MOEKIT_EMU_POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define MOEKIT_EMU_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define MOEKIT_EMU_POISON(p, n) ((void)(p), (void)(n))
+#define MOEKIT_EMU_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 namespace moekit {
 namespace emu {
 
@@ -180,7 +189,11 @@ inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
   b.warps.assign((nthreads + 31) / 32, Warp{});
   b.live = nthreads;
   b.at_barrier = 0;
+  MOEKIT_EMU_UNPOISON(b.smem.data(), b.smem.size());
   std::fill(b.smem.begin(), b.smem.end(), kPoison);
+  // Under AddressSanitizer the guards are poisoned too: a read past the tile is reported.
+  MOEKIT_EMU_POISON(b.smem.data(), kSmemGuard);
+  MOEKIT_EMU_POISON(b.smem.data() + kSmemGuard + b.smem_bytes, kSmemGuard);
   for (unsigned i = 0; i < nthreads; ++i) {
     Fiber& f = b.fibers[i];
     f.linear = i;
@@ -215,6 +228,7 @@ inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
              " live threads wait at a barrier or warp exchange that the others never reach";
     }
   }
+  MOEKIT_EMU_UNPOISON(b.smem.data(), b.smem.size());
   for (size_t i = 0; i < kSmemGuard; ++i) {
     if (b.smem[i] != kPoison || b.smem[kSmemGuard + b.smem_bytes + i] != kPoison) {
       return "block (" + std::to_string(b.idx.x) + "," + std::to_string(b.idx.y) + "," + std::to_string(b.idx.z) +
@@ -293,6 +307,7 @@ inline int launch(const MoekitEmuLaunch& cfg, void (*run)(void*), void* arg) {
         b.fibers = std::vector<Fiber>();
       }
     }
+    MOEKIT_EMU_UNPOISON(b.smem.data(), b.smem.size());
     tl_worker = nullptr;
   };
   const unsigned workers = std::max(1u, std::min<unsigned>(cfg.workers ? cfg.workers : 1, unsigned(blocks)));
