@@ -71,7 +71,7 @@ pub fn cargo(nvcc: Option<&Path>) -> Command {
 /// The emulated kernel tests (`emu_*`) again, with the kernels' host builds under
 /// AddressSanitizer and buffer guard zones poisoned, so out-of-bounds reads fail too. The
 /// planted-bug tests that expect a reported fault are skipped here (ASan aborts the process
-/// first); `emu_asan_catches_planted_read` checks ASan's report in a child process.
+/// first); `emu_asan_flags_read_past_buffer` checks ASan's report in a child process.
 fn emulated_tests_under_asan(nvcc: &Path) -> Result<(), String> {
     run(cargo(Some(nvcc))
         .env("MOEKIT_EMU_SANITIZE", "address")

@@ -396,10 +396,10 @@ fn emu_rejects_bad_launch_configs() {
 /// *read* is caught too: the child test below reads past its input and must die with an ASan
 /// report. Without ASan this is skipped visibly (guard zones catch writes only).
 #[test]
-fn emu_asan_catches_planted_read() {
+fn emu_asan_flags_read_past_buffer() {
     if !moekit_cuda::emu::asan_active() {
         moekit_cuda::testing::skip_notice(
-            "emu_asan_catches_planted_read",
+            "emu_asan_flags_read_past_buffer",
             "not an AddressSanitizer build (MOEKIT_EMU_SANITIZE=address)",
         );
         return;
@@ -415,7 +415,7 @@ fn emu_asan_catches_planted_read() {
 }
 
 #[test]
-#[ignore = "child process of emu_asan_catches_planted_read"]
+#[ignore = "child process of emu_asan_flags_read_past_buffer"]
 fn planted_read_child() {
     if std::env::var("MOEKIT_PLANTED_CHILD").is_err() {
         return;
