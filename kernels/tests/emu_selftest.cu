@@ -33,18 +33,20 @@ extern "C" __global__ void planted_reduce_missing_sync(const float* x, float* ou
   if (threadIdx.x == 0) out[blockIdx.x] = tile[0];
 }
 
-// Every warp intrinsic, one output row of 16 ints per thread (see the Rust expectation).
+// Every warp intrinsic, one output row of 18 ints per thread (see the Rust expectation).
 extern "C" __global__ void selftest_warp_intrinsics(const int* in, int* out) {
   const unsigned t = blockIdx.x * blockDim.x + threadIdx.x;
   const unsigned lane = threadIdx.x % 32;
   const int v = in[t];
-  int* o = out + t * 16;
+  int* o = out + t * 18;
   o[0] = __shfl_sync(0xffffffffu, v, (lane * 7) % 32);
   o[1] = __shfl_xor_sync(0xffffffffu, v, 5);
   o[2] = __shfl_up_sync(0xffffffffu, v, 3);
   o[3] = __shfl_down_sync(0xffffffffu, v, 3);
   o[4] = __shfl_sync(0xffffffffu, v, 2, 8);        // lane 2 of each 8-lane segment
   o[5] = __shfl_down_sync(0xffffffffu, v, 1, 4);   // within 4-lane segments
+  o[16] = __shfl_xor_sync(0xffffffffu, v, 16, 16);  // upper segment reads the lower one
+  o[17] = __shfl_up_sync(0xffffffffu, v, 2, 8);
   o[6] = static_cast<int>(__ballot_sync(0xffffffffu, v & 1));
   o[7] = __any_sync(0xffffffffu, v == 12345);
   o[8] = __all_sync(0xffffffffu, v >= 0);
@@ -67,6 +69,20 @@ extern "C" __global__ void selftest_warp_intrinsics(const int* in, int* out) {
   } else {
     o[15] = -1;
   }
+}
+
+// A lane named in a partial mask exits early: the other lanes of the mask still exchange.
+extern "C" __global__ void selftest_exited_lane_in_mask(int* out) {
+  const unsigned lane = threadIdx.x % 32;
+  out[threadIdx.x] = -1;
+  if (lane == 15) return;
+  int v = static_cast<int>(threadIdx.x) * 10;
+  if (lane < 16) {
+    v = __shfl_xor_sync(0x0000ffffu, v, 1);
+  } else {
+    __syncthreads();
+  }
+  out[threadIdx.x] = v;
 }
 
 // Atomics under contention from every thread of every block.

@@ -8,33 +8,24 @@ pub const EMU_HEADER: &str = "moekit/emu/cuda_emu.h";
 
 /// Names of the `__global__` functions defined in a `.cu` source.
 ///
-/// Recognises `__global__ void [__launch_bounds__(...)] name(`; kernels are declared
-/// `extern "C"` so that the name is also the symbol.
+/// Recognises `__global__` followed, in any order, by `void` and `__launch_bounds__(...)`,
+/// then the name and `(`; comments are ignored. Kernels are declared `extern "C"` so that
+/// the name is also the symbol.
 pub fn kernel_names(source: &str) -> Vec<String> {
+    let code = strip_comments(source);
     let mut names = Vec::new();
-    let mut rest = source;
+    let mut rest = code.as_str();
     while let Some(i) = rest.find("__global__") {
         rest = &rest[i + "__global__".len()..];
         let mut s = rest.trim_start();
-        s = s.strip_prefix("void").unwrap_or(s).trim_start();
-        if let Some(after) = s.strip_prefix("__launch_bounds__") {
-            // Skip the balanced parenthesis group.
-            let mut depth = 0;
-            let mut end = after.len();
-            for (j, c) in after.char_indices() {
-                match c {
-                    '(' => depth += 1,
-                    ')' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            end = j + 1;
-                            break;
-                        }
-                    }
-                    _ => {}
-                }
+        loop {
+            if let Some(after) = s.strip_prefix("void") {
+                s = after.trim_start();
+            } else if let Some(after) = s.strip_prefix("__launch_bounds__") {
+                s = skip_parens(after).trim_start();
+            } else {
+                break;
             }
-            s = after[end..].trim_start();
         }
         let name: String = s.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
         if !name.is_empty() && s[name.len()..].trim_start().starts_with('(') && !names.contains(&name) {
@@ -42,6 +33,55 @@ pub fn kernel_names(source: &str) -> Vec<String> {
         }
     }
     names
+}
+
+/// `s` after its leading balanced parenthesis group.
+fn skip_parens(s: &str) -> &str {
+    let mut depth = 0;
+    for (j, c) in s.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth == 0 {
+                    return &s[j + 1..];
+                }
+            }
+            _ => {}
+        }
+    }
+    ""
+}
+
+/// `source` with `//` and `/* */` comments replaced by spaces.
+fn strip_comments(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut chars = source.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, chars.peek()) {
+            ('/', Some('/')) => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        out.push('\n');
+                        break;
+                    }
+                }
+            }
+            ('/', Some('*')) => {
+                chars.next();
+                let mut prev = ' ';
+                for c in chars.by_ref() {
+                    if prev == '*' && c == '/' {
+                        break;
+                    }
+                    prev = c;
+                }
+                out.push(' ');
+            }
+            _ => out.push(c),
+        }
+    }
+    out
 }
 
 /// Symbol of the host launch entry point of `kernel`.
@@ -57,8 +97,7 @@ pub fn wrapper_source(source: &Path, kernels: &[String]) -> String {
         let _ = writeln!(
             s,
             "extern \"C\" int {}(const MoekitEmuLaunch* cfg, void** params, char* err, unsigned long long err_len) {{\n  \
-             const int rc = ::moekit::emu::launch_kernel({k}, cfg, params);\n  \
-             ::moekit::emu::copy_last_error(err, err_len);\n  return rc;\n}}",
+             return ::moekit::emu::launch_kernel({k}, cfg, params, err, err_len);\n}}",
             entry_symbol(k)
         );
     }
@@ -117,10 +156,12 @@ mod tests {
     #[test]
     fn finds_kernels() {
         let src = "extern \"C\" __global__ void __launch_bounds__(256, (2))\nmoekit_a(const P p) {}\n\
-                   __device__ void helper(int);\nextern \"C\" __global__ void moekit_b (int x) { __global__; }";
-        assert_eq!(kernel_names(src), vec!["moekit_a".to_string(), "moekit_b".into()]);
+                   __device__ void helper(int);\nextern \"C\" __global__ void moekit_b (int x) { __global__; }\n\
+                   // __global__ void commented_out(int);\n/* __global__ void also_not(int); */\n\
+                   extern \"C\" __global__ __launch_bounds__(128) void moekit_c(int);";
+        assert_eq!(kernel_names(src), vec!["moekit_a".to_string(), "moekit_b".into(), "moekit_c".into()]);
         let w = wrapper_source(Path::new("/k/a.cu"), &kernel_names(src));
         assert!(w.contains("int moekit_emu__moekit_a(const MoekitEmuLaunch* cfg"));
-        assert!(w.contains("launch_kernel(moekit_b, cfg, params)"));
+        assert!(w.contains("launch_kernel(moekit_b, cfg, params, err, err_len)"));
     }
 }

@@ -102,6 +102,7 @@ pub mod raw {
         format: Fp8Format,
     ) -> Result<()> {
         check_len(src.len(), dst.len())?;
+        moekit_cuda::ensure_addressable(on, &[src.space(), dst.space()])?;
         if src.is_empty() {
             return Ok(());
         }

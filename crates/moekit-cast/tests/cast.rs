@@ -153,3 +153,17 @@ fn gpu_raw_rejects_mismatched_lengths_before_launch() {
     assert!(matches!(r, Err(Error::Shape(_))));
     assert_eq!(dst.to_host(&stream).unwrap(), vec![0u8; 15], "nothing was written");
 }
+
+/// Safe code cannot hand device memory to the host emulation (or host memory to a GPU): the
+/// launch checks where each pointer lives.
+#[test]
+fn emu_rejects_pointers_to_device_memory() {
+    let Some(emu) = emulator_or_skip("emu_rejects_pointers_to_device_memory", &[&CAST], BlockOrder::InOrder) else {
+        return;
+    };
+    let mut dst = EmuBuffer::<u8>::zeros(&emu, 16).unwrap();
+    // SAFETY: never dereferenced: the launch must refuse it first.
+    let src = unsafe { moekit_cuda::DevPtr::<bf16>::from_raw_in(0x7000_0000, 16, moekit_cuda::MemSpace::Device(1)) };
+    let r = raw::cast_bf16_to_fp8(&emu, src, dst.view_mut(), 1.0, Fp8Format::E4M3);
+    assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+}

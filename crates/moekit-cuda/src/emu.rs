@@ -10,7 +10,7 @@
 use crate::error::{Error, Result};
 use crate::image::KernelImage;
 use crate::launch::LaunchConfig;
-use crate::memory::{DevPtr, DevPtrMut};
+use crate::memory::{DevPtr, DevPtrMut, MemSpace};
 use bytemuck::Pod;
 pub use moekit_abi::MoekitEmuLaunch;
 use std::ffi::{c_char, c_void};
@@ -80,14 +80,15 @@ impl Emulator {
         self.order = order;
         self
     }
-    /// Sets how many OS threads run blocks concurrently (at least 1).
+    /// Sets how many OS threads run blocks concurrently (clamped to 1..=64).
     pub fn with_workers(mut self, workers: u32) -> Self {
-        self.workers = workers.max(1);
+        self.workers = workers.clamp(1, 64);
         self
     }
-    /// Sets the stack size of each emulated thread.
+    /// Sets the stack size of each emulated thread (clamped to 16 KiB..=8 MiB; each stack
+    /// also gets a guard page, so an overflow faults instead of corrupting memory).
     pub fn with_stack_bytes(mut self, bytes: u64) -> Self {
-        self.stack_bytes = bytes;
+        self.stack_bytes = bytes.clamp(16 << 10, 8 << 20);
         self
     }
     /// Whether two handles are clones of one emulator (same buffer registry).
@@ -112,6 +113,13 @@ impl Emulator {
         cfg: LaunchConfig,
         params: &mut [*mut c_void],
     ) -> Result<()> {
+        let threads = cfg.block.0 as u64 * cfg.block.1 as u64 * cfg.block.2 as u64;
+        if threads > 1024 || cfg.shared_mem_bytes > 228 << 10 {
+            return Err(Error::InvalidArgument(format!(
+                "{kernel}: {threads} threads and {} bytes of shared memory per block (limits 1024, 228 KiB)",
+                cfg.shared_mem_bytes
+            )));
+        }
         let entry = image
             .emulation()
             .iter()
@@ -159,16 +167,21 @@ impl Emulator {
     fn check_guards(&self, kernel: &str) -> Result<()> {
         let mut buffers = self.registry.buffers.lock().unwrap_or_else(|p| p.into_inner());
         buffers.retain(|w| w.strong_count() > 0);
-        for g in buffers.iter().filter_map(Weak::upgrade) {
-            if let Some(at) = g.damaged_at() {
+        // Check and repair every buffer, so no damage is blamed on a later launch.
+        let damage: Vec<String> = buffers
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter_map(|g| {
+                let at = g.damaged_at()?;
                 g.repair();
-                return Err(Error::KernelFault(format!(
-                    "{kernel}: wrote out of bounds of a buffer of {} bytes (guard byte at offset {at})",
-                    g.len
-                )));
-            }
+                Some(format!("a buffer of {} bytes (guard byte at offset {at})", g.len))
+            })
+            .collect();
+        if damage.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::KernelFault(format!("{kernel}: wrote out of bounds of {}", damage.join("; "))))
         }
-        Ok(())
     }
 }
 
@@ -340,23 +353,23 @@ impl<T: Pod> EmuBuffer<T> {
     pub fn slice(&self, start: usize, len: usize) -> Result<DevPtr<'_, T>> {
         self.check_range(start, len)?;
         // SAFETY: the range is inside the buffer, which outlives the returned borrow.
-        Ok(unsafe { DevPtr::from_raw(self.mem.data().cast::<T>().add(start) as u64, len) })
+        Ok(unsafe { DevPtr::from_raw_in(self.mem.data().cast::<T>().add(start) as u64, len, MemSpace::Host) })
     }
     /// Writable kernel argument for elements `start..start + len`.
     pub fn slice_mut(&mut self, start: usize, len: usize) -> Result<DevPtrMut<'_, T>> {
         self.check_range(start, len)?;
         // SAFETY: the range is inside the buffer, exclusively borrowed for the result's life.
-        Ok(unsafe { DevPtrMut::from_raw(self.mem.data().cast::<T>().add(start) as u64, len) })
+        Ok(unsafe { DevPtrMut::from_raw_in(self.mem.data().cast::<T>().add(start) as u64, len, MemSpace::Host) })
     }
     /// Whole-buffer read-only argument.
     pub fn view(&self) -> DevPtr<'_, T> {
         // SAFETY: covers exactly the buffer.
-        unsafe { DevPtr::from_raw(self.mem.data() as u64, self.len) }
+        unsafe { DevPtr::from_raw_in(self.mem.data() as u64, self.len, MemSpace::Host) }
     }
     /// Whole-buffer writable argument.
     pub fn view_mut(&mut self) -> DevPtrMut<'_, T> {
         // SAFETY: covers exactly the buffer, exclusively borrowed.
-        unsafe { DevPtrMut::from_raw(self.mem.data() as u64, self.len) }
+        unsafe { DevPtrMut::from_raw_in(self.mem.data() as u64, self.len, MemSpace::Host) }
     }
     fn check_range(&self, start: usize, len: usize) -> Result<()> {
         match start.checked_add(len) {

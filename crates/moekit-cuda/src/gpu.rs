@@ -60,7 +60,8 @@ struct GpuInner {
     major: u32,
     minor: u32,
     sm_count: u32,
-    modules: Mutex<HashMap<&'static str, Arc<LoadedModule>>>,
+    /// Loaded modules, keyed by the address of their (static) `KernelImage`.
+    modules: Mutex<HashMap<usize, Arc<LoadedModule>>>,
 }
 
 // SAFETY: a CUcontext and CUdevice are process-wide handles usable from any thread once made
@@ -86,7 +87,10 @@ impl Gpu {
         // SAFETY: `device` is a valid device handle from cuDeviceGet; retain is balanced by the
         // release in Drop (owns_primary = true).
         let ctx = unsafe { result::primary_ctx::retain(device) }.during("cuDevicePrimaryCtxRetain")?;
-        Self::wrap(ordinal, device, ctx, true)
+        Self::wrap(ordinal, device, ctx, true).inspect_err(|_| {
+            // SAFETY: balances the retain above; nothing was made from the context.
+            let _ = unsafe { result::primary_ctx::release(device) };
+        })
     }
 
     /// Wraps a context owned by another runtime. moekit never destroys or releases it.
@@ -167,7 +171,8 @@ impl Gpu {
 
     fn module(&self, image: &'static KernelImage) -> Result<Arc<LoadedModule>> {
         let mut cache = self.inner.modules.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = cache.get(image.name()) {
+        let key = image as *const KernelImage as usize;
+        if let Some(m) = cache.get(&key) {
             return Ok(m.clone());
         }
         let (major, minor) = self.compute_capability();
@@ -190,24 +195,21 @@ impl Gpu {
             }
         })?;
         let m = Arc::new(m);
-        cache.insert(image.name(), m.clone());
+        cache.insert(key, m.clone());
         Ok(m)
     }
 }
 
 impl Drop for GpuInner {
     fn drop(&mut self) {
-        // SAFETY: the context is still valid here (we hold it); modules are unloaded before the
-        // primary context is released, and only if we retained it.
-        unsafe {
-            if result::ctx::set_current(self.ctx).is_ok() {
-                for (_, m) in self.modules.lock().unwrap_or_else(|p| p.into_inner()).drain() {
-                    drop(m);
-                }
-            }
-            if self.owns_primary {
-                let _ = result::primary_ctx::release(self.device);
-            }
+        // Unload every module (with the context current) before the context is released.
+        let modules = std::mem::take(&mut *self.modules.lock().unwrap_or_else(|p| p.into_inner()));
+        // SAFETY: the context is still valid here (we hold it).
+        let _ = unsafe { result::ctx::set_current(self.ctx) };
+        drop(modules);
+        if self.owns_primary {
+            // SAFETY: balances the retain in `Gpu::new`; done once, after the modules.
+            let _ = unsafe { result::primary_ctx::release(self.device) };
         }
     }
 }

@@ -101,8 +101,9 @@ impl Drop for LoadedModule {
 /// A kernel entry point in a loaded module. Keeps its module and context alive.
 #[derive(Clone)]
 pub struct Function {
-    gpu: Gpu,
+    // Field order is drop order: the module is unloaded while `gpu` still holds the context.
     _module: Arc<LoadedModule>,
+    gpu: Gpu,
     raw: sys::CUfunction,
     name: String,
 }
@@ -124,7 +125,7 @@ impl Function {
         gpu.bind()?;
         // SAFETY: the module is loaded in the bound context and `cname` is NUL-terminated.
         let raw = unsafe { result::module::get_function(module.raw, cname) }.during("cuModuleGetFunction")?;
-        Ok(Function { gpu, _module: module, raw, name: name.to_string() })
+        Ok(Function { _module: module, gpu, raw, name: name.to_string() })
     }
 
     /// The device this function is loaded on.

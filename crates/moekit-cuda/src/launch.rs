@@ -3,7 +3,7 @@
 use crate::emu::Emulator;
 use crate::error::{CudaContext, Error, Result};
 use crate::image::{Function, KernelImage};
-use crate::memory::{DevPtr, DevPtrMut};
+use crate::memory::{DevPtr, DevPtrMut, MemSpace};
 use crate::stream::Stream;
 use cudarc::driver::result;
 use std::ffi::c_void;
@@ -39,6 +39,10 @@ pub unsafe trait KernelParam {
     type Raw: Copy;
     /// Converts to the kernel's representation.
     fn to_raw(&self) -> Self::Raw;
+    /// Where the memory a pointer argument addresses lives (`None` for plain values).
+    fn space(&self) -> Option<MemSpace> {
+        None
+    }
 }
 
 macro_rules! by_value {
@@ -58,6 +62,9 @@ unsafe impl<T> KernelParam for DevPtr<'_, T> {
     fn to_raw(&self) -> u64 {
         self.addr()
     }
+    fn space(&self) -> Option<MemSpace> {
+        Some(DevPtr::space(self))
+    }
 }
 
 // SAFETY: a device pointer parameter is a 64-bit address.
@@ -65,6 +72,9 @@ unsafe impl<T> KernelParam for DevPtrMut<'_, T> {
     type Raw = u64;
     fn to_raw(&self) -> u64 {
         self.addr()
+    }
+    fn space(&self) -> Option<MemSpace> {
+        Some(DevPtrMut::space(self))
     }
 }
 
@@ -86,6 +96,8 @@ moekit_abi::for_each_abi_struct!(abi_struct_param);
 pub trait LaunchArgs {
     /// Calls `f` with the driver's parameter array (pointers to each raw value).
     fn with_params<R>(&self, f: impl FnOnce(&mut [*mut c_void]) -> R) -> R;
+    /// The memory spaces of the pointer arguments.
+    fn spaces(&self) -> Vec<MemSpace>;
 }
 
 macro_rules! tuple_args {
@@ -97,6 +109,11 @@ macro_rules! tuple_args {
                 $(let mut $name = $name.to_raw();)+
                 let mut params = [$(&mut $name as *mut _ as *mut c_void),+];
                 f(&mut params)
+            }
+            #[allow(non_snake_case)]
+            fn spaces(&self) -> Vec<MemSpace> {
+                let ($($name,)+) = self;
+                [$($name.space()),+].into_iter().flatten().collect()
             }
         }
     };
@@ -137,6 +154,21 @@ pub trait Launcher {
 
     /// Short description for messages.
     fn describe(&self) -> String;
+
+    /// Whether kernels launched here may address memory in `space`.
+    fn can_address(&self, space: MemSpace) -> bool;
+}
+
+/// Errors unless kernels on `on` may address memory in every one of `spaces`. Raw layers that
+/// pack pointers into a parameter struct (where [`launch`] cannot see them) call this with the
+/// spaces of those pointers before launching.
+pub fn ensure_addressable(on: &dyn Launcher, spaces: &[MemSpace]) -> Result<()> {
+    match spaces.iter().find(|s| !on.can_address(**s)) {
+        Some(bad) => {
+            Err(Error::InvalidArgument(format!("a pointer to {bad:?} memory cannot be used on {}", on.describe())))
+        }
+        None => Ok(()),
+    }
 }
 
 /// Launches `kernel` of `image` with the typed `args` on `on`.
@@ -155,6 +187,7 @@ pub unsafe fn launch<A: LaunchArgs>(
     if g.0 == 0 || g.1 == 0 || g.2 == 0 || b.0 == 0 || b.1 == 0 || b.2 == 0 {
         return Err(Error::InvalidArgument(format!("empty launch {cfg:?}")));
     }
+    ensure_addressable(on, &args.spaces())?;
     // SAFETY: forwarded from the caller.
     args.with_params(|params| unsafe { on.launch_params(image, kernel, cfg, params) })
 }
@@ -181,6 +214,14 @@ impl Launcher for Stream {
     fn describe(&self) -> String {
         format!("{:?}", self.gpu())
     }
+
+    fn can_address(&self, space: MemSpace) -> bool {
+        match space {
+            MemSpace::Device(ctx) => ctx == self.gpu().raw_context() as usize,
+            MemSpace::Host => false,
+            MemSpace::Foreign => true,
+        }
+    }
 }
 
 impl Launcher for Emulator {
@@ -202,6 +243,10 @@ impl Launcher for Emulator {
     fn describe(&self) -> String {
         format!("{self:?}")
     }
+
+    fn can_address(&self, space: MemSpace) -> bool {
+        !matches!(space, MemSpace::Device(_))
+    }
 }
 
 impl Stream {
@@ -218,6 +263,9 @@ impl Stream {
         let (g, b) = (cfg.grid, cfg.block);
         if g.0 == 0 || g.1 == 0 || g.2 == 0 || b.0 == 0 || b.1 == 0 || b.2 == 0 {
             return Err(Error::InvalidArgument(format!("empty launch {cfg:?}")));
+        }
+        if let Some(bad) = args.spaces().into_iter().find(|s| !self.can_address(*s)) {
+            return Err(Error::InvalidArgument(format!("{f:?}: a pointer to {bad:?} memory cannot be used here")));
         }
         self.gpu().bind()?;
         args.with_params(|params| {

@@ -7,6 +7,18 @@ use bytemuck::Pod;
 use cudarc::driver::{result, sys};
 use std::marker::PhantomData;
 
+/// Where the memory behind a [`DevPtr`] lives. Launches check it against their target, so
+/// safe code cannot hand device memory to the host emulation or host memory to a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MemSpace {
+    /// Device memory of the context with this handle (`CUcontext` as an integer).
+    Device(usize),
+    /// Host memory (the emulation target).
+    Host,
+    /// Wrapped with `from_raw`: the caller vouched for it (unsafe contract).
+    Foreign,
+}
+
 /// An owned device allocation of `len` elements of `T`, freed on drop.
 pub struct DeviceBuffer<T: Pod> {
     gpu: Gpu,
@@ -39,6 +51,9 @@ impl<T: Pod> DeviceBuffer<T> {
         let buf = DeviceBuffer { gpu: gpu.clone(), ptr, len, _t: PhantomData };
         // SAFETY: `ptr` addresses at least `bytes.max(1)` bytes we just allocated.
         unsafe { result::memset_d8_sync(ptr, 0, bytes.max(1)) }.during("cuMemsetD8")?;
+        // cuMemsetD8 on device memory may still run when it returns, on the legacy stream,
+        // which non-blocking streams do not wait for: finish it before anyone uses the buffer.
+        result::ctx::synchronize().during("cuCtxSynchronize")?;
         Ok(buf)
     }
 
@@ -58,8 +73,12 @@ impl<T: Pod> DeviceBuffer<T> {
             return Ok(());
         }
         self.gpu.bind()?;
-        // SAFETY: destination holds exactly `data.len()` elements of T; the copy is synchronous.
-        unsafe { result::memcpy_htod_sync(self.ptr, data) }.during("cuMemcpyHtoD")
+        // Earlier kernels on any stream may still read this buffer.
+        result::ctx::synchronize().during("cuCtxSynchronize")?;
+        // SAFETY: destination holds exactly `data.len()` elements of T.
+        unsafe { result::memcpy_htod_sync(self.ptr, data) }.during("cuMemcpyHtoD")?;
+        // A pageable host-to-device copy may return before the DMA lands: wait for it.
+        result::ctx::synchronize().during("cuCtxSynchronize")
     }
 
     /// Copies the buffer to a new host vector after waiting for `stream`.
@@ -90,13 +109,23 @@ impl<T: Pod> DeviceBuffer<T> {
     /// Read-only view of elements `start..start + len`.
     pub fn slice(&self, start: usize, len: usize) -> Result<DevPtr<'_, T>> {
         self.check_range(start, len)?;
-        Ok(DevPtr { addr: self.ptr + (start * std::mem::size_of::<T>()) as u64, len, _t: PhantomData })
+        Ok(DevPtr {
+            addr: self.ptr + (start * std::mem::size_of::<T>()) as u64,
+            len,
+            space: self.space(),
+            _t: PhantomData,
+        })
     }
 
     /// Writable view of elements `start..start + len`.
     pub fn slice_mut(&mut self, start: usize, len: usize) -> Result<DevPtrMut<'_, T>> {
         self.check_range(start, len)?;
-        Ok(DevPtrMut { addr: self.ptr + (start * std::mem::size_of::<T>()) as u64, len, _t: PhantomData })
+        Ok(DevPtrMut {
+            addr: self.ptr + (start * std::mem::size_of::<T>()) as u64,
+            len,
+            space: self.space(),
+            _t: PhantomData,
+        })
     }
 
     fn check_range(&self, start: usize, len: usize) -> Result<()> {
@@ -104,6 +133,10 @@ impl<T: Pod> DeviceBuffer<T> {
             Some(end) if end <= self.len => Ok(()),
             _ => Err(Error::Shape(format!("range {start}..{start}+{len} outside a buffer of {}", self.len))),
         }
+    }
+
+    fn space(&self) -> MemSpace {
+        MemSpace::Device(self.gpu.raw_context() as usize)
     }
 
     /// Elements.
@@ -120,11 +153,11 @@ impl<T: Pod> DeviceBuffer<T> {
     }
     /// Read-only view for kernel arguments.
     pub fn view(&self) -> DevPtr<'_, T> {
-        DevPtr { addr: self.ptr, len: self.len, _t: PhantomData }
+        DevPtr { addr: self.ptr, len: self.len, space: self.space(), _t: PhantomData }
     }
     /// Writable view for kernel arguments.
     pub fn view_mut(&mut self) -> DevPtrMut<'_, T> {
-        DevPtrMut { addr: self.ptr, len: self.len, _t: PhantomData }
+        DevPtrMut { addr: self.ptr, len: self.len, space: self.space(), _t: PhantomData }
     }
 }
 
@@ -143,6 +176,7 @@ impl<T: Pod> Drop for DeviceBuffer<T> {
 pub struct DevPtr<'a, T> {
     addr: sys::CUdeviceptr,
     len: usize,
+    space: MemSpace,
     _t: PhantomData<&'a T>,
 }
 
@@ -151,6 +185,7 @@ pub struct DevPtr<'a, T> {
 pub struct DevPtrMut<'a, T> {
     addr: sys::CUdeviceptr,
     len: usize,
+    space: MemSpace,
     _t: PhantomData<&'a mut T>,
 }
 
@@ -165,15 +200,28 @@ macro_rules! dev_ptr_methods {
                 T: Pod,
             {
                 let (addr, len) = cast_range::<T, U>(self.addr, self.len)?;
-                Ok($ptr { addr, len, _t: PhantomData })
+                Ok($ptr { addr, len, space: self.space, _t: PhantomData })
             }
 
-            /// Wraps memory owned elsewhere.
+            /// Wraps memory owned elsewhere ([`MemSpace::Foreign`]: launches accept it on any
+            /// target, so the address must be valid on the one it is launched on).
             ///
             /// # Safety
             #[doc = $safety]
             pub unsafe fn from_raw(addr: u64, len: usize) -> Self {
-                $ptr { addr, len, _t: PhantomData }
+                $ptr { addr, len, space: MemSpace::Foreign, _t: PhantomData }
+            }
+
+            /// Like `from_raw` with a known memory space (checked at launch).
+            ///
+            /// # Safety
+            /// As for `from_raw`, and the memory must be in `space`.
+            pub unsafe fn from_raw_in(addr: u64, len: usize, space: MemSpace) -> Self {
+                $ptr { addr, len, space, _t: PhantomData }
+            }
+            /// Where the memory lives.
+            pub fn space(&self) -> MemSpace {
+                self.space
             }
             /// Device address.
             pub fn addr(&self) -> u64 {

@@ -91,14 +91,16 @@ fn intrinsics_inputs(threads: usize) -> Vec<i32> {
     v
 }
 
-/// What each thread's 16 outputs must be (CUDA Programming Guide semantics).
+const ROW: usize = 18;
+
+/// What each thread's outputs must be (CUDA Programming Guide and PTX `shfl.sync` semantics).
 fn intrinsics_expected(input: &[i32]) -> Vec<i32> {
-    let mut out = vec![0i32; input.len() * 16];
+    let mut out = vec![0i32; input.len() * ROW];
     for (t, &v) in input.iter().enumerate() {
         let lane = t % 32;
         let base = t - lane;
         let w = &input[base..base + 32];
-        let o = &mut out[t * 16..t * 16 + 16];
+        let o = &mut out[t * ROW..t * ROW + ROW];
         o[0] = w[(lane * 7) % 32];
         o[1] = w[lane ^ 5];
         o[2] = if lane >= 3 { w[lane - 3] } else { v };
@@ -120,6 +122,8 @@ fn intrinsics_expected(input: &[i32]) -> Vec<i32> {
         }
         o[14] = -1; // all 32 lanes active after __syncwarp
         o[15] = if lane % 2 == 0 { w[lane ^ 2] } else { -1 };
+        o[16] = if lane >= 16 { w[lane - 16] } else { v };
+        o[17] = if lane % 8 >= 2 { w[lane - 2] } else { v };
     }
     out
 }
@@ -128,8 +132,8 @@ fn check_intrinsics(dev: &Device) {
     let (blocks, threads) = (2usize, 128usize);
     let input = intrinsics_inputs(blocks * threads);
     let it = Tensor::from_slice(&input, &[input.len()], dev).unwrap();
-    let mut out = Tensor::zeros(&[input.len() * 16], DType::I32, dev).unwrap();
-    // SAFETY: (in: one int per thread, out: 16 ints per thread).
+    let mut out = Tensor::zeros(&[input.len() * ROW], DType::I32, dev).unwrap();
+    // SAFETY: (in: one int per thread, out: ROW ints per thread).
     unsafe {
         run(
             dev,
@@ -177,6 +181,34 @@ fn emu_warp_intrinsics() {
 fn gpu_warp_intrinsics() {
     let Some(d) = gpu("gpu_warp_intrinsics") else { return };
     check_intrinsics(&d);
+}
+
+fn check_exited_lane_in_mask(dev: &Device) {
+    let mut out = Tensor::zeros(&[64], DType::I32, dev).unwrap();
+    // SAFETY: out has one int per thread.
+    unsafe { run(dev, "selftest_exited_lane_in_mask", 1, 64, 0, (out.dev_ptr_mut::<i32>().unwrap(),)) }.unwrap();
+    let got = out.to_vec::<i32>().unwrap();
+    for (t, &g) in got.iter().enumerate() {
+        match t % 32 {
+            0..=13 => assert_eq!(g, ((t ^ 1) * 10) as i32, "thread {t}"),
+            14 => {} // its partner exited: the value is unspecified
+            15 => assert_eq!(g, -1),
+            _ => assert_eq!(g, (t * 10) as i32, "thread {t}"),
+        }
+    }
+}
+
+#[test]
+fn emu_exited_lane_in_a_partial_mask() {
+    let Some(e) = emu("emu_exited_lane_in_a_partial_mask", BlockOrder::InOrder) else { return };
+    check_exited_lane_in_mask(&Device::Emulated(e));
+}
+
+#[test]
+#[ignore = "needs a GPU: cargo test -- --include-ignored gpu_ (the GPU bundle does)"]
+fn gpu_exited_lane_in_a_partial_mask() {
+    let Some(d) = gpu("gpu_exited_lane_in_a_partial_mask") else { return };
+    check_exited_lane_in_mask(&d);
 }
 
 // ---- atomics --------------------------------------------------------------------------------------

@@ -92,18 +92,18 @@ inline T from_slot(uint64_t s) {
   std::memcpy(&v, &s, sizeof(T));
   return v;
 }
-// Shuffle: lane reads lane `src(lane)` of its `width`-sized segment; an out-of-range or
-// non-participating source returns the caller's own value (as the hardware does).
+// Shuffle: `src(lane, base, max_lane)` names the absolute source lane (PTX `shfl.sync`:
+// `base`/`max_lane` bound the caller's `width`-sized segment), or -1 for "keep my own value";
+// a source lane that is not taking part also leaves the caller's own value.
 template <typename T, typename Src>
 inline T shuffle(unsigned mask, T v, int width, Src src) {
-  const unsigned lane = fiber().lane;
+  const int lane = int(fiber().lane);
   const int w = (width <= 0 || width > 32) ? 32 : width;
   const uint64_t own = to_slot(v);
   return from_slot<T>(warp_exchange(mask, own, [&](const uint64_t* slots, unsigned live) {
-    const int base = int(lane) & ~(w - 1);
-    const int s = src(int(lane) - base, w);
-    if (s < 0 || s >= w) return own;
-    const unsigned from = unsigned(base + s);
+    const int base = lane & ~(w - 1);
+    const int from = src(lane, base, base + w - 1);
+    if (from < 0 || from > 31) return own;
     return (live >> from & 1u) ? slots[from] : own;
   }));
 }
@@ -112,19 +112,27 @@ inline T shuffle(unsigned mask, T v, int width, Src src) {
 
 template <typename T>
 inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
-  return ::moekit::emu::shuffle(mask, v, width, [src](int, int w) { return ((src % w) + w) % w; });
+  return ::moekit::emu::shuffle(mask, v, width, [src](int, int base, int max) { return base + (src & (max - base)); });
 }
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
-  return ::moekit::emu::shuffle(mask, v, width, [lane_mask](int l, int) { return l ^ lane_mask; });
+  // May read an earlier segment; a partner past the caller's segment keeps the own value.
+  return ::moekit::emu::shuffle(mask, v, width, [lane_mask](int l, int, int max) {
+    const int j = l ^ (lane_mask & 31);
+    return j <= max ? j : -1;
+  });
 }
 template <typename T>
 inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-  return ::moekit::emu::shuffle(mask, v, width, [delta](int l, int) { return l - int(delta) < 0 ? l : l - int(delta); });
+  return ::moekit::emu::shuffle(mask, v, width, [delta](int l, int base, int) {
+    return l - int(delta) >= base ? l - int(delta) : -1;
+  });
 }
 template <typename T>
 inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-  return ::moekit::emu::shuffle(mask, v, width, [delta](int l, int w) { return l + int(delta) >= w ? l : l + int(delta); });
+  return ::moekit::emu::shuffle(mask, v, width, [delta](int l, int, int max) {
+    return l + int(delta) <= max ? l + int(delta) : -1;
+  });
 }
 inline unsigned __ballot_sync(unsigned mask, int pred) {
   return ::moekit::emu::warp_exchange(mask, pred ? 1u : 0u, [](const uint64_t* slots, unsigned live) {
@@ -181,6 +189,6 @@ inline T atomicCAS(T* a, T compare, T v) {
 // ---- dynamic shared memory -----------------------------------------------------------------
 namespace moekit {
 namespace emu {
-inline unsigned char* dynamic_smem() { return block().smem.data() + kSmemGuard; }
+inline unsigned char* dynamic_smem() { return block().smem + kSmemGuard; }
 }  // namespace emu
 }  // namespace moekit

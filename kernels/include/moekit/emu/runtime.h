@@ -15,7 +15,9 @@
 // outside the dynamic shared memory of a block (guard zones) fail the launch with a message.
 #pragma once
 
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -49,9 +51,49 @@ constexpr unsigned char kPoison = 0xFF;
 
 struct Block;
 
+// A fiber stack from mmap with an inaccessible page below it: an overflow faults (the test
+// process dies with SIGSEGV) instead of overwriting other memory.
+class Stack {
+ public:
+  Stack() = default;
+  Stack(const Stack&) = delete;
+  Stack& operator=(const Stack&) = delete;
+  Stack(Stack&& o) noexcept : base_(o.base_), size_(o.size_) { o.base_ = nullptr; o.size_ = 0; }
+  Stack& operator=(Stack&& o) noexcept {
+    std::swap(base_, o.base_);
+    std::swap(size_, o.size_);
+    return *this;
+  }
+  ~Stack() { release(); }
+  // Makes a stack of at least `bytes` usable bytes; false when the memory is not available.
+  bool reserve(size_t bytes) {
+    const size_t page = size_t(sysconf(_SC_PAGESIZE));
+    const size_t usable = (bytes + page - 1) / page * page;
+    if (base_ && size_ == usable + page) return true;
+    release();
+    void* m = mmap(nullptr, usable + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) return false;
+    mprotect(m, page, PROT_NONE);  // stacks grow down: the guard is the lowest page
+    base_ = static_cast<unsigned char*>(m);
+    size_ = usable + page;
+    return true;
+  }
+  unsigned char* usable() const { return base_ + size_t(sysconf(_SC_PAGESIZE)); }
+  size_t usable_size() const { return size_ - size_t(sysconf(_SC_PAGESIZE)); }
+
+ private:
+  void release() {
+    if (base_) munmap(base_, size_);
+    base_ = nullptr;
+    size_ = 0;
+  }
+  unsigned char* base_ = nullptr;
+  size_t size_ = 0;
+};
+
 struct Fiber {
-  ucontext_t ctx;
-  std::vector<unsigned char> stack;
+  ucontext_t ctx{};
+  Stack stack;
   unsigned lane = 0, warp = 0, linear = 0;
   uint3 tid{0, 0, 0};
   enum State { Ready, Waiting, Done } state = Ready;
@@ -63,6 +105,7 @@ struct Warp {
   unsigned departed = 0;  // lanes that finished reading it
   unsigned live = 0;      // lanes that have not exited
   unsigned converged = 0; // lanes live at the last completed warp-wide rendezvous (__activemask)
+  unsigned wait_mask[32] = {};  // the mask each waiting lane passed
   uint64_t slot[32] = {};
 };
 
@@ -72,13 +115,15 @@ struct Block {
   std::vector<Warp> warps;
   unsigned live = 0;          // threads that have not exited
   unsigned at_barrier = 0;    // threads waiting in __syncthreads
-  std::vector<unsigned char> smem;  // guard | dynamic shared memory | guard
+  std::vector<unsigned char> smem_storage;  // 128 bytes of slack for alignment
+  unsigned char* smem = nullptr;            // 128-aligned: guard | dynamic shared memory | guard
   size_t smem_bytes = 0;
+  size_t smem_span() const { return 2 * kSmemGuard + smem_bytes; }
 };
 
 // What one worker OS thread is running now.
 struct Worker {
-  ucontext_t sched;
+  ucontext_t sched{};
   Block* block = nullptr;
   Fiber* current = nullptr;
   void (*run)(void*) = nullptr;  // calls the kernel with its arguments
@@ -118,6 +163,7 @@ inline void warp_rendezvous(unsigned mask, unsigned Warp::*phase) {
   const unsigned need = mask & w.live;
   const unsigned me = 1u << f.lane;
   w.*phase |= me;
+  w.wait_mask[f.lane] = mask;
   if ((w.*phase & need) == need) {
     w.*phase &= ~need;
     w.converged = w.live;
@@ -171,12 +217,18 @@ inline void fiber_main() {
       if (other.state == Fiber::Waiting) other.state = Fiber::Ready;
     }
   }
+  // Each group of lanes waiting in a warp exchange is complete once its remaining live
+  // lanes have all arrived (an exited lane named in the mask is not waited for).
   Warp& wp = b.warps[f.warp];
   for (unsigned Warp::*phase : {&Warp::arrived, &Warp::departed}) {
-    if (wp.*phase != 0 && (wp.*phase & wp.live) == wp.live) {
-      unsigned waiting = wp.*phase;
-      wp.*phase = 0;
-      wake_lanes(b, f.warp, waiting);
+    for (unsigned l = 0; l < 32; ++l) {
+      if (!(wp.*phase >> l & 1u)) continue;
+      const unsigned need = wp.wait_mask[l] & wp.live;
+      if ((wp.*phase & need) == need) {
+        wp.*phase &= ~need;
+        wp.converged = wp.live;
+        wake_lanes(b, f.warp, need);
+      }
     }
   }
   // Returning resumes uc_link, the scheduler.
@@ -189,11 +241,11 @@ inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
   b.warps.assign((nthreads + 31) / 32, Warp{});
   b.live = nthreads;
   b.at_barrier = 0;
-  MOEKIT_EMU_UNPOISON(b.smem.data(), b.smem.size());
-  std::fill(b.smem.begin(), b.smem.end(), kPoison);
+  MOEKIT_EMU_UNPOISON(b.smem, b.smem_span());
+  std::memset(b.smem, kPoison, b.smem_span());
   // Under AddressSanitizer the guards are poisoned too: a read past the tile is reported.
-  MOEKIT_EMU_POISON(b.smem.data(), kSmemGuard);
-  MOEKIT_EMU_POISON(b.smem.data() + kSmemGuard + b.smem_bytes, kSmemGuard);
+  MOEKIT_EMU_POISON(b.smem, kSmemGuard);
+  MOEKIT_EMU_POISON(b.smem + kSmemGuard + b.smem_bytes, kSmemGuard);
   for (unsigned i = 0; i < nthreads; ++i) {
     Fiber& f = b.fibers[i];
     f.linear = i;
@@ -201,12 +253,12 @@ inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
     f.warp = i / 32;
     f.tid = uint3{i % w.block_dim.x, (i / w.block_dim.x) % w.block_dim.y, i / (w.block_dim.x * w.block_dim.y)};
     f.state = Fiber::Ready;
-    if (f.stack.size() != stack_bytes) f.stack.assign(stack_bytes, 0);
+    if (!f.stack.reserve(stack_bytes)) return "cannot map a " + std::to_string(stack_bytes) + "-byte fiber stack";
     b.warps[f.warp].live |= 1u << f.lane;
     b.warps[f.warp].converged |= 1u << f.lane;
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack.data();
-    f.ctx.uc_stack.ss_size = f.stack.size();
+    f.ctx.uc_stack.ss_sp = f.stack.usable();
+    f.ctx.uc_stack.ss_size = f.stack.usable_size();
     f.ctx.uc_link = &w.sched;
     makecontext(&f.ctx, fiber_main, 0);
   }
@@ -228,7 +280,7 @@ inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
              " live threads wait at a barrier or warp exchange that the others never reach";
     }
   }
-  MOEKIT_EMU_UNPOISON(b.smem.data(), b.smem.size());
+  MOEKIT_EMU_UNPOISON(b.smem, b.smem_span());
   for (size_t i = 0; i < kSmemGuard; ++i) {
     if (b.smem[i] != kPoison || b.smem[kSmemGuard + b.smem_bytes + i] != kPoison) {
       return "block (" + std::to_string(b.idx.x) + "," + std::to_string(b.idx.y) + "," + std::to_string(b.idx.z) +
@@ -258,74 +310,68 @@ inline std::vector<unsigned> block_order(unsigned n, int order, uint64_t seed) {
   return ids;
 }
 
-inline std::mutex& error_mutex() {
-  static std::mutex m;
-  return m;
-}
-inline std::string& last_error() {
-  static std::string e;
-  return e;
-}
-
 // Runs a whole grid. `run(arg)` is called on every emulated thread and invokes the kernel.
-inline int launch(const MoekitEmuLaunch& cfg, void (*run)(void*), void* arg) {
-  {
-    std::lock_guard<std::mutex> lock(error_mutex());
-    last_error().clear();
-  }
-  const uint64_t threads = uint64_t(cfg.block[0]) * cfg.block[1] * cfg.block[2];
-  const uint64_t blocks = uint64_t(cfg.grid[0]) * cfg.grid[1] * cfg.grid[2];
-  if (threads == 0 || threads > 1024 || blocks == 0 || blocks > (1ull << 31)) {
-    std::lock_guard<std::mutex> lock(error_mutex());
-    last_error() = "invalid launch: grid " + std::to_string(blocks) + " blocks of " + std::to_string(threads) +
-                   " threads (1..1024 threads per block)";
-    return MOEKIT_EMU_BAD_CONFIG;
-  }
-  const std::vector<unsigned> order = block_order(unsigned(blocks), cfg.block_order, cfg.seed);
-  std::atomic<size_t> next{0};
-  std::atomic<int> status{MOEKIT_EMU_OK};
-  const size_t stack_bytes = cfg.stack_bytes ? cfg.stack_bytes : (64u << 10);
-  auto work = [&]() {
-    Worker w;
-    w.run = run;
-    w.run_arg = arg;
-    w.grid = uint3{cfg.grid[0], cfg.grid[1], cfg.grid[2]};
-    w.block_dim = uint3{cfg.block[0], cfg.block[1], cfg.block[2]};
-    tl_worker = &w;
-    Block b;
-    b.smem_bytes = cfg.shared_mem_bytes;
-    b.smem.assign(2 * kSmemGuard + b.smem_bytes, kPoison);
-    for (size_t i; (i = next.fetch_add(1)) < order.size() && status.load() == MOEKIT_EMU_OK;) {
-      const unsigned id = order[i];
-      b.idx = uint3{id % cfg.grid[0], (id / cfg.grid[0]) % cfg.grid[1], id / (cfg.grid[0] * cfg.grid[1])};
-      std::string err = run_block(w, b, stack_bytes);
-      if (!err.empty()) {
-        std::lock_guard<std::mutex> lock(error_mutex());
-        if (last_error().empty()) last_error() = err;
-        status.store(MOEKIT_EMU_KERNEL_FAULT);
-        // The block's fibers are abandoned mid-kernel; their stacks must not be reused.
-        b.fibers = std::vector<Fiber>();
-      }
-    }
-    MOEKIT_EMU_UNPOISON(b.smem.data(), b.smem.size());
-    tl_worker = nullptr;
+// A failure's message goes to `*error` (one launch's own string: concurrent launches from
+// several host threads do not mix their messages). Never throws.
+inline int launch(const MoekitEmuLaunch& cfg, void (*run)(void*), void* arg, std::string* error) noexcept {
+  std::mutex error_mutex;
+  auto fail = [&](int code, const std::string& msg) {
+    std::lock_guard<std::mutex> lock(error_mutex);
+    if (error->empty()) *error = msg;
+    return code;
   };
-  const unsigned workers = std::max(1u, std::min<unsigned>(cfg.workers ? cfg.workers : 1, unsigned(blocks)));
-  if (workers == 1) {
-    work();
-  } else {
-    std::vector<std::thread> pool;
-    for (unsigned t = 0; t < workers; ++t) pool.emplace_back(work);
-    for (auto& t : pool) t.join();
+  try {
+    const uint64_t threads = uint64_t(cfg.block[0]) * cfg.block[1] * cfg.block[2];
+    const uint64_t blocks = uint64_t(cfg.grid[0]) * cfg.grid[1] * cfg.grid[2];
+    if (threads == 0 || threads > 1024 || blocks == 0 || blocks > (1ull << 31)) {
+      return fail(MOEKIT_EMU_BAD_CONFIG, "invalid launch: grid " + std::to_string(blocks) + " blocks of " +
+                                             std::to_string(threads) + " threads (1..1024 threads per block)");
+    }
+    const std::vector<unsigned> order = block_order(unsigned(blocks), cfg.block_order, cfg.seed);
+    std::atomic<size_t> next{0};
+    std::atomic<int> status{MOEKIT_EMU_OK};
+    const size_t stack_bytes = cfg.stack_bytes ? size_t(cfg.stack_bytes) : (64u << 10);
+    auto work = [&]() {
+      try {
+        Worker w;
+        w.run = run;
+        w.run_arg = arg;
+        w.grid = uint3{cfg.grid[0], cfg.grid[1], cfg.grid[2]};
+        w.block_dim = uint3{cfg.block[0], cfg.block[1], cfg.block[2]};
+        tl_worker = &w;
+        Block b;
+        b.smem_bytes = cfg.shared_mem_bytes;
+        b.smem_storage.assign(b.smem_span() + 128, kPoison);
+        b.smem = b.smem_storage.data() + (128 - reinterpret_cast<uintptr_t>(b.smem_storage.data()) % 128) % 128;
+        for (size_t i; (i = next.fetch_add(1)) < order.size() && status.load() == MOEKIT_EMU_OK;) {
+          const unsigned id = order[i];
+          b.idx = uint3{id % cfg.grid[0], (id / cfg.grid[0]) % cfg.grid[1], id / (cfg.grid[0] * cfg.grid[1])};
+          std::string err = run_block(w, b, stack_bytes);
+          if (!err.empty()) {
+            status.store(fail(MOEKIT_EMU_KERNEL_FAULT, err));
+            // The block's fibers are abandoned mid-kernel; their stacks must not be reused.
+            b.fibers = std::vector<Fiber>();
+          }
+        }
+        MOEKIT_EMU_UNPOISON(b.smem, b.smem_span());
+        tl_worker = nullptr;
+      } catch (const std::exception& e) {
+        tl_worker = nullptr;
+        status.store(fail(MOEKIT_EMU_KERNEL_FAULT, std::string("emulation failed: ") + e.what()));
+      }
+    };
+    const unsigned workers = std::max(1u, std::min<unsigned>(cfg.workers ? cfg.workers : 1, unsigned(blocks)));
+    if (workers == 1) {
+      work();
+    } else {
+      std::vector<std::thread> pool;
+      for (unsigned t = 0; t < workers; ++t) pool.emplace_back(work);
+      for (auto& t : pool) t.join();
+    }
+    return status.load();
+  } catch (const std::exception& e) {
+    return fail(MOEKIT_EMU_BAD_CONFIG, std::string("emulation failed: ") + e.what());
   }
-  return status.load();
-}
-
-// Copies `last_error()` into `buf` (NUL-terminated, truncated to `len`).
-inline void copy_last_error(char* buf, size_t len) {
-  if (!buf || len == 0) return;
-  std::lock_guard<std::mutex> lock(error_mutex());
-  std::snprintf(buf, len, "%s", last_error().c_str());
 }
 
 // Calls `kernel(args...)` with each argument read from `params[i]`, like cuLaunchKernel.
@@ -344,11 +390,16 @@ struct Thunk {
   }
 };
 
-// The entry point generated for every kernel: launch `kernel` with cuLaunchKernel-style params.
+// The entry point generated for every kernel: launch `kernel` with cuLaunchKernel-style
+// params; a failure's message is copied into `err` (NUL-terminated, truncated to `err_len`).
 template <typename... Args>
-int launch_kernel(void (*kernel)(Args...), const MoekitEmuLaunch* cfg, void** params) {
+int launch_kernel(void (*kernel)(Args...), const MoekitEmuLaunch* cfg, void** params, char* err,
+                  unsigned long long err_len) noexcept {
   Thunk<Args...> t{kernel, params};
-  return launch(*cfg, &Thunk<Args...>::run, &t);
+  std::string error;
+  const int rc = launch(*cfg, &Thunk<Args...>::run, &t, &error);
+  if (err && err_len > 0) std::snprintf(err, size_t(err_len), "%s", error.c_str());
+  return rc;
 }
 
 }  // namespace emu
