@@ -5,8 +5,10 @@
 //
 // moekit-arch: portable
 // moekit-sass: * forbid STL
+// moekit-sass: selftest_mma_bf16 require HMMA LDSM LDGSTS
 
 #include "moekit/portable.cuh"
+#include "moekit/ptx.cuh"
 
 // Tree reduction of each block's slice through shared memory: out[block] = sum of x.
 extern "C" __global__ void selftest_block_reduce(const float* x, float* out, int n) {
@@ -83,6 +85,34 @@ extern "C" __global__ void selftest_exited_lane_in_mask(int* out) {
     __syncthreads();
   }
   out[threadIdx.x] = v;
+}
+
+// One warp computes d = c + a * bt^T through the PTX wrappers: cp.async global -> shared,
+// ldmatrix.x4 fragments, mma.sync m16n8k16 (a: 16x16 bf16 row-major; bt: 8x16 bf16 row-major,
+// i.e. b column-major; c, d: 16x8 f32 row-major).
+extern "C" __global__ void selftest_mma_bf16(const uint16_t* a, const uint16_t* bt, const float* c, float* d) {
+  __shared__ __align__(128) uint16_t sa[16 * 16];
+  __shared__ __align__(128) uint16_t sb[8 * 16];
+  const unsigned lane = threadIdx.x;
+  moekit::ptx::cp_async_16(sa + lane * 8, a + lane * 8);  // 32 x 16 bytes
+  if (lane < 16) moekit::ptx::cp_async_16(sb + lane * 8, bt + lane * 8);  // 16 x 16 bytes
+  moekit::ptx::cp_async_commit();
+  moekit::ptx::cp_async_wait<0>();
+  __syncwarp();
+  uint32_t af[4], bf[4];
+  // A: lanes 0-15 rows 0-15 at k = 0, lanes 16-31 rows 0-15 at k = 8.
+  moekit::ptx::ldmatrix_x4(af, sa + (lane % 16) * 16 + (lane / 16) * 8);
+  // B: lanes 0-7 rows n at k = 0, lanes 8-15 at k = 8 (lanes 16-31 repeat; r[2], r[3] unused).
+  moekit::ptx::ldmatrix_x4(bf, sb + (lane % 8) * 16 + ((lane / 8) % 2) * 8);
+  const unsigned g = lane / 4, t = lane % 4;
+  const float cf[4] = {c[g * 8 + 2 * t], c[g * 8 + 2 * t + 1], c[(g + 8) * 8 + 2 * t], c[(g + 8) * 8 + 2 * t + 1]};
+  const uint32_t b2[2] = {bf[0], bf[1]};
+  float df[4];
+  moekit::ptx::mma_m16n8k16_bf16(df, af, b2, cf);
+  d[g * 8 + 2 * t] = df[0];
+  d[g * 8 + 2 * t + 1] = df[1];
+  d[(g + 8) * 8 + 2 * t] = df[2];
+  d[(g + 8) * 8 + 2 * t + 1] = df[3];
 }
 
 // Atomics under contention from every thread of every block.

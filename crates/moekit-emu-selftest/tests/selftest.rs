@@ -4,6 +4,7 @@
 
 use moekit_cuda::testing::{emulator_or_skip, gpu_or_skip};
 use moekit_cuda::{BlockOrder, Emulator, Error};
+use moekit_dtype::bf16;
 use moekit_emu_selftest::kernels::EMU_SELFTEST;
 use moekit_emu_selftest::run;
 use moekit_tensor::{CudaDevice, DType, Device, Tensor};
@@ -209,6 +210,72 @@ fn emu_exited_lane_in_a_partial_mask() {
 fn gpu_exited_lane_in_a_partial_mask() {
     let Some(d) = gpu("gpu_exited_lane_in_a_partial_mask") else { return };
     check_exited_lane_in_mask(&d);
+}
+
+// ---- PTX wrappers: cp.async, ldmatrix, mma.sync ---------------------------------------------
+
+/// Runs `selftest_mma_bf16`; returns (d, reference d in f64, sum of |terms| per element).
+fn mma(dev: &Device, small_ints: bool, seed: u32) -> (Vec<f32>, Vec<f64>, Vec<f64>) {
+    let gen = |n: usize, s: u32| -> Vec<f32> {
+        values(n, s)
+            .iter()
+            .map(|v| if small_ints { (v % 17) as f32 - 8.0 } else { (v % 20001) as f32 / 1000.0 - 10.0 })
+            .collect()
+    };
+    let to_bf16 = |x: &[f32]| -> Vec<bf16> { x.iter().map(|v| bf16::from_bits((v.to_bits() >> 16) as u16)).collect() };
+    let (a, bt, c) = (to_bf16(&gen(256, seed)), to_bf16(&gen(128, seed + 1)), gen(128, seed + 2));
+    let f = |b: bf16| b.to_f32() as f64;
+    let (mut want, mut mag) = (vec![0f64; 128], vec![0f64; 128]);
+    for r in 0..16 {
+        for n in 0..8 {
+            want[r * 8 + n] = c[r * 8 + n] as f64;
+            mag[r * 8 + n] = (c[r * 8 + n] as f64).abs();
+            for k in 0..16 {
+                want[r * 8 + n] += f(a[r * 16 + k]) * f(bt[n * 16 + k]);
+                mag[r * 8 + n] += (f(a[r * 16 + k]) * f(bt[n * 16 + k])).abs();
+            }
+        }
+    }
+    let at = Tensor::from_slice(&a, &[256], dev).unwrap();
+    let btt = Tensor::from_slice(&bt, &[128], dev).unwrap();
+    let ct = Tensor::from_slice(&c, &[128], dev).unwrap();
+    let mut d = Tensor::zeros(&[128], DType::F32, dev).unwrap();
+    let args = (
+        at.dev_ptr::<bf16>().unwrap(),
+        btt.dev_ptr::<bf16>().unwrap(),
+        ct.dev_ptr::<f32>().unwrap(),
+        d.dev_ptr_mut::<f32>().unwrap(),
+    );
+    // SAFETY: a 256, bt 128, c 128, d 128 elements, 256-byte aligned (cp.async needs 16).
+    unsafe { run(dev, "selftest_mma_bf16", 1, 32, 0, args) }.unwrap();
+    (d.to_vec::<f32>().unwrap(), want, mag)
+}
+
+fn check_mma(dev: &Device) {
+    // Small integers: every partial sum is exact, so any summation order gives the same bits.
+    let (got, want, _) = mma(dev, true, 21);
+    for i in 0..128 {
+        assert_eq!(got[i] as f64, want[i], "d[{}][{}]", i / 8, i % 8);
+    }
+    // Reals: within f32 rounding of a 17-term sum (tensor cores may sum in any order).
+    let (got, want, mag) = mma(dev, false, 33);
+    for i in 0..128 {
+        let tol = 17.0 * f32::EPSILON as f64 * mag[i];
+        assert!((got[i] as f64 - want[i]).abs() <= tol, "d[{}][{}] = {} vs {}", i / 8, i % 8, got[i], want[i]);
+    }
+}
+
+#[test]
+fn emu_ptx_wrappers_mma_ldmatrix_cp_async() {
+    let Some(e) = emu("emu_ptx_wrappers_mma_ldmatrix_cp_async", BlockOrder::InOrder) else { return };
+    check_mma(&Device::Emulated(e));
+}
+
+#[test]
+#[ignore = "needs a GPU: cargo test -- --include-ignored gpu_ (the GPU bundle does)"]
+fn gpu_ptx_wrappers_mma_ldmatrix_cp_async() {
+    let Some(d) = gpu("gpu_ptx_wrappers_mma_ldmatrix_cp_async") else { return };
+    check_mma(&d);
 }
 
 // ---- atomics --------------------------------------------------------------------------------------
