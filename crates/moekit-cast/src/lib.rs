@@ -2,7 +2,7 @@
 //!
 //! The first kernel through moekit's pipeline (kernel `kernels/cast.cu`, compiled by
 //! build.rs, embedded, loaded lazily). Three layers, as in every kernel crate:
-//! - [`reference`]: the CPU reference, bit-identical to the kernel by construction (same f32
+//! - [`reference`](mod@reference): the CPU reference, bit-identical to the kernel by construction (same f32
 //!   multiply, CUDA's conversion rule);
 //! - [`raw`]: launch on device buffers and a stream (or the host emulator), for runtimes that
 //!   own their memory;

@@ -1,15 +1,15 @@
 //! The host emulation target: the same kernels, compiled for the CPU, run by
 //! `kernels/include/moekit/emu/` (one fiber per CUDA thread, blocks on worker threads).
 //!
-//! [`Emulator`] is a [`Launcher`](crate::Launcher) like a GPU [`Stream`](crate::Stream), so a
+//! [`Emulator`] is a [`Launcher`] like a GPU [`Stream`](crate::Stream), so a
 //! kernel crate's raw launch function runs unchanged on either. Memory is host memory:
 //! [`EmuBuffer`] allocations carry guard zones, and every emulated launch checks the guards of
 //! every live buffer of its emulator, so a kernel writing out of bounds fails with
-//! [`Error::KernelFault`](crate::Error::KernelFault) instead of corrupting the heap silently.
+//! [`Error::KernelFault`] instead of corrupting the heap silently.
 
 use crate::error::{Error, Result};
 use crate::image::KernelImage;
-use crate::launch::LaunchConfig;
+use crate::launch::{LaunchConfig, Launcher};
 use crate::memory::{DevPtr, DevPtrMut, MemSpace};
 use bytemuck::Pod;
 pub use moekit_abi::MoekitEmuLaunch;
@@ -100,13 +100,32 @@ impl Emulator {
         self.order
     }
 
-    /// Launches `kernel` of `image` with cuLaunchKernel-style `params`, then checks the guard
-    /// zones of every live buffer of this emulator.
-    ///
-    /// # Safety
-    /// As for [`Stream::launch`](crate::Stream::launch): `params` must match the kernel's
-    /// parameter list, and the memory it addresses must be host memory the kernel may use.
-    pub unsafe fn launch_params(
+    /// Checks the guard zones of every live buffer.
+    fn check_guards(&self, kernel: &str) -> Result<()> {
+        let mut buffers = self.registry.buffers.lock().unwrap_or_else(|p| p.into_inner());
+        buffers.retain(|w| w.strong_count() > 0);
+        // Check and repair every buffer, so no damage is blamed on a later launch.
+        let damage: Vec<String> = buffers
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter_map(|g| {
+                let at = g.damaged_at()?;
+                g.repair();
+                Some(format!("a buffer of {} bytes (guard byte at offset {at})", g.len))
+            })
+            .collect();
+        if damage.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::KernelFault(format!("{kernel}: wrote out of bounds of {}", damage.join("; "))))
+        }
+    }
+}
+
+impl Launcher for Emulator {
+    /// Runs the kernel's host build to completion, then checks the guard zones of every live
+    /// buffer of this emulator.
+    unsafe fn launch_params(
         &self,
         image: &'static KernelImage,
         kernel: &str,
@@ -163,25 +182,16 @@ impl Emulator {
         self.check_guards(kernel)
     }
 
-    /// Checks the guard zones of every live buffer.
-    fn check_guards(&self, kernel: &str) -> Result<()> {
-        let mut buffers = self.registry.buffers.lock().unwrap_or_else(|p| p.into_inner());
-        buffers.retain(|w| w.strong_count() > 0);
-        // Check and repair every buffer, so no damage is blamed on a later launch.
-        let damage: Vec<String> = buffers
-            .iter()
-            .filter_map(Weak::upgrade)
-            .filter_map(|g| {
-                let at = g.damaged_at()?;
-                g.repair();
-                Some(format!("a buffer of {} bytes (guard byte at offset {at})", g.len))
-            })
-            .collect();
-        if damage.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::KernelFault(format!("{kernel}: wrote out of bounds of {}", damage.join("; "))))
-        }
+    fn multiprocessors(&self) -> u32 {
+        4
+    }
+
+    fn describe(&self) -> String {
+        format!("{self:?}")
+    }
+
+    fn can_address(&self, space: MemSpace) -> bool {
+        !matches!(space, MemSpace::Device(_))
     }
 }
 

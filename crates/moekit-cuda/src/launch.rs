@@ -1,6 +1,5 @@
 //! Typed kernel launches.
 
-use crate::emu::Emulator;
 use crate::error::{CudaContext, Error, Result};
 use crate::image::{Function, KernelImage};
 use crate::memory::{DevPtr, DevPtrMut, MemSpace};
@@ -221,31 +220,6 @@ impl Launcher for Stream {
             MemSpace::Host => false,
             MemSpace::Foreign => true,
         }
-    }
-}
-
-impl Launcher for Emulator {
-    unsafe fn launch_params(
-        &self,
-        image: &'static KernelImage,
-        kernel: &str,
-        cfg: LaunchConfig,
-        params: &mut [*mut c_void],
-    ) -> Result<()> {
-        // SAFETY: forwarded from the caller.
-        unsafe { Emulator::launch_params(self, image, kernel, cfg, params) }
-    }
-
-    fn multiprocessors(&self) -> u32 {
-        4
-    }
-
-    fn describe(&self) -> String {
-        format!("{self:?}")
-    }
-
-    fn can_address(&self, space: MemSpace) -> bool {
-        !matches!(space, MemSpace::Device(_))
     }
 }
 
