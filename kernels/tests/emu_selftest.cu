@@ -115,6 +115,26 @@ extern "C" __global__ void selftest_mma_bf16(const uint16_t* a, const uint16_t* 
   d[(g + 8) * 8 + 2 * t + 1] = df[3];
 }
 
+// Thread 0 spin-waits for a flag that the last thread of the block sets: in the emulation the
+// waiting thread runs first, so this needs moekit_spin_pause() to make progress.
+extern "C" __global__ void selftest_spin_wait(int* out) {
+  __shared__ int flag;
+  if (threadIdx.x == 0) flag = 0;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    while (atomicAdd(&flag, 0) == 0) moekit_spin_pause();
+    out[0] = atomicAdd(&flag, 0);
+  }
+  if (threadIdx.x == blockDim.x - 1) atomicExch(&flag, 7);
+}
+
+// PLANTED BUG: waits for a flag nobody sets.
+extern "C" __global__ void planted_endless_spin(int* flag) {
+  if (threadIdx.x == 0) {
+    while (atomicAdd(flag, 0) == 0) moekit_spin_pause();
+  }
+}
+
 // Atomics under contention from every thread of every block.
 extern "C" __global__ void selftest_atomics(int* counter, int* max_id, int* min_id, float* fsum, unsigned* cas_counter,
                                             unsigned long long* wide) {

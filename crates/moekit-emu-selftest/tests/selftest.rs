@@ -278,6 +278,41 @@ fn gpu_ptx_wrappers_mma_ldmatrix_cp_async() {
     check_mma(&d);
 }
 
+// ---- spin-waits -------------------------------------------------------------------------------------
+
+fn check_spin_wait(dev: &Device) {
+    let mut out = Tensor::zeros(&[1], DType::I32, dev).unwrap();
+    // SAFETY: out has one int.
+    unsafe { run(dev, "selftest_spin_wait", 1, 64, 0, (out.dev_ptr_mut::<i32>().unwrap(),)) }.unwrap();
+    assert_eq!(out.to_vec::<i32>().unwrap(), vec![7]);
+}
+
+#[test]
+fn emu_spin_wait_with_pause() {
+    let Some(e) = emu("emu_spin_wait_with_pause", BlockOrder::InOrder) else { return };
+    check_spin_wait(&Device::Emulated(e));
+}
+
+#[test]
+#[ignore = "needs a GPU: cargo test -- --include-ignored gpu_ (the GPU bundle does)"]
+fn gpu_spin_wait_with_pause() {
+    let Some(d) = gpu("gpu_spin_wait_with_pause") else { return };
+    check_spin_wait(&d);
+}
+
+#[test]
+fn emu_reports_planted_endless_spin() {
+    let Some(e) = emu("emu_reports_planted_endless_spin", BlockOrder::InOrder) else { return };
+    let dev = Device::Emulated(e);
+    let mut flag = Tensor::zeros(&[1], DType::I32, &dev).unwrap();
+    // SAFETY: flag has one int.
+    let r = unsafe { run(&dev, "planted_endless_spin", 1, 32, 0, (flag.dev_ptr_mut::<i32>().unwrap(),)) };
+    match r {
+        Err(Error::KernelFault(m)) => assert!(m.contains("spin-waited"), "{m}"),
+        other => panic!("endless spin not reported: {other:?}"),
+    }
+}
+
 // ---- atomics --------------------------------------------------------------------------------------
 
 fn check_atomics(dev: &Device) {

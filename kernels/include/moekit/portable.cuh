@@ -11,3 +11,12 @@
   extern __shared__ __align__(128) unsigned char moekit_dynamic_smem_[]; \
   T* name = reinterpret_cast<T*>(moekit_dynamic_smem_)
 #endif
+
+// `moekit_spin_pause();` in the body of every spin-wait loop. On the GPU a short sleep; in the
+// emulation it lets the other threads run (fibers are cooperative: a loop without it would
+// never see the value it waits for) and reports a wait that never ends.
+#ifdef MOEKIT_EMULATION
+#define moekit_spin_pause() ::moekit::emu::spin_pause()
+#else
+#define moekit_spin_pause() __nanosleep(32)
+#endif

@@ -119,6 +119,7 @@ struct Block {
   unsigned char* smem = nullptr;            // 128-aligned: guard | dynamic shared memory | guard
   size_t smem_bytes = 0;
   size_t smem_span() const { return 2 * kSmemGuard + smem_bytes; }
+  uint64_t spin_pauses = 0;  // spin_pause() calls in this block
 };
 
 // What one worker OS thread is running now.
@@ -188,6 +189,16 @@ inline auto warp_exchange(unsigned mask, uint64_t value, Read read) {
   return result;
 }
 
+// Spin-wait pause: lets the other threads of the block run. A block whose threads pause this
+// often is waiting for something that never comes (e.g. a later block while every worker is
+// busy): its spinning threads are parked, and the launch reports it instead of hanging.
+constexpr uint64_t kMaxSpinPauses = 4'000'000;
+inline void spin_pause() {
+  Block& b = block();
+  if (++b.spin_pauses > kMaxSpinPauses) fiber().state = Fiber::Waiting;
+  yield_to_scheduler();
+}
+
 inline void syncthreads() {
   Block& b = block();
   b.at_barrier++;
@@ -241,6 +252,7 @@ inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
   b.warps.assign((nthreads + 31) / 32, Warp{});
   b.live = nthreads;
   b.at_barrier = 0;
+  b.spin_pauses = 0;
   MOEKIT_EMU_UNPOISON(b.smem, b.smem_span());
   std::memset(b.smem, kPoison, b.smem_span());
   // Under AddressSanitizer the guards are poisoned too: a read past the tile is reported.
@@ -272,6 +284,10 @@ inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
       swapcontext(&w.sched, &f.ctx);
     }
     if (b.live == 0) break;
+    if (!progressed && b.spin_pauses > kMaxSpinPauses) {
+      return "block (" + std::to_string(b.idx.x) + "," + std::to_string(b.idx.y) + "," + std::to_string(b.idx.z) +
+             ") spin-waited " + std::to_string(kMaxSpinPauses) + " times for something that never happened";
+    }
     if (!progressed) {
       unsigned waiting = 0;
       for (auto& f : b.fibers) waiting += f.state == Fiber::Waiting;
