@@ -4,8 +4,9 @@ use crate::emu::EmuKernel;
 use crate::error::{CudaContext, Error, Result};
 use crate::gpu::Gpu;
 use cudarc::driver::{result, sys, DriverError};
+use std::collections::HashMap;
 use std::ffi::CString;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// A kernel module embedded in a kernel crate by `moekit-build`: one fatbin, loaded lazily
 /// into each context on first use (see [`Gpu::function`]).
@@ -71,6 +72,8 @@ impl KernelImage {
 /// alive and current at that point).
 pub(crate) struct LoadedModule {
     raw: sys::CUmodule,
+    /// Functions looked up so far: a launch finds its kernel without a driver call.
+    functions: Mutex<HashMap<String, sys::CUfunction>>,
 }
 
 // SAFETY: a CUmodule handle is valid from any thread of the process while its context lives.
@@ -87,7 +90,7 @@ impl LoadedModule {
         // SAFETY: `aligned` holds a complete fatbin (embedded by moekit-build) and outlives the
         // call; cuModuleLoadData copies what it needs.
         let raw = unsafe { result::module::load_data(aligned.as_ptr().cast()) }?;
-        Ok(LoadedModule { raw })
+        Ok(LoadedModule { raw, functions: Mutex::new(HashMap::new()) })
     }
 }
 
@@ -121,10 +124,19 @@ impl std::fmt::Debug for Function {
 
 impl Function {
     pub(crate) fn lookup(gpu: Gpu, module: Arc<LoadedModule>, name: &str) -> Result<Function> {
-        let cname = CString::new(name).map_err(|_| Error::InvalidArgument(format!("kernel name {name:?}")))?;
-        gpu.bind()?;
-        // SAFETY: the module is loaded in the bound context and `cname` is NUL-terminated.
-        let raw = unsafe { result::module::get_function(module.raw, cname) }.during("cuModuleGetFunction")?;
+        let mut functions = module.functions.lock().unwrap_or_else(|p| p.into_inner());
+        let raw = match functions.get(name) {
+            Some(&raw) => raw,
+            None => {
+                let cname = CString::new(name).map_err(|_| Error::InvalidArgument(format!("kernel name {name:?}")))?;
+                gpu.bind()?;
+                // SAFETY: the module is loaded in the bound context and `cname` is NUL-terminated.
+                let raw = unsafe { result::module::get_function(module.raw, cname) }.during("cuModuleGetFunction")?;
+                functions.insert(name.to_string(), raw);
+                raw
+            }
+        };
+        drop(functions);
         Ok(Function { _module: module, gpu, raw, name: name.to_string() })
     }
 

@@ -1,7 +1,7 @@
 //! Typed kernel launches.
 
 use crate::error::{CudaContext, Error, Result};
-use crate::image::{Function, KernelImage};
+use crate::image::KernelImage;
 use crate::memory::{DevPtr, DevPtrMut, MemSpace};
 use crate::stream::Stream;
 use cudarc::driver::result;
@@ -220,34 +220,6 @@ impl Launcher for Stream {
             MemSpace::Host => false,
             MemSpace::Foreign => true,
         }
-    }
-}
-
-impl Stream {
-    /// Enqueues `f` with `args` on this stream.
-    ///
-    /// # Safety
-    /// `args` must match the kernel's parameter list in number, order and type, and the
-    /// kernel must only touch memory the arguments give it (within their lengths). Kernel
-    /// crates wrap this in safe functions that check shapes first.
-    pub unsafe fn launch<A: LaunchArgs>(&self, f: &Function, cfg: LaunchConfig, args: A) -> Result<()> {
-        if !f.gpu().same_as(self.gpu()) {
-            return Err(Error::InvalidArgument(format!("{f:?} launched on a stream of another context")));
-        }
-        let (g, b) = (cfg.grid, cfg.block);
-        if g.0 == 0 || g.1 == 0 || g.2 == 0 || b.0 == 0 || b.1 == 0 || b.2 == 0 {
-            return Err(Error::InvalidArgument(format!("empty launch {cfg:?}")));
-        }
-        if let Some(bad) = args.spaces().into_iter().find(|s| !self.can_address(*s)) {
-            return Err(Error::InvalidArgument(format!("{f:?}: a pointer to {bad:?} memory cannot be used here")));
-        }
-        self.gpu().bind()?;
-        args.with_params(|params| {
-            // SAFETY: the caller guarantees the parameter list; `params` points at values that
-            // live until this closure returns, and cuLaunchKernel copies them before returning.
-            unsafe { result::launch_kernel(f.raw(), g, b, cfg.shared_mem_bytes, self.raw(), params) }
-        })
-        .during("cuLaunchKernel")
     }
 }
 
