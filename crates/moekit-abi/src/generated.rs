@@ -15,6 +15,57 @@ pub struct MoekitCastParams {
     pub scale: f32,
     pub format: i32,
 }
+pub const MOEKIT_SCORE_SOFTMAX: MoekitScoreFunc = 0;
+pub const MOEKIT_SCORE_SIGMOID: MoekitScoreFunc = 1;
+pub type MoekitScoreFunc = ::core::ffi::c_uint;
+pub const MOEKIT_LOGITS_F32: MoekitLogitsDtype = 0;
+pub const MOEKIT_LOGITS_BF16: MoekitLogitsDtype = 1;
+pub type MoekitLogitsDtype = ::core::ffi::c_uint;
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct MoekitRouteParams {
+    pub logits: u64,
+    pub bias: u64,
+    pub topk_ids: u64,
+    pub topk_weights: u64,
+    pub counts: u64,
+    pub grad_weights: u64,
+    pub grad_logits: u64,
+    pub tokens: u64,
+    pub experts: i32,
+    pub top_k: i32,
+    pub n_groups: i32,
+    pub topk_groups: i32,
+    pub score_func: i32,
+    pub logits_dtype: i32,
+    pub renormalize: i32,
+    pub route_scale: f32,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct MoekitBiasUpdateParams {
+    pub counts: u64,
+    pub bias: u64,
+    pub experts: i32,
+    pub gamma: f32,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct MoekitBalanceLossParams {
+    pub logits: u64,
+    pub topk_ids: u64,
+    pub loss: u64,
+    pub grad_loss: u64,
+    pub grad_logits: u64,
+    pub n_seq: u64,
+    pub seq_len: u64,
+    pub experts: i32,
+    pub top_k: i32,
+    pub score_func: i32,
+    pub logits_dtype: i32,
+    pub alpha: f32,
+    pub _pad: i32,
+}
 pub const MOEKIT_EMU_ORDER_IN_ORDER: MoekitEmuBlockOrder = 0;
 pub const MOEKIT_EMU_ORDER_REVERSED: MoekitEmuBlockOrder = 1;
 pub const MOEKIT_EMU_ORDER_SHUFFLED: MoekitEmuBlockOrder = 2;

@@ -14,6 +14,45 @@ pub const RUST_LAYOUT: &[(&str, &str, usize)] = &[
     ("MoekitCastParams", "n", offset_of!(MoekitCastParams, n)),
     ("MoekitCastParams", "scale", offset_of!(MoekitCastParams, scale)),
     ("MoekitCastParams", "format", offset_of!(MoekitCastParams, format)),
+    ("MoekitRouteParams", "", size_of::<MoekitRouteParams>()),
+    ("MoekitRouteParams", "<align>", align_of::<MoekitRouteParams>()),
+    ("MoekitRouteParams", "logits", offset_of!(MoekitRouteParams, logits)),
+    ("MoekitRouteParams", "bias", offset_of!(MoekitRouteParams, bias)),
+    ("MoekitRouteParams", "topk_ids", offset_of!(MoekitRouteParams, topk_ids)),
+    ("MoekitRouteParams", "topk_weights", offset_of!(MoekitRouteParams, topk_weights)),
+    ("MoekitRouteParams", "counts", offset_of!(MoekitRouteParams, counts)),
+    ("MoekitRouteParams", "grad_weights", offset_of!(MoekitRouteParams, grad_weights)),
+    ("MoekitRouteParams", "grad_logits", offset_of!(MoekitRouteParams, grad_logits)),
+    ("MoekitRouteParams", "tokens", offset_of!(MoekitRouteParams, tokens)),
+    ("MoekitRouteParams", "experts", offset_of!(MoekitRouteParams, experts)),
+    ("MoekitRouteParams", "top_k", offset_of!(MoekitRouteParams, top_k)),
+    ("MoekitRouteParams", "n_groups", offset_of!(MoekitRouteParams, n_groups)),
+    ("MoekitRouteParams", "topk_groups", offset_of!(MoekitRouteParams, topk_groups)),
+    ("MoekitRouteParams", "score_func", offset_of!(MoekitRouteParams, score_func)),
+    ("MoekitRouteParams", "logits_dtype", offset_of!(MoekitRouteParams, logits_dtype)),
+    ("MoekitRouteParams", "renormalize", offset_of!(MoekitRouteParams, renormalize)),
+    ("MoekitRouteParams", "route_scale", offset_of!(MoekitRouteParams, route_scale)),
+    ("MoekitBiasUpdateParams", "", size_of::<MoekitBiasUpdateParams>()),
+    ("MoekitBiasUpdateParams", "<align>", align_of::<MoekitBiasUpdateParams>()),
+    ("MoekitBiasUpdateParams", "counts", offset_of!(MoekitBiasUpdateParams, counts)),
+    ("MoekitBiasUpdateParams", "bias", offset_of!(MoekitBiasUpdateParams, bias)),
+    ("MoekitBiasUpdateParams", "experts", offset_of!(MoekitBiasUpdateParams, experts)),
+    ("MoekitBiasUpdateParams", "gamma", offset_of!(MoekitBiasUpdateParams, gamma)),
+    ("MoekitBalanceLossParams", "", size_of::<MoekitBalanceLossParams>()),
+    ("MoekitBalanceLossParams", "<align>", align_of::<MoekitBalanceLossParams>()),
+    ("MoekitBalanceLossParams", "logits", offset_of!(MoekitBalanceLossParams, logits)),
+    ("MoekitBalanceLossParams", "topk_ids", offset_of!(MoekitBalanceLossParams, topk_ids)),
+    ("MoekitBalanceLossParams", "loss", offset_of!(MoekitBalanceLossParams, loss)),
+    ("MoekitBalanceLossParams", "grad_loss", offset_of!(MoekitBalanceLossParams, grad_loss)),
+    ("MoekitBalanceLossParams", "grad_logits", offset_of!(MoekitBalanceLossParams, grad_logits)),
+    ("MoekitBalanceLossParams", "n_seq", offset_of!(MoekitBalanceLossParams, n_seq)),
+    ("MoekitBalanceLossParams", "seq_len", offset_of!(MoekitBalanceLossParams, seq_len)),
+    ("MoekitBalanceLossParams", "experts", offset_of!(MoekitBalanceLossParams, experts)),
+    ("MoekitBalanceLossParams", "top_k", offset_of!(MoekitBalanceLossParams, top_k)),
+    ("MoekitBalanceLossParams", "score_func", offset_of!(MoekitBalanceLossParams, score_func)),
+    ("MoekitBalanceLossParams", "logits_dtype", offset_of!(MoekitBalanceLossParams, logits_dtype)),
+    ("MoekitBalanceLossParams", "alpha", offset_of!(MoekitBalanceLossParams, alpha)),
+    ("MoekitBalanceLossParams", "_pad", offset_of!(MoekitBalanceLossParams, _pad)),
     ("MoekitEmuLaunch", "", size_of::<MoekitEmuLaunch>()),
     ("MoekitEmuLaunch", "<align>", align_of::<MoekitEmuLaunch>()),
     ("MoekitEmuLaunch", "grid", offset_of!(MoekitEmuLaunch, grid)),
@@ -31,6 +70,9 @@ pub const RUST_LAYOUT: &[(&str, &str, usize)] = &[
 macro_rules! for_each_abi_struct {
     ($m:ident) => {
         $m!($crate::MoekitCastParams);
+        $m!($crate::MoekitRouteParams);
+        $m!($crate::MoekitBiasUpdateParams);
+        $m!($crate::MoekitBalanceLossParams);
         $m!($crate::MoekitEmuLaunch);
     };
 }

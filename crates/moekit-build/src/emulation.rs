@@ -123,6 +123,9 @@ pub fn compile_host_library(
         .opt_level(2)
         .warnings(false)
         .flag("-pthread")
+        // Never fuse a * b + c: kernels that promise the same bits as a CPU reference
+        // (moekit/fmath.cuh) rely on every operation being rounded on its own.
+        .flag("-ffp-contract=off")
         .flag("-include")
         .flag(EMU_HEADER)
         .includes(project_includes)

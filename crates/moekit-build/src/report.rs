@@ -11,7 +11,8 @@
 //! A `@arch` suffix limits a check to one architecture.
 //!
 //! `forbid X` fails when any SASS instruction of the kernel starts with mnemonic `X`
-//! (so `LDL` matches `LDL.64`); `require X` fails when none does. Every kernel of every
+//! (so `LDL` matches `LDL.64`; a dotted `MUFU.EX2` matches that variant but not
+//! `MUFU.RCP`); `require X` fails when none does. Every kernel of every
 //! module must also report zero spill bytes.
 
 use std::collections::BTreeMap;
@@ -189,7 +190,12 @@ pub fn failed_checks(kernel: &str, arch: &str, instructions: &[String], checks: 
         .filter(|c| c.kernel == "*" || c.kernel == kernel)
         .filter(|c| c.arch.as_deref().is_none_or(|a| a == arch))
         .filter(|c| {
-            let present = instructions.iter().any(|ins| ins.split('.').next() == Some(c.mnemonic.as_str()));
+            // `MUFU` matches every MUFU.*; a dotted `MUFU.EX2` matches that variant (and its
+            // own suffixes) only.
+            let m = c.mnemonic.as_str();
+            let present = instructions.iter().any(|ins| {
+                ins.split('.').next() == Some(m) || (m.contains('.') && (ins == m || ins.starts_with(&format!("{m}."))))
+            });
             present != c.require
         })
         .map(SassCheck::describe)
@@ -258,5 +264,10 @@ ptxas info    : Used 12 registers, used 0 barriers, 372 bytes cmem[0]
         let other = &sass[&("sm_90a".to_string(), "other".to_string())];
         assert!(failed_checks("other", "sm_90a", other, &checks).is_empty());
         assert_eq!(failed_checks("other", "sm_80", other, &checks), vec!["require F2FP".to_string()]);
+        let dotted = parse_sass_checks("// moekit-sass: * forbid MUFU.EX2").unwrap();
+        let rcp = vec!["MUFU.RCP".to_string(), "FFMA".into()];
+        assert!(failed_checks("k", "sm_90", &rcp, &dotted).is_empty());
+        let ex2 = vec!["MUFU.EX2".to_string()];
+        assert_eq!(failed_checks("k", "sm_90", &ex2, &dotted), vec!["forbid MUFU.EX2".to_string()]);
     }
 }

@@ -1,0 +1,278 @@
+//! The gating kernels against the CPU reference: ids, weights, counts and routing gradients
+//! bit for bit; the balance loss within an argued tolerance. One body per kernel device: the
+//! host emulation (in CI) and the GPU (`gpu_*`, run by the GPU bundle).
+
+use moekit_cuda::testing::{emulator_or_skip, gpu_or_skip};
+use moekit_cuda::{BlockOrder, EmuBuffer, Error};
+use moekit_dtype::bf16;
+use moekit_gating::kernels::GATING;
+use moekit_gating::{
+    balance_loss, balance_loss_backward, raw, reference, route, route_backward, update_bias, RouterConfig, ScoreFunc,
+};
+use moekit_tensor::{CudaDevice, Device, Tensor};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// The configurations the issue names, plus the kernel variants' edges (E = 1, 33, 512).
+fn cases() -> Vec<(&'static str, RouterConfig, bool)> {
+    use ScoreFunc::*;
+    vec![
+        ("v3 E=256 8/4 groups sigmoid+bias", RouterConfig::deepseek_v3(), true),
+        ("v3 without bias (group max)", RouterConfig::deepseek_v3(), false),
+        ("v2 E=160 top-6 8/3 softmax", RouterConfig::deepseek_v2(), false),
+        ("qwen3 E=128 softmax renorm", RouterConfig::qwen3_moe(), false),
+        ("mixtral E=8 top-2", RouterConfig::mixtral(), false),
+        (
+            "E=96 top-4 sigmoid+bias 4/2",
+            RouterConfig::new(96, 4, Sigmoid).with_groups(4, 2).with_renormalize(true),
+            true,
+        ),
+        ("E=72 top-3 softmax 6/2", RouterConfig::new(72, 3, Softmax).with_groups(6, 2).with_route_scale(2.0), false),
+        ("E=512 top-16 sigmoid+bias 16/8", RouterConfig::new(512, 16, Sigmoid).with_groups(16, 8), true),
+        ("E=33 top-5 softmax", RouterConfig::new(33, 5, Softmax).with_renormalize(true), false),
+        ("E=1 top-1 sigmoid", RouterConfig::new(1, 1, Sigmoid), false),
+        ("E=64 groups of 1, 64/16", RouterConfig::new(64, 6, Sigmoid).with_groups(64, 16), true),
+    ]
+}
+
+/// Logits: continuous random values, or (`ties`) multiples of 1/4 in [-2, 2] so that exact
+/// ties between experts and between groups are everywhere.
+fn logits(tokens: usize, experts: usize, ties: bool, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..tokens * experts)
+        .map(|_| if ties { rng.gen_range(-8i32..=8) as f32 * 0.25 } else { rng.gen_range(-4.0f32..4.0) })
+        .collect()
+}
+
+fn bias(experts: usize, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..experts).map(|_| rng.gen_range(-0.05f32..0.05)).collect()
+}
+
+/// Bit patterns, every NaN as one (IEEE leaves a NaN's sign and payload to the hardware:
+/// x86 makes 0xffc00000, NVIDIA GPUs 0x7fffffff).
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| if x.is_nan() { 0x7fc0_0000 } else { x.to_bits() }).collect()
+}
+
+/// Routing (forward and backward) on `dev` equals the reference bit for bit, twice.
+fn routing_matches_reference(dev: &Device, tokens: usize) {
+    for (ci, (name, cfg, biased)) in cases().into_iter().enumerate() {
+        for (variant, ties, as_bf16) in [("f32", false, false), ("ties", true, false), ("bf16", false, true)] {
+            let seed = 100 * ci as u64 + ties as u64 + 2 * as_bf16 as u64;
+            let mut u = logits(tokens, cfg.experts, ties, seed);
+            if as_bf16 {
+                u.iter_mut().for_each(|x| *x = bf16::from_f32(*x).to_f32());
+            }
+            let b = biased.then(|| bias(cfg.experts, seed + 7));
+            let want = reference::route(&u, b.as_deref(), &cfg).unwrap();
+
+            let lt = if as_bf16 {
+                let h: Vec<bf16> = u.iter().map(|&x| bf16::from_f32(x)).collect();
+                Tensor::from_slice(&h, &[tokens, cfg.experts], dev).unwrap()
+            } else {
+                Tensor::from_slice(&u, &[tokens, cfg.experts], dev).unwrap()
+            };
+            let bt = b.as_ref().map(|b| Tensor::from_slice(b, &[cfg.experts], dev).unwrap());
+            let run = || route(&lt, bt.as_ref(), &cfg).unwrap();
+            let got = run();
+            let ids = got.topk_ids.to_vec::<i32>().unwrap();
+            let w = got.topk_weights.to_vec::<f32>().unwrap();
+            let ctx = format!("{} {name} {variant} T={tokens}", dev.name());
+            let (wb, want_wb) = (bits(&w), bits(&want.weights));
+            if let Some(i) = (0..ids.len()).find(|&i| ids[i] != want.ids[i] || wb[i] != want_wb[i]) {
+                let t = i / cfg.top_k;
+                panic!(
+                    "{ctx}: token {t} slot {}: kernel ({}, {:e}), reference ({}, {:e})\nkernel ids {:?}\nref ids    {:?}",
+                    i % cfg.top_k,
+                    ids[i],
+                    w[i],
+                    want.ids[i],
+                    want.weights[i],
+                    &ids[t * cfg.top_k..(t + 1) * cfg.top_k],
+                    &want.ids[t * cfg.top_k..(t + 1) * cfg.top_k]
+                );
+            }
+            assert_eq!(got.counts.to_vec::<i32>().unwrap(), want.counts, "{ctx}: counts");
+            let again = run();
+            assert_eq!(again.topk_ids.to_vec::<i32>().unwrap(), ids, "{ctx}: ids not deterministic");
+            assert_eq!(
+                bits(&again.topk_weights.to_vec::<f32>().unwrap()),
+                bits(&w),
+                "{ctx}: weights not deterministic"
+            );
+
+            // Backward from a random upstream gradient.
+            let mut rng = StdRng::seed_from_u64(seed + 11);
+            let gw: Vec<f32> = (0..tokens * cfg.top_k).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+            let want_g = reference::route_backward(&u, &want.ids, &gw, &cfg).unwrap();
+            let gwt = Tensor::from_slice(&gw, &[tokens, cfg.top_k], dev).unwrap();
+            let got_g = route_backward(&lt, &got.topk_ids, &gwt, &cfg).unwrap().to_vec::<f32>().unwrap();
+            let (gb, want_gb) = (bits(&got_g), bits(&want_g));
+            if let Some(i) = (0..got_g.len()).find(|&i| gb[i] != want_gb[i]) {
+                panic!(
+                    "{ctx}: grad_logits[{}][{}] = {:e}, reference {:e}",
+                    i / cfg.experts,
+                    i % cfg.experts,
+                    got_g[i],
+                    want_g[i]
+                );
+            }
+        }
+    }
+}
+
+/// NaN, infinities and saturated scores follow the contract on the kernels too.
+fn special_values_match_reference(dev: &Device) {
+    let cfg = RouterConfig::deepseek_v3();
+    let mut u = logits(6, 256, false, 5);
+    u[3] = f32::NAN; // token 0: one NaN logit (sigmoid: that expert's score is NaN, ranked last)
+    for e in 0..256 {
+        u[256 + e] = f32::NAN; // token 1: all NaN
+        u[2 * 256 + e] = if e % 3 == 0 { 200.0 } else { -200.0 }; // token 2: saturated ties
+    }
+    u[3 * 256 + 10] = f32::INFINITY; // token 3
+    u[4 * 256 + 20] = f32::NEG_INFINITY; // token 4
+    let b = bias(256, 9);
+    for c in [cfg, RouterConfig::qwen3_moe().with_groups(1, 1)] {
+        let e_n = c.experts;
+        let uu: Vec<f32> = u.iter().take(6 * e_n).cloned().collect();
+        let bb = (c.score == ScoreFunc::Sigmoid).then(|| b[..e_n].to_vec());
+        let want = reference::route(&uu, bb.as_deref(), &c).unwrap();
+        let lt = Tensor::from_slice(&uu, &[6, e_n], dev).unwrap();
+        let bt = bb.as_ref().map(|b| Tensor::from_slice(b, &[e_n], dev).unwrap());
+        let got = route(&lt, bt.as_ref(), &c).unwrap();
+        assert_eq!(got.topk_ids.to_vec::<i32>().unwrap(), want.ids, "{:?}", c.score);
+        assert_eq!(bits(&got.topk_weights.to_vec::<f32>().unwrap()), bits(&want.weights), "{:?}", c.score);
+        assert_eq!(got.counts.to_vec::<i32>().unwrap(), want.counts);
+    }
+}
+
+/// Bias update bit for bit; balance loss and its gradient within tolerance of the f64
+/// reference. The kernels sum in f32: each P_e is a sum of seq_len / 8 + 8 terms in [0, 1]
+/// and the loss a sum of E non-negative products, so to first order the relative error is
+/// below `bound = (seq_len / 8 + 8 + E + 4) 2^-24`. A gradient entry is a difference
+/// (c_e - <c, s'>) of such sums times s (1 - s) / Z, so it is held to 4 bound max |grad|.
+fn balancing_matches_reference(dev: &Device, seq_len: usize, n_seq: usize) {
+    for (name, cfg) in [
+        ("v3", RouterConfig::deepseek_v3()),
+        ("qwen3", RouterConfig::qwen3_moe()),
+        ("E=72", RouterConfig::new(72, 3, ScoreFunc::Softmax).with_groups(6, 2)),
+    ] {
+        let tokens = seq_len * n_seq;
+        let u = logits(tokens, cfg.experts, false, 77);
+        let r = reference::route(&u, None, &cfg).unwrap();
+        let lt = Tensor::from_slice(&u, &[tokens, cfg.experts], dev).unwrap();
+        let ids = Tensor::from_slice(&r.ids, &[tokens, cfg.top_k], dev).unwrap();
+        let alpha = 1e-4f32;
+        let bound = (seq_len / 8 + 8 + cfg.experts + 4) as f64 * f64::powi(2.0, -24);
+
+        let want = reference::balance_loss(&u, &r.ids, &cfg, seq_len, alpha).unwrap();
+        let got = balance_loss(&lt, &ids, &cfg, seq_len, alpha).unwrap().to_vec::<f32>().unwrap();
+        for (q, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            let rel = ((g - w) as f64).abs() / (w as f64).abs();
+            assert!(
+                rel <= bound,
+                "{} {name}: loss[{q}] = {g:e}, reference {w:e} (rel {rel:e} > {bound:e})",
+                dev.name()
+            );
+        }
+        assert_eq!(bits(&balance_loss(&lt, &ids, &cfg, seq_len, alpha).unwrap().to_vec::<f32>().unwrap()), bits(&got));
+
+        let gl: Vec<f32> = (0..n_seq).map(|q| 1.0 + q as f32 * 0.5).collect();
+        let glt = Tensor::from_slice(&gl, &[n_seq], dev).unwrap();
+        let want_g = reference::balance_loss_backward(&u, &r.ids, &gl, &cfg, seq_len, alpha).unwrap();
+        let got_g = balance_loss_backward(&lt, &ids, &glt, &cfg, seq_len, alpha).unwrap().to_vec::<f32>().unwrap();
+        let scale = want_g.iter().fold(0.0f32, |m, &x| m.max(x.abs())) as f64;
+        for (i, (&g, &w)) in got_g.iter().zip(&want_g).enumerate() {
+            let err = ((g - w) as f64).abs();
+            assert!(err <= 4.0 * bound * scale, "{} {name}: grad[{i}] = {g:e}, reference {w:e}", dev.name());
+        }
+
+        // Bias update from the counts, bit for bit.
+        let mut b = bias(cfg.experts, 3);
+        let mut bt = Tensor::from_slice(&b, &[cfg.experts], dev).unwrap();
+        let ct = Tensor::from_slice(&r.counts, &[cfg.experts], dev).unwrap();
+        update_bias(&mut bt, &ct, 1e-3).unwrap();
+        reference::update_bias(&mut b, &r.counts, 1e-3).unwrap();
+        assert_eq!(bits(&bt.to_vec::<f32>().unwrap()), bits(&b), "{} {name}: bias update", dev.name());
+    }
+}
+
+#[test]
+fn emu_routing_matches_reference_bitwise() {
+    for order in [BlockOrder::InOrder, BlockOrder::Shuffled(3)] {
+        let Some(emu) = emulator_or_skip("emu_routing_matches_reference_bitwise", &[&GATING], order) else { return };
+        routing_matches_reference(&Device::Emulated(emu), 37);
+    }
+}
+
+#[test]
+fn emu_special_values_match_reference() {
+    let Some(emu) = emulator_or_skip("emu_special_values_match_reference", &[&GATING], BlockOrder::InOrder) else {
+        return;
+    };
+    special_values_match_reference(&Device::Emulated(emu));
+}
+
+#[test]
+fn emu_balancing_matches_reference() {
+    let Some(emu) = emulator_or_skip("emu_balancing_matches_reference", &[&GATING], BlockOrder::Reversed) else {
+        return;
+    };
+    balancing_matches_reference(&Device::Emulated(emu), 40, 3);
+}
+
+#[test]
+#[ignore = "needs a GPU: cargo test -- --include-ignored gpu_ (the GPU bundle does)"]
+fn gpu_routing_matches_reference_bitwise() {
+    let Some(_) = gpu_or_skip("gpu_routing_matches_reference_bitwise", &[&GATING]) else { return };
+    let dev = Device::Cuda(CudaDevice::new(0).unwrap());
+    routing_matches_reference(&dev, 4099);
+    special_values_match_reference(&dev);
+}
+
+#[test]
+#[ignore = "needs a GPU: cargo test -- --include-ignored gpu_ (the GPU bundle does)"]
+fn gpu_balancing_matches_reference() {
+    let Some(_) = gpu_or_skip("gpu_balancing_matches_reference", &[&GATING]) else { return };
+    balancing_matches_reference(&Device::Cuda(CudaDevice::new(0).unwrap()), 1000, 4);
+}
+
+/// The raw layer refuses bad input before any launch and writes nothing.
+#[test]
+fn emu_raw_rejects_bad_input_before_launch() {
+    let Some(emu) = emulator_or_skip("emu_raw_rejects_bad_input_before_launch", &[&GATING], BlockOrder::InOrder) else {
+        return;
+    };
+    let cfg = RouterConfig::deepseek_v3();
+    let u = EmuBuffer::from_host(&emu, &logits(4, 256, false, 1)).unwrap();
+    let short_bias = EmuBuffer::from_host(&emu, &bias(255, 1)).unwrap();
+    let mut ids = EmuBuffer::<i32>::zeros(&emu, 32).unwrap();
+    let mut w = EmuBuffer::<f32>::zeros(&emu, 32).unwrap();
+    let mut short_ids = EmuBuffer::<i32>::zeros(&emu, 31).unwrap();
+    let l = raw::Logits::F32(u.view());
+    let r = raw::route(&emu, &cfg, l, Some(short_bias.view()), ids.view_mut(), w.view_mut(), None);
+    assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+    let r = raw::route(&emu, &cfg, l, None, short_ids.view_mut(), w.view_mut(), None);
+    assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+    let bad = cfg.with_groups(7, 4);
+    let r = raw::route(&emu, &bad, l, None, ids.view_mut(), w.view_mut(), None);
+    assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+    assert!(ids.as_slice().iter().all(|&x| x == 0) && w.as_slice().iter().all(|&x| x == 0.0), "nothing was written");
+    // Ids outside [0, E) given to the backward are ignored, never used as indices. (Without
+    // renormalisation: with it, the gradient to a duplicated expert cancels exactly.)
+    let plain = cfg.with_renormalize(false);
+    let bad_ids: Vec<i32> = (0..32).map(|i| [-1, 256, 1 << 30, 3][i % 4]).collect();
+    let bad_ids = EmuBuffer::from_host(&emu, &bad_ids).unwrap();
+    let gw = EmuBuffer::from_host(&emu, &[1.0f32; 32]).unwrap();
+    let mut g = EmuBuffer::<f32>::zeros(&emu, 4 * 256).unwrap();
+    raw::route_backward(&emu, &plain, l, bad_ids.view(), gw.view(), g.view_mut()).unwrap();
+    let nonzero: Vec<usize> = (0..4 * 256).filter(|&i| g.as_slice()[i] != 0.0).map(|i| i % 256).collect();
+    assert_eq!(nonzero, vec![3, 3, 3, 3], "only the valid id 3 gets a gradient");
+    // Counts accumulate over calls.
+    let mut counts = EmuBuffer::<i32>::zeros(&emu, 256).unwrap();
+    for _ in 0..2 {
+        raw::route(&emu, &cfg, l, None, ids.view_mut(), w.view_mut(), Some(counts.view_mut())).unwrap();
+    }
+    assert_eq!(counts.as_slice().iter().sum::<i32>(), 2 * 32);
+}
