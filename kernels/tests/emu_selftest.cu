@@ -40,7 +40,7 @@ extern "C" __global__ void selftest_warp_intrinsics(const int* in, int* out) {
   const unsigned t = blockIdx.x * blockDim.x + threadIdx.x;
   const unsigned lane = threadIdx.x % 32;
   const int v = in[t];
-  int* o = out + t * 18;
+  int* o = out + t * 19;
   o[0] = __shfl_sync(0xffffffffu, v, (lane * 7) % 32);
   o[1] = __shfl_xor_sync(0xffffffffu, v, 5);
   o[2] = __shfl_up_sync(0xffffffffu, v, 3);
@@ -49,6 +49,7 @@ extern "C" __global__ void selftest_warp_intrinsics(const int* in, int* out) {
   o[5] = __shfl_down_sync(0xffffffffu, v, 1, 4);   // within 4-lane segments
   o[16] = __shfl_xor_sync(0xffffffffu, v, 16, 16);  // upper segment reads the lower one
   o[17] = __shfl_up_sync(0xffffffffu, v, 2, 8);
+  o[18] = static_cast<int>(__match_any_sync(0xffffffffu, v & 3));  // lanes with the same v & 3
   o[6] = static_cast<int>(__ballot_sync(0xffffffffu, v & 1));
   o[7] = __any_sync(0xffffffffu, v == 12345);
   o[8] = __all_sync(0xffffffffu, v >= 0);

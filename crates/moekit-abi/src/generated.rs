@@ -66,6 +66,82 @@ pub struct MoekitBalanceLossParams {
     pub alpha: f32,
     pub _pad: i32,
 }
+pub const MOEKIT_QUANT_BF16: MoekitQuantMode = 0;
+pub const MOEKIT_QUANT_FP8_F32: MoekitQuantMode = 1;
+pub const MOEKIT_QUANT_FP8_UE8M0: MoekitQuantMode = 2;
+pub type MoekitQuantMode = ::core::ffi::c_uint;
+pub const MOEKIT_SCALES_ROW_MAJOR: MoekitScaleLayout = 0;
+pub const MOEKIT_SCALES_MN_MAJOR: MoekitScaleLayout = 1;
+pub type MoekitScaleLayout = ::core::ffi::c_uint;
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MoekitDispatchLayoutParams {
+    pub topk_ids: u64,
+    pub chunk_counts: u64,
+    pub offsets: u64,
+    pub counts: u64,
+    pub row_map: u64,
+    pub m_indices: u64,
+    pub status: u64,
+    pub tokens: u64,
+    pub top_k: i32,
+    pub experts: i32,
+    pub align: i32,
+    pub max_rows: i32,
+    pub chunk_pairs: i32,
+    pub chunks: i32,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MoekitPermuteParams {
+    pub x: u64,
+    pub row_map: u64,
+    pub offsets: u64,
+    pub counts: u64,
+    pub out: u64,
+    pub scales: u64,
+    pub tokens: u64,
+    pub hidden: i32,
+    pub top_k: i32,
+    pub experts: i32,
+    pub max_rows: i32,
+    pub quant: i32,
+    pub scale_layout: i32,
+    pub scale_stride: i32,
+    pub zero_padding: i32,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MoekitActParams {
+    pub x: u64,
+    pub out: u64,
+    pub scales: u64,
+    pub grad_out: u64,
+    pub grad_x: u64,
+    pub rows: u64,
+    pub cols: i32,
+    pub quant: i32,
+    pub scale_layout: i32,
+    pub scale_stride: i32,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MoekitCombineParams {
+    pub y: u64,
+    pub row_map: u64,
+    pub weights: u64,
+    pub out: u64,
+    pub grad_out: u64,
+    pub grad_y: u64,
+    pub grad_weights: u64,
+    pub offsets: u64,
+    pub counts: u64,
+    pub tokens: u64,
+    pub hidden: i32,
+    pub top_k: i32,
+    pub rows: i32,
+    pub experts: i32,
+}
 pub const MOEKIT_EMU_ORDER_IN_ORDER: MoekitEmuBlockOrder = 0;
 pub const MOEKIT_EMU_ORDER_REVERSED: MoekitEmuBlockOrder = 1;
 pub const MOEKIT_EMU_ORDER_SHUFFLED: MoekitEmuBlockOrder = 2;

@@ -92,7 +92,7 @@ fn intrinsics_inputs(threads: usize) -> Vec<i32> {
     v
 }
 
-const ROW: usize = 18;
+const ROW: usize = 19;
 
 /// What each thread's outputs must be (CUDA Programming Guide and PTX `shfl.sync` semantics).
 fn intrinsics_expected(input: &[i32]) -> Vec<i32> {
@@ -125,6 +125,7 @@ fn intrinsics_expected(input: &[i32]) -> Vec<i32> {
         o[15] = if lane % 2 == 0 { w[lane ^ 2] } else { -1 };
         o[16] = if lane >= 16 { w[lane - 16] } else { v };
         o[17] = if lane % 8 >= 2 { w[lane - 2] } else { v };
+        o[18] = (0..32).filter(|&l| w[l] & 3 == v & 3).fold(0u32, |b, l| b | 1 << l) as i32;
     }
     out
 }
@@ -148,7 +149,7 @@ fn check_intrinsics(dev: &Device) {
     .unwrap();
     let got = out.to_vec::<i32>().unwrap();
     let want = intrinsics_expected(&input);
-    const NAMES: [&str; 16] = [
+    const NAMES: [&str; ROW] = [
         "shfl",
         "shfl_xor",
         "shfl_up",
@@ -165,9 +166,12 @@ fn check_intrinsics(dev: &Device) {
         "partial ballot",
         "activemask",
         "inactive lanes",
+        "shfl_xor w16",
+        "shfl_up w8",
+        "match_any",
     ];
     for i in 0..got.len() {
-        assert_eq!(got[i], want[i], "thread {} {}: input {}", i / 16, NAMES[i % 16], input[i / 16]);
+        assert_eq!(got[i], want[i], "thread {} {}: input {}", i / ROW, NAMES[i % ROW], input[i / ROW]);
     }
 }
 

@@ -46,7 +46,7 @@
 //! # Ok::<(), moekit_cuda::Error>(())
 //! ```
 
-pub mod fmath;
+pub use moekit_fmath as fmath;
 mod ops;
 pub mod raw;
 pub mod reference;

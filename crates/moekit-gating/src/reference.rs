@@ -11,22 +11,7 @@
 use crate::fmath;
 use crate::{Error, Result, RouterConfig, ScoreFunc};
 
-/// The kernels' warp sum of one value per lane, in its fixed order: 32 lane partials, then a
-/// butterfly (partner lane 16 apart first, then 8, 4, 2, 1). `values[l]` is lane `l`'s
-/// partial; missing lanes count as `+0`.
-pub fn warp_sum(values: &[f32]) -> f32 {
-    let mut p = [0.0f32; 32];
-    p[..values.len()].copy_from_slice(values);
-    let mut off = 16;
-    while off > 0 {
-        let prev = p;
-        for (l, v) in p.iter_mut().enumerate() {
-            *v = prev[l] + prev[l ^ off];
-        }
-        off >>= 1;
-    }
-    p[0]
-}
+pub use moekit_fmath::warp_sum;
 
 /// Sums one row of per-expert values as the kernels do: lane `l` adds experts `l, l + 32,
 /// ...` in order (starting from `+0`), then [`warp_sum`].

@@ -105,6 +105,104 @@ typedef struct MoekitBalanceLossParams {
   int32_t _pad;
 } MoekitBalanceLossParams;
 
+/* How activations leave a quantizing kernel (MoekitPermuteParams.quant, MoekitActParams.quant). */
+typedef enum MoekitQuantMode {
+  MOEKIT_QUANT_BF16 = 0,      /* no quantization: BF16 out */
+  MOEKIT_QUANT_FP8_F32 = 1,   /* E4M3 + one f32 scale per 1x128 tile: amax / 448 */
+  MOEKIT_QUANT_FP8_UE8M0 = 2  /* E4M3 + power-of-two scale 2^ceil(log2(amax / 448)), stored as f32 */
+} MoekitQuantMode;
+
+/* Layout of 1x128 scales of a [rows, cols] activation (cols / 128 scales per row). */
+typedef enum MoekitScaleLayout {
+  MOEKIT_SCALES_ROW_MAJOR = 0, /* scales[r * (cols / 128) + g] */
+  MOEKIT_SCALES_MN_MAJOR = 1   /* scales[g * scale_stride + r], scale_stride = rows rounded up to 4
+                                  (DeepGEMM's TMA-aligned, transposed layout) */
+} MoekitScaleLayout;
+
+/*
+ * Dispatch layout (kernels/dispatch.cu), three launches over the same params: count (grid =
+ * chunks), offsets (one block), rows (grid = chunks). Pairs (t, j) are numbered i = t * top_k + j
+ * and split into chunks of chunk_pairs; rows inside an expert follow i (stable).
+ */
+typedef struct MoekitDispatchLayoutParams {
+  uint64_t topk_ids;     /* [tokens, top_k] int32; -1 = not routed here */
+  uint64_t chunk_counts; /* scratch [chunks, experts] int32 */
+  uint64_t offsets;      /* [experts + 1] int32 out: aligned segment starts, offsets[E] = rows used */
+  uint64_t counts;       /* [experts] int32 out: pairs routed to each expert */
+  uint64_t row_map;      /* [tokens, top_k] int32 out: row of pair i, -1 if not routed or dropped */
+  uint64_t m_indices;    /* [max_rows] int32 out: expert of each row, -1 for padding */
+  uint64_t status;       /* [2] int32 out (zeroed by the count launch): ids outside [-1, E), rows needed */
+  uint64_t tokens;
+  int32_t top_k;
+  int32_t experts;
+  int32_t align;         /* segment alignment in rows: 1, 16, 32, 64 or 128 */
+  int32_t max_rows;      /* rows of the outputs; rows needed beyond it are dropped (status[1] says) */
+  int32_t chunk_pairs;   /* pairs per chunk (multiple of 256) */
+  int32_t chunks;        /* ceil(tokens * top_k / chunk_pairs) */
+} MoekitDispatchLayoutParams;
+
+/*
+ * Permute (and quantize) tokens to their expert rows: out[row_map[t, j]] = q(x[t]); rows that are
+ * padding (not in any segment's first counts[e] rows) become the quantization of a zero row when
+ * zero_padding, else are left untouched.
+ */
+typedef struct MoekitPermuteParams {
+  uint64_t x;            /* [tokens, hidden] bf16 */
+  uint64_t row_map;      /* [tokens, top_k] int32 */
+  uint64_t offsets;      /* [experts + 1] int32 */
+  uint64_t counts;       /* [experts] int32 */
+  uint64_t out;          /* [max_rows, hidden] bf16 or fp8 e4m3 */
+  uint64_t scales;       /* f32 scales (fp8 modes), layout scale_layout; else 0 */
+  uint64_t tokens;
+  int32_t hidden;
+  int32_t top_k;
+  int32_t experts;
+  int32_t max_rows;
+  int32_t quant;         /* MoekitQuantMode */
+  int32_t scale_layout;  /* MoekitScaleLayout */
+  int32_t scale_stride;  /* MN-major: rows rounded up to 4 */
+  int32_t zero_padding;  /* 0 or 1 */
+} MoekitPermuteParams;
+
+/*
+ * Row-wise activation kernels on a [rows, cols] result: 1x128 FP8 quantization of x [rows, cols],
+ * or SwiGLU of x [rows, 2 * cols] (gate = columns [0, cols), up = [cols, 2 cols)) to BF16 or FP8.
+ */
+typedef struct MoekitActParams {
+  uint64_t x;            /* bf16 input */
+  uint64_t out;          /* [rows, cols] bf16 or fp8 */
+  uint64_t scales;       /* f32 scales (fp8 modes) */
+  uint64_t grad_out;     /* SwiGLU backward: [rows, cols] bf16 in */
+  uint64_t grad_x;       /* SwiGLU backward: [rows, 2 * cols] bf16 out */
+  uint64_t rows;
+  int32_t cols;
+  int32_t quant;         /* MoekitQuantMode */
+  int32_t scale_layout;  /* MoekitScaleLayout */
+  int32_t scale_stride;  /* MN-major: rows rounded up to 4 */
+} MoekitActParams;
+
+/*
+ * Combine: out[t] = sum_j w[t, j] * y[row_map[t, j]] (f32, j order; w = 1 when weights is 0).
+ * Backward: grad_y[row_map[t, j]] = w[t, j] * grad_out[t], grad_weights[t, j] =
+ * <grad_out[t], y[row_map[t, j]]>, and padding rows of grad_y zeroed.
+ */
+typedef struct MoekitCombineParams {
+  uint64_t y;            /* [rows, hidden] bf16 */
+  uint64_t row_map;      /* [tokens, top_k] int32 */
+  uint64_t weights;      /* [tokens, top_k] f32, or 0 */
+  uint64_t out;          /* forward: [tokens, hidden] bf16 */
+  uint64_t grad_out;     /* backward: [tokens, hidden] bf16 */
+  uint64_t grad_y;       /* backward: [rows, hidden] bf16 */
+  uint64_t grad_weights; /* backward: [tokens, top_k] f32 (when weights is given) */
+  uint64_t offsets;      /* backward: [experts + 1] int32 (to find padding rows) */
+  uint64_t counts;       /* backward: [experts] int32 */
+  uint64_t tokens;
+  int32_t hidden;
+  int32_t top_k;
+  int32_t rows;
+  int32_t experts;
+} MoekitCombineParams;
+
 /* Block visiting order of the host emulation (MoekitEmuLaunch.block_order). */
 typedef enum MoekitEmuBlockOrder {
   MOEKIT_EMU_ORDER_IN_ORDER = 0,

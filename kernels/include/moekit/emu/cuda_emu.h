@@ -4,7 +4,7 @@
 // BF16/FP8 conversion bits as the device).
 //
 // What it provides: threadIdx/blockIdx/blockDim/gridDim, __syncthreads, __syncwarp, warp
-// shuffles and votes (full and partial masks), __activemask, bit intrinsics, atomics on any
+// shuffles, votes and __match_any_sync (full and partial masks), __activemask, bit intrinsics, atomics on any
 // memory, __ldg, per-block shared memory. What it cannot provide: inline PTX and Hopper
 // instructions (kernels keep those behind the wrappers of moekit/ptx.cuh, which have
 // reference implementations here where the PTX ISA fixes the result, or are device-only),
@@ -140,6 +140,16 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
     for (unsigned l = 0; l < 32; ++l) b |= ((live >> l & 1u) && slots[l]) ? (1u << l) : 0u;
     return b;
   }) & mask;
+}
+// Lanes of `mask` holding the same value as the caller (32- or 64-bit values).
+template <typename T>
+inline unsigned __match_any_sync(unsigned mask, T v) {
+  const uint64_t own = ::moekit::emu::to_slot(v);
+  return ::moekit::emu::warp_exchange(mask, own, [own](const uint64_t* slots, unsigned live) {
+    unsigned m = 0;
+    for (unsigned l = 0; l < 32; ++l) m |= ((live >> l & 1u) && slots[l] == own) ? (1u << l) : 0u;
+    return m;
+  });
 }
 inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
 inline int __all_sync(unsigned mask, int pred) {

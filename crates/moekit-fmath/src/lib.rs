@@ -1,4 +1,5 @@
-//! Reproducible f32 arithmetic: the Rust twin of `kernels/include/moekit/fmath.cuh`.
+//! Reproducible f32 arithmetic: the Rust twin of `kernels/include/moekit/fmath.cuh`, and the
+//! summation order of the kernels' warp reductions.
 //!
 //! Only correctly rounded IEEE-754 operations are used (Rust never fuses `a * b + c`;
 //! [`f32::mul_add`] is a true fma), in the same order as the device code, so these functions
@@ -80,6 +81,23 @@ pub fn map<F: Fn(f32) -> f32>(xs: &[f32], f: F) -> Vec<f32> {
         return unsafe { map_fma(xs, f) };
     }
     map_portable(xs, f)
+}
+
+/// The kernels' warp sum of one value per lane, in its fixed order: a butterfly over 32 lanes
+/// (partner lane 16 apart first, then 8, 4, 2, 1). `values[l]` is lane `l`'s partial; missing
+/// lanes count as `+0`. Every lane of the device ends with these bits.
+pub fn warp_sum(values: &[f32]) -> f32 {
+    let mut p = [0.0f32; 32];
+    p[..values.len()].copy_from_slice(values);
+    let mut off = 16;
+    while off > 0 {
+        let prev = p;
+        for (l, v) in p.iter_mut().enumerate() {
+            *v = prev[l] + prev[l ^ off];
+        }
+        off >>= 1;
+    }
+    p[0]
 }
 
 #[cfg(test)]
