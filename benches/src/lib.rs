@@ -59,3 +59,19 @@ pub fn report_bandwidth(name: &str, shape: &str, median_us: f64, bytes: f64) {
         HBM_BYTES_PER_S / 1e12
     );
 }
+
+/// Measured dense BF16 tensor-core rate of the reference H200 (8192^3 matmul, random data).
+pub const BF16_FLOPS_PER_S: f64 = 790e12;
+/// Dense FP8 tensor-core rate of the H200 (datasheet; not measured yet).
+pub const FP8_FLOPS_PER_S: f64 = 1979e12;
+
+/// Prints the summary line of a compute-bound benchmark (collected by the bundle's run.sh):
+/// `MOEKIT-BENCH | name | shape | median | TFLOPS | fraction of the ceiling |`.
+pub fn report_tflops(name: &str, shape: &str, median_us: f64, flops: f64, ceiling_flops_per_s: f64) {
+    let tflops = flops / (median_us * 1e-6) / 1e12;
+    println!(
+        "MOEKIT-BENCH | {name} | {shape} | {median_us:.1} us | {tflops:.0} TFLOPS | {:.0}% of {:.0} TFLOPS |",
+        100.0 * tflops * 1e12 / ceiling_flops_per_s,
+        ceiling_flops_per_s / 1e12
+    );
+}

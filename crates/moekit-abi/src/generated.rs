@@ -142,6 +142,33 @@ pub struct MoekitCombineParams {
     pub rows: i32,
     pub experts: i32,
 }
+pub const MOEKIT_GEMM_CONTIGUOUS: MoekitGemmOp = 0;
+pub const MOEKIT_GEMM_MASKED: MoekitGemmOp = 1;
+pub const MOEKIT_GEMM_KGROUPED: MoekitGemmOp = 2;
+pub const MOEKIT_GEMM_DGRAD: MoekitGemmOp = 3;
+pub type MoekitGemmOp = ::core::ffi::c_uint;
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MoekitGemmParams {
+    pub a: u64,
+    pub b: u64,
+    pub d: u64,
+    pub a_scales: u64,
+    pub b_scales: u64,
+    pub m_indices: u64,
+    pub masked_m: u64,
+    pub group_offsets: u64,
+    pub op: i32,
+    pub fp8: i32,
+    pub groups: i32,
+    pub accumulate: i32,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub a_scale_layout: i32,
+    pub a_scale_stride: i32,
+    pub _pad: i32,
+}
 pub const MOEKIT_EMU_ORDER_IN_ORDER: MoekitEmuBlockOrder = 0;
 pub const MOEKIT_EMU_ORDER_REVERSED: MoekitEmuBlockOrder = 1;
 pub const MOEKIT_EMU_ORDER_SHUFFLED: MoekitEmuBlockOrder = 2;

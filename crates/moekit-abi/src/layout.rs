@@ -114,6 +114,26 @@ pub const RUST_LAYOUT: &[(&str, &str, usize)] = &[
     ("MoekitCombineParams", "top_k", offset_of!(MoekitCombineParams, top_k)),
     ("MoekitCombineParams", "rows", offset_of!(MoekitCombineParams, rows)),
     ("MoekitCombineParams", "experts", offset_of!(MoekitCombineParams, experts)),
+    ("MoekitGemmParams", "", size_of::<MoekitGemmParams>()),
+    ("MoekitGemmParams", "<align>", align_of::<MoekitGemmParams>()),
+    ("MoekitGemmParams", "a", offset_of!(MoekitGemmParams, a)),
+    ("MoekitGemmParams", "b", offset_of!(MoekitGemmParams, b)),
+    ("MoekitGemmParams", "d", offset_of!(MoekitGemmParams, d)),
+    ("MoekitGemmParams", "a_scales", offset_of!(MoekitGemmParams, a_scales)),
+    ("MoekitGemmParams", "b_scales", offset_of!(MoekitGemmParams, b_scales)),
+    ("MoekitGemmParams", "m_indices", offset_of!(MoekitGemmParams, m_indices)),
+    ("MoekitGemmParams", "masked_m", offset_of!(MoekitGemmParams, masked_m)),
+    ("MoekitGemmParams", "group_offsets", offset_of!(MoekitGemmParams, group_offsets)),
+    ("MoekitGemmParams", "op", offset_of!(MoekitGemmParams, op)),
+    ("MoekitGemmParams", "fp8", offset_of!(MoekitGemmParams, fp8)),
+    ("MoekitGemmParams", "groups", offset_of!(MoekitGemmParams, groups)),
+    ("MoekitGemmParams", "accumulate", offset_of!(MoekitGemmParams, accumulate)),
+    ("MoekitGemmParams", "m", offset_of!(MoekitGemmParams, m)),
+    ("MoekitGemmParams", "n", offset_of!(MoekitGemmParams, n)),
+    ("MoekitGemmParams", "k", offset_of!(MoekitGemmParams, k)),
+    ("MoekitGemmParams", "a_scale_layout", offset_of!(MoekitGemmParams, a_scale_layout)),
+    ("MoekitGemmParams", "a_scale_stride", offset_of!(MoekitGemmParams, a_scale_stride)),
+    ("MoekitGemmParams", "_pad", offset_of!(MoekitGemmParams, _pad)),
     ("MoekitEmuLaunch", "", size_of::<MoekitEmuLaunch>()),
     ("MoekitEmuLaunch", "<align>", align_of::<MoekitEmuLaunch>()),
     ("MoekitEmuLaunch", "grid", offset_of!(MoekitEmuLaunch, grid)),
@@ -138,6 +158,7 @@ macro_rules! for_each_abi_struct {
         $m!($crate::MoekitPermuteParams);
         $m!($crate::MoekitActParams);
         $m!($crate::MoekitCombineParams);
+        $m!($crate::MoekitGemmParams);
         $m!($crate::MoekitEmuLaunch);
     };
 }

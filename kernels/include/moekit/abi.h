@@ -203,6 +203,42 @@ typedef struct MoekitCombineParams {
   int32_t experts;
 } MoekitCombineParams;
 
+/* Grouped GEMM operation (MoekitGemmParams.op). All compute D = A . B^T per group (NT). */
+typedef enum MoekitGemmOp {
+  MOEKIT_GEMM_CONTIGUOUS = 0, /* A [m, k], B [groups, n, k], D [m, n] bf16; group of row r = m_indices[r] */
+  MOEKIT_GEMM_MASKED = 1,     /* A [groups, m, k], B [groups, n, k], D [groups, m, n] bf16; rows < masked_m[g] */
+  MOEKIT_GEMM_KGROUPED = 2,   /* dW [groups, n, k] f32 = sum over group g's tokens of dY[t, n] X[t, k];
+                                 bf16: A = dY [m, n], B = X [m, k]; fp8: A = dY^T [n, m], B = X^T [k, m] */
+  MOEKIT_GEMM_DGRAD = 3       /* dX [m, k] bf16 = dY [m, n] . W_g [n, k], group of row r = m_indices[r] */
+} MoekitGemmOp;
+
+/*
+ * Portable grouped GEMM (kernels/gemm_portable.cu). FP8 operands are E4M3 with f32 scales: the
+ * token-side operand (A; for k-grouped also B) one per 1x128 along the reduction dimension, the
+ * weights (B of contiguous, masked, dgrad) one per 128x128 block [groups, n / 128, k / 128].
+ * Partial sums are promoted to f32 and scaled every 128 of the reduction.
+ */
+typedef struct MoekitGemmParams {
+  uint64_t a;             /* see MoekitGemmOp */
+  uint64_t b;
+  uint64_t d;
+  uint64_t a_scales;      /* fp8: A's 1x128 scales (layout a_scale_layout) */
+  uint64_t b_scales;      /* fp8: B's block scales (or 1x128 for k-grouped) */
+  uint64_t m_indices;     /* contiguous, dgrad: [m] int32, -1 = padding row (skipped) */
+  uint64_t masked_m;      /* masked: [groups] int32, or 0 for all m rows */
+  uint64_t group_offsets; /* k-grouped: [groups + 1] int32 token offsets */
+  int32_t op;             /* MoekitGemmOp */
+  int32_t fp8;            /* 0: bf16 operands, 1: fp8 e4m3 operands with scales */
+  int32_t groups;
+  int32_t accumulate;     /* k-grouped: D += result (else D = result) */
+  int32_t m;
+  int32_t n;
+  int32_t k;
+  int32_t a_scale_layout; /* MoekitScaleLayout of a_scales (contiguous, masked, dgrad) */
+  int32_t a_scale_stride; /* MN-major: rows rounded up to 4 */
+  int32_t _pad;
+} MoekitGemmParams;
+
 /* Block visiting order of the host emulation (MoekitEmuLaunch.block_order). */
 typedef enum MoekitEmuBlockOrder {
   MOEKIT_EMU_ORDER_IN_ORDER = 0,

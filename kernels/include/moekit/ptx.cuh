@@ -27,6 +27,12 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
 }
+// As cp_async_16, but when `valid` is false nothing is read and the 16 bytes become zeros
+// (src-size 0); `gmem` must still be a valid address (pass the buffer's base).
+__device__ __forceinline__ void cp_async_16_zfill(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Waits until at most N committed groups are still in flight.
 template <int N>
@@ -60,6 +66,9 @@ __device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const uint32_t 
 #else  // host emulation: reference implementations
 
 inline void cp_async_16(void* smem, const void* gmem) { std::memcpy(smem, gmem, 16); }
+inline void cp_async_16_zfill(void* smem, const void* gmem, bool valid) {
+  if (valid) std::memcpy(smem, gmem, 16); else std::memset(smem, 0, 16);
+}
 inline void cp_async_commit() {}
 template <int N>
 inline void cp_async_wait() {}

@@ -1,0 +1,352 @@
+//! Every grouped GEMM the dispatcher can pick, against the CPU reference, for every layout and
+//! dtype. One body per device: the host emulation in CI (small shapes), the GPU (`gpu_*`).
+//!
+//! Tolerances (DeepGEMM's metric `diff`, moe.md): the kernel against the reference on the
+//! *same* (dequantized) inputs differs only by f32 summation order and the final BF16
+//! rounding: `diff < 1e-5`. FP8 against the reference on the unquantized inputs also carries
+//! E4M3's rounding of both operands: `diff < 1e-3`.
+
+use moekit_cuda::testing::{emulator_or_skip, gpu_or_skip};
+use moekit_cuda::BlockOrder;
+use moekit_dispatch::{quantize_fp8, Activation, ScaleKind};
+use moekit_dtype::{bf16, F8E4M3};
+use moekit_gemm::kernels::GEMM_PORTABLE;
+use moekit_gemm::{
+    dgrad, k_grouped, k_grouped_accumulate, m_grouped_contiguous, m_grouped_masked, reference, GemmInput, ScaleLayout,
+};
+use moekit_tensor::{CudaDevice, DType, Device, Tensor};
+
+/// Values in [-1, 1] times a magnitude that changes every 128 elements (1/4, 1, 4, 16), so
+/// neighbouring FP8 scale blocks differ and a wrong scale index cannot hide.
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005) | 1;
+    (0..n)
+        .map(|i| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let mag = [0.25f32, 1.0, 4.0, 16.0][(i / 128 + i / 7919) % 4];
+            bf16::from_f32(((s % 20001) as f32 / 10000.0 - 1.0) * mag).to_f32()
+        })
+        .collect()
+}
+
+fn bf16_tensor(v: &[f32], dims: &[usize], dev: &Device) -> Tensor {
+    let b: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+    Tensor::from_slice(&b, dims, dev).unwrap()
+}
+
+fn f32s(t: &Tensor) -> Vec<f32> {
+    match t.dtype() {
+        DType::BF16 => t.to_vec::<bf16>().unwrap().iter().map(|v| v.to_f32()).collect(),
+        _ => t.to_vec::<f32>().unwrap(),
+    }
+}
+
+/// Token-side FP8 of `v [rows, cols]` (quantized on the CPU, moved to `dev`).
+fn fp8_tokens(v: &[f32], rows: usize, cols: usize, layout: ScaleLayout, dev: &Device) -> Activation {
+    let a = quantize_fp8(&bf16_tensor(v, &[rows, cols], &Device::Cpu), ScaleKind::F32, layout).unwrap();
+    Activation {
+        data: a.data.to_device(dev).unwrap(),
+        scales: Some(a.scales.unwrap().to_device(dev).unwrap()),
+        format: a.format,
+    }
+}
+
+/// Weight-side FP8 of `w [g, n, k]`: codes and 128x128 scales on `dev`.
+fn fp8_weights(w: &[f32], g: usize, n: usize, k: usize, dev: &Device) -> (Tensor, Tensor) {
+    let (codes, scales) = reference::quantize_blocks(w, g, n, k);
+    let codes: Vec<F8E4M3> = codes.into_iter().map(F8E4M3::from_bits).collect();
+    (
+        Tensor::from_slice(&codes, &[g, n, k], dev).unwrap(),
+        Tensor::from_slice(&scales, &[g, n / 128, k / 128], dev).unwrap(),
+    )
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    let d = reference::diff(got, want);
+    assert!(d < tol, "{what}: diff {d:e} >= {tol:e}");
+    assert!(got.iter().all(|x| x.is_finite()), "{what}: non-finite output");
+}
+
+/// m_indices for segments of the given sizes, each padded with -1 to `align` rows.
+fn contiguous_ids(sizes: &[(i32, usize)], align: usize) -> Vec<i32> {
+    let mut ids = vec![];
+    for &(g, s) in sizes {
+        ids.extend(std::iter::repeat_n(g, s));
+        ids.extend(std::iter::repeat_n(-1, s.div_ceil(align) * align - s));
+    }
+    ids
+}
+
+/// Compares the device result of `run` with the CPU result of the same call, and the FP8
+/// result with the unquantized reference `exact`.
+fn check(dev: &Device, what: &str, run: impl Fn(&Device) -> Tensor, exact: Option<&[f32]>) {
+    let want = f32s(&run(&Device::Cpu));
+    let got = f32s(&run(dev));
+    assert_close(&format!("{} {what} vs reference on the same inputs", dev.name()), &got, &want, 1e-5);
+    if let Some(e) = exact {
+        assert_close(&format!("{} {what} vs unquantized reference", dev.name()), &got, e, 1e-3);
+    }
+    assert_eq!(f32s(&run(dev)), got, "{what}: not deterministic");
+}
+
+fn m_grouped(dev: &Device, scale: usize) {
+    // Groups of 0 rows, 1 row, exactly the alignment, uneven, and padding rows; then all rows
+    // in one group. BF16 with tails (n, k not multiples of the tile); FP8 with both layouts.
+    // Uneven groups from a real routing: 4 experts' counts of a top-2 softmax router.
+    let logits: Vec<f32> = (0..40 * scale * 4).map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0).collect();
+    let routed = moekit_gating::reference::route(
+        &logits,
+        None,
+        &moekit_gating::RouterConfig::new(4, 2, moekit_gating::ScoreFunc::Softmax),
+    )
+    .unwrap();
+    let real: Vec<(i32, usize)> = routed.counts.iter().enumerate().map(|(g, &c)| (g as i32, c as usize)).collect();
+    for (align, sizes) in [
+        (32usize, vec![(0, 0usize), (1, 1), (2, 32), (0, 45 * scale), (3, 3)]),
+        (64, vec![(1, 64 * scale + 5)]),
+        (128, vec![(2, 7), (0, 130)]),
+        (32, real),
+    ] {
+        let ids = contiguous_ids(&sizes, align);
+        let m = ids.len();
+        let groups = 4;
+        let mi = |d: &Device| Tensor::from_slice(&ids, &[m], d).unwrap();
+        // BF16
+        let (n, k) = (72, 40);
+        let (a, b) = (values(m * k, 1), values(groups * n * k, 2));
+        check(
+            dev,
+            &format!("contiguous bf16 align {align}"),
+            |d| {
+                m_grouped_contiguous(
+                    GemmInput::Bf16(&bf16_tensor(&a, &[m, k], d)),
+                    GemmInput::Bf16(&bf16_tensor(&b, &[groups, n, k], d)),
+                    &mi(d),
+                )
+                .unwrap()
+            },
+            None,
+        );
+        let w = values(groups * n * k, 3);
+        let dy = values(m * n, 4);
+        check(
+            dev,
+            &format!("dgrad bf16 align {align}"),
+            |d| {
+                dgrad(
+                    GemmInput::Bf16(&bf16_tensor(&dy, &[m, n], d)),
+                    GemmInput::Bf16(&bf16_tensor(&w, &[groups, n, k], d)),
+                    &mi(d),
+                )
+                .unwrap()
+            },
+            None,
+        );
+        // FP8
+        let (n, k) = (128, 256);
+        let (a, b) = (values(m * k, 5), values(groups * n * k, 6));
+        let mut exact = vec![0.0f32; m * n];
+        reference::m_grouped_contiguous(&a, &b, &ids, groups, n, k, &mut exact).unwrap();
+        for layout in [ScaleLayout::RowMajor, ScaleLayout::MnMajor] {
+            check(
+                dev,
+                &format!("contiguous fp8 {layout:?} align {align}"),
+                |d| {
+                    let qa = fp8_tokens(&a, m, k, layout, d);
+                    let (qb, sb) = fp8_weights(&b, groups, n, k, d);
+                    m_grouped_contiguous((&qa).into(), GemmInput::Fp8 { data: &qb, scales: &sb, layout }, &mi(d))
+                        .unwrap()
+                },
+                Some(&exact),
+            );
+        }
+        let dy = values(m * n, 7);
+        let mut exact = vec![0.0f32; m * k];
+        reference::dgrad(&dy, &b, &ids, groups, n, k, &mut exact).unwrap();
+        check(
+            dev,
+            &format!("dgrad fp8 align {align}"),
+            |d| {
+                let qa = fp8_tokens(&dy, m, n, ScaleLayout::RowMajor, d);
+                let (qb, sb) = fp8_weights(&b, groups, n, k, d);
+                dgrad((&qa).into(), GemmInput::Fp8 { data: &qb, scales: &sb, layout: ScaleLayout::RowMajor }, &mi(d))
+                    .unwrap()
+            },
+            Some(&exact),
+        );
+    }
+}
+
+fn masked(dev: &Device, scale: usize) {
+    let (groups, m) = (3, 70 * scale);
+    let mm = vec![0i32, m as i32, 33];
+    let mmt = |d: &Device| Tensor::from_slice(&mm, &[groups], d).unwrap();
+    let (n, k) = (8, 8); // the smallest BF16 shape
+    let (a, b) = (values(groups * m * k, 8), values(groups * n * k, 9));
+    check(
+        dev,
+        "masked bf16 n=k=8",
+        |d| {
+            m_grouped_masked(
+                GemmInput::Bf16(&bf16_tensor(&a, &[groups, m, k], d)),
+                GemmInput::Bf16(&bf16_tensor(&b, &[groups, n, k], d)),
+                Some(&mmt(d)),
+            )
+            .unwrap()
+        },
+        None,
+    );
+    let (n, k) = (128, 128); // the smallest FP8 shape
+    let (a, b) = (values(groups * m * k, 10), values(groups * n * k, 11));
+    let mut exact = vec![0.0f32; groups * m * n];
+    reference::m_grouped_masked(&a, &b, &mm, m, n, k, &mut exact).unwrap();
+    for layout in [ScaleLayout::RowMajor, ScaleLayout::MnMajor] {
+        check(
+            dev,
+            &format!("masked fp8 {layout:?}"),
+            |d| {
+                let qa = fp8_tokens(&a, groups * m, k, layout, d);
+                let qa = Activation { data: qa.data.reshape(&[groups, m, k]).unwrap(), ..qa };
+                let (qb, sb) = fp8_weights(&b, groups, n, k, d);
+                m_grouped_masked((&qa).into(), GemmInput::Fp8 { data: &qb, scales: &sb, layout }, Some(&mmt(d)))
+                    .unwrap()
+            },
+            Some(&exact),
+        );
+    }
+    // Dense = one group, no mask.
+    let (m1, n1, k1) = (37, 16, 24);
+    let (a, b) = (values(m1 * k1, 12), values(n1 * k1, 13));
+    let exact = reference::gemm_nt(&a, &b, m1, n1, k1);
+    let got = f32s(
+        &m_grouped_masked(
+            GemmInput::Bf16(&bf16_tensor(&a, &[1, m1, k1], dev)),
+            GemmInput::Bf16(&bf16_tensor(&b, &[1, n1, k1], dev)),
+            None,
+        )
+        .unwrap(),
+    );
+    assert_close("dense", &got, &exact, 1e-5);
+}
+
+fn kgrouped(dev: &Device, scale: usize) {
+    // Groups of 0, 1, uneven sizes; FP8 boundaries not on 128 (scales follow the global blocks).
+    let sizes = [0usize, 1, 130 * scale, 125];
+    let mut offsets = vec![0i32];
+    for s in sizes {
+        offsets.push(offsets.last().unwrap() + s as i32);
+    }
+    let m = *offsets.last().unwrap() as usize;
+    let groups = sizes.len();
+    let off = |d: &Device| Tensor::from_slice(&offsets, &[groups + 1], d).unwrap();
+    let (n, k) = (24, 40);
+    let (dy, x) = (values(m * n, 14), values(m * k, 15));
+    check(
+        dev,
+        "k-grouped bf16",
+        |d| {
+            k_grouped(
+                GemmInput::Bf16(&bf16_tensor(&dy, &[m, n], d)),
+                GemmInput::Bf16(&bf16_tensor(&x, &[m, k], d)),
+                &off(d),
+            )
+            .unwrap()
+        },
+        None,
+    );
+    // Accumulation adds to what is there.
+    let first = f32s(
+        &k_grouped(
+            GemmInput::Bf16(&bf16_tensor(&dy, &[m, n], dev)),
+            GemmInput::Bf16(&bf16_tensor(&x, &[m, k], dev)),
+            &off(dev),
+        )
+        .unwrap(),
+    );
+    let mut acc = Tensor::from_slice(&first, &[groups, n, k], dev).unwrap();
+    k_grouped_accumulate(
+        &mut acc,
+        GemmInput::Bf16(&bf16_tensor(&dy, &[m, n], dev)),
+        GemmInput::Bf16(&bf16_tensor(&x, &[m, k], dev)),
+        &off(dev),
+    )
+    .unwrap();
+    let doubled: Vec<f32> = first.iter().map(|v| 2.0 * v).collect();
+    assert_close("k-grouped accumulate", &f32s(&acc), &doubled, 1e-10);
+    // FP8: transposed operands quantized along the tokens.
+    let (n, k) = (16, 24);
+    let (dy, x) = (values(m * n, 16), values(m * k, 17));
+    let t = |v: &[f32], rows: usize, cols: usize| -> Vec<f32> {
+        (0..rows * cols).map(|i| v[(i % rows) * cols + i / rows]).collect()
+    };
+    let (dyt, xt) = (t(&dy, m, n), t(&x, m, k));
+    let mut exact = vec![0.0f32; groups * n * k];
+    reference::k_grouped(&dy, &x, &offsets, n, k, false, &mut exact).unwrap();
+    check(
+        dev,
+        "k-grouped fp8",
+        |d| {
+            let qa = fp8_tokens(&dyt, n, m, ScaleLayout::RowMajor, d);
+            let qb = fp8_tokens(&xt, k, m, ScaleLayout::RowMajor, d);
+            k_grouped((&qa).into(), (&qb).into(), &off(d)).unwrap()
+        },
+        Some(&exact),
+    );
+}
+
+fn emu(name: &str) -> Option<Device> {
+    emulator_or_skip(name, &[&GEMM_PORTABLE], BlockOrder::Shuffled(11)).map(Device::Emulated)
+}
+
+#[test]
+fn emu_m_grouped_contiguous_and_dgrad() {
+    if let Some(d) = emu("emu_m_grouped_contiguous_and_dgrad") {
+        m_grouped(&d, 1);
+    }
+}
+
+#[test]
+fn emu_m_grouped_masked_and_dense() {
+    if let Some(d) = emu("emu_m_grouped_masked_and_dense") {
+        masked(&d, 1);
+    }
+}
+
+#[test]
+fn emu_k_grouped() {
+    if let Some(d) = emu("emu_k_grouped") {
+        kgrouped(&d, 1);
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: cargo test -- --include-ignored gpu_ (the GPU bundle does)"]
+fn gpu_grouped_gemm_all_layouts() {
+    let Some(_) = gpu_or_skip("gpu_grouped_gemm_all_layouts", &[&GEMM_PORTABLE]) else { return };
+    let d = Device::Cuda(CudaDevice::new(0).unwrap());
+    m_grouped(&d, 8);
+    masked(&d, 8);
+    kgrouped(&d, 8);
+}
+
+#[test]
+fn typed_errors_before_launch() {
+    use moekit_tensor::Error;
+    let dev = Device::Cpu;
+    let a = bf16_tensor(&values(4 * 12, 1), &[4, 12], &dev);
+    let b = bf16_tensor(&values(2 * 8 * 12, 2), &[2, 8, 12], &dev);
+    let ids = Tensor::from_slice(&[0i32, 1, -1, 0], &[4], &dev).unwrap();
+    let r = m_grouped_contiguous(GemmInput::Bf16(&a), GemmInput::Bf16(&b), &ids);
+    assert!(matches!(r, Err(Error::Alignment { .. })), "k = 12 is not a multiple of 8: {r:?}");
+    let a = bf16_tensor(&values(4 * 16, 1), &[4, 16], &dev);
+    let b = bf16_tensor(&values(2 * 8 * 8, 2), &[2, 8, 8], &dev);
+    assert!(matches!(m_grouped_contiguous(GemmInput::Bf16(&a), GemmInput::Bf16(&b), &ids), Err(Error::Shape(_))));
+    let short = Tensor::from_slice(&[0i32, 1], &[2], &dev).unwrap();
+    let b = bf16_tensor(&values(2 * 8 * 16, 2), &[2, 8, 16], &dev);
+    assert!(matches!(m_grouped_contiguous(GemmInput::Bf16(&a), GemmInput::Bf16(&b), &short), Err(Error::Shape(_))));
+    let qa = fp8_tokens(&values(4 * 128, 3), 4, 128, ScaleLayout::RowMajor, &dev);
+    let r = m_grouped_contiguous((&qa).into(), GemmInput::Bf16(&b), &ids);
+    assert!(matches!(r, Err(Error::Dtype { .. }) | Err(Error::Shape(_))), "{r:?}");
+}
