@@ -19,6 +19,7 @@
 // moekit-sass: * require HMMA LDSM LDGSTS
 
 #include "moekit/abi.h"
+#include "moekit/gemm/scheduler.cuh"
 #include "moekit/convert.cuh"
 #include "moekit/portable.cuh"
 #include "moekit/ptx.cuh"
@@ -290,15 +291,7 @@ __device__ __forceinline__ void gemm_portable(const MoekitGemmParams& p) {
     if (row_grouped) {
       // The distinct valid groups among this tile's rows, in order of first appearance.
       if (threadIdx.x == 0) {
-        int count = 0;
-        for (int r = row0; r < row0 + kBM && r < p.m; ++r) {
-          const int g = m_indices[r];
-          if (g < 0 || g >= p.groups) continue;
-          bool seen = false;
-          for (int j = 0; j < count; ++j) seen = seen || tile_groups[j] == g;
-          if (!seen) tile_groups[count++] = g;
-        }
-        tile_group_count = count;
+        tile_group_count = moekit::gemm::distinct_groups(m_indices, row0, kBM, p.m, p.groups, tile_groups);
       }
       __syncthreads();
       passes = tile_group_count;

@@ -93,117 +93,132 @@ fn gpu(c: &mut Criterion) {
             Kind::KGrouped(g) => (*g, 4096 * g, vec![], vec![0, 1]),
         };
         let kg = matches!(case.kind, Kind::KGrouped(_));
-        let shape = Shape { groups, m, n, k };
-        let (a_elems, b_elems) = if kg {
-            (n * m, k * m)
+        // Every kernel the dispatcher can pick for this GPU (Hopper: also the sm90 kernel).
+        let kernels: Vec<raw::Kernel> = if gpu.compute_capability() == (9, 0) && !kg {
+            vec![raw::Kernel::Portable, raw::Kernel::Sm90]
         } else {
-            let rows = if matches!(case.kind, Kind::Masked(_)) { groups * m } else { m };
-            (rows * k, groups * n * k)
+            vec![raw::Kernel::Portable]
         };
-        let a_rows = if kg { n } else { a_elems / k };
-        let a_red = if kg { m } else { k };
-        let (b_rows, b_red) = if kg { (k, m) } else { (groups * n, k) };
-        let a_sc = if kg { n * (m / 128) } else { a_rows * (k / 128) };
-        let b_sc = if kg { k * (m / 128) } else { groups * (n / 128) * (k / 128) };
-        let (ha, hb) = (fp8_codes(a_elems, 3), fp8_codes(b_elems, 4));
-        let (hsa, hsb) = (scales(a_sc, 5), scales(b_sc, 6));
-        let ha16: Vec<bf16> = ha.iter().map(|&q| bf16::from_f32(F8E4M3::from_bits(q).to_f32())).collect();
-        let hb16: Vec<bf16> = hb.iter().map(|&q| bf16::from_f32(F8E4M3::from_bits(q).to_f32())).collect();
-        let da = DeviceBuffer::from_host(&gpu, &ha).unwrap();
-        let db = DeviceBuffer::from_host(&gpu, &hb).unwrap();
-        let da16 = DeviceBuffer::from_host(&gpu, &ha16).unwrap();
-        let db16 = DeviceBuffer::from_host(&gpu, &hb16).unwrap();
-        let dsa = DeviceBuffer::from_host(&gpu, &hsa).unwrap();
-        let dsb = DeviceBuffer::from_host(&gpu, &hsb).unwrap();
-        let dids = DeviceBuffer::from_host(&gpu, &if ids.is_empty() { vec![0] } else { ids.clone() }).unwrap();
-        let offs: Vec<i32> = (0..=groups).map(|g| (g * 4096) as i32).collect();
-        let doffs = DeviceBuffer::from_host(&gpu, &offs).unwrap();
-        let out_elems = if kg { groups * n * k } else { a_rows * n };
-        let mut d16 = DeviceBuffer::<bf16>::zeros(&gpu, if kg { 1 } else { out_elems }).unwrap();
-        let mut d32 = DeviceBuffer::<f32>::zeros(&gpu, if kg { out_elems } else { 1 }).unwrap();
-        let op = |fp8: bool| -> (Operand<'_>, Operand<'_>) {
-            if fp8 {
-                (
-                    Operand::Fp8 { data: da.view(), scales: dsa.view() },
-                    Operand::Fp8 { data: db.view(), scales: dsb.view() },
-                )
+        for kernel_choice in kernels {
+            raw::set_kernel_override(Some(kernel_choice));
+            let shape = Shape { groups, m, n, k };
+            let (a_elems, b_elems) = if kg {
+                (n * m, k * m)
             } else {
-                (Operand::Bf16(da16.view()), Operand::Bf16(db16.view()))
-            }
-        };
-        let run = |d16: &mut DeviceBuffer<bf16>, d32: &mut DeviceBuffer<f32>| -> moekit_cuda::Result<()> {
-            let (a, b) = op(case.fp8);
-            match &case.kind {
-                Kind::Contiguous(_) => {
-                    raw::m_grouped_contiguous(&stream, shape, a, ScaleLayout::RowMajor, b, dids.view(), d16.view_mut())
-                }
-                Kind::Masked(_) => {
-                    raw::m_grouped_masked(&stream, shape, a, ScaleLayout::RowMajor, b, None, d16.view_mut())
-                }
-                Kind::KGrouped(_) => raw::k_grouped(&stream, shape, a, b, doffs.view(), false, d32.view_mut()),
-            }
-        };
-        // Correctness first: sampled rows (k-grouped: output rows of group 0) vs the reference.
-        run(&mut d16, &mut d32).unwrap();
-        let deq = |codes: &[u8], sc: &[f32], rows: usize, red: usize, block_rows: bool, r: usize| -> Vec<f32> {
-            (0..red)
-                .map(|l| {
-                    let s = if !case.fp8 {
-                        1.0
-                    } else if block_rows {
-                        let (g, rr) = (r / n, r % n);
-                        sc[(g * (n / 128) + rr / 128) * (red / 128) + l / 128]
-                    } else {
-                        sc[r * (red / 128) + l / 128]
-                    };
-                    let _ = rows;
-                    F8E4M3::from_bits(codes[r * red + l]).to_f32() * s
-                })
-                .collect()
-        };
-        let mut got = vec![];
-        let mut want = vec![];
-        for &r in &sample_rows {
-            let (g, arow) = match &case.kind {
-                Kind::Contiguous(_) => (ids[r] as usize, r),
-                Kind::Masked(_) => (0, r),
-                Kind::KGrouped(_) => (0, r),
+                let rows = if matches!(case.kind, Kind::Masked(_)) { groups * m } else { m };
+                (rows * k, groups * n * k)
             };
-            let av = deq(&ha, &hsa, a_rows, a_red, false, arow);
-            for j in 0..if kg { k } else { n } {
-                let brow = if kg { j } else { g * n + j };
-                let bv = deq(&hb, &hsb, b_rows, b_red, !kg, brow);
-                let range = if kg { 0..4096 } else { 0..a_red };
-                want.push(range.map(|l| av[l] as f64 * bv[l] as f64).sum::<f64>() as f32);
+            let a_rows = if kg { n } else { a_elems / k };
+            let a_red = if kg { m } else { k };
+            let (b_rows, b_red) = if kg { (k, m) } else { (groups * n, k) };
+            let a_sc = if kg { n * (m / 128) } else { a_rows * (k / 128) };
+            let b_sc = if kg { k * (m / 128) } else { groups * (n / 128) * (k / 128) };
+            let (ha, hb) = (fp8_codes(a_elems, 3), fp8_codes(b_elems, 4));
+            let (hsa, hsb) = (scales(a_sc, 5), scales(b_sc, 6));
+            let ha16: Vec<bf16> = ha.iter().map(|&q| bf16::from_f32(F8E4M3::from_bits(q).to_f32())).collect();
+            let hb16: Vec<bf16> = hb.iter().map(|&q| bf16::from_f32(F8E4M3::from_bits(q).to_f32())).collect();
+            let da = DeviceBuffer::from_host(&gpu, &ha).unwrap();
+            let db = DeviceBuffer::from_host(&gpu, &hb).unwrap();
+            let da16 = DeviceBuffer::from_host(&gpu, &ha16).unwrap();
+            let db16 = DeviceBuffer::from_host(&gpu, &hb16).unwrap();
+            let dsa = DeviceBuffer::from_host(&gpu, &hsa).unwrap();
+            let dsb = DeviceBuffer::from_host(&gpu, &hsb).unwrap();
+            let dids = DeviceBuffer::from_host(&gpu, &if ids.is_empty() { vec![0] } else { ids.clone() }).unwrap();
+            let offs: Vec<i32> = (0..=groups).map(|g| (g * 4096) as i32).collect();
+            let doffs = DeviceBuffer::from_host(&gpu, &offs).unwrap();
+            let out_elems = if kg { groups * n * k } else { a_rows * n };
+            let mut d16 = DeviceBuffer::<bf16>::zeros(&gpu, if kg { 1 } else { out_elems }).unwrap();
+            let mut d32 = DeviceBuffer::<f32>::zeros(&gpu, if kg { out_elems } else { 1 }).unwrap();
+            let op = |fp8: bool| -> (Operand<'_>, Operand<'_>) {
+                if fp8 {
+                    (
+                        Operand::Fp8 { data: da.view(), scales: dsa.view() },
+                        Operand::Fp8 { data: db.view(), scales: dsb.view() },
+                    )
+                } else {
+                    (Operand::Bf16(da16.view()), Operand::Bf16(db16.view()))
+                }
+            };
+            let run = |d16: &mut DeviceBuffer<bf16>, d32: &mut DeviceBuffer<f32>| -> moekit_cuda::Result<()> {
+                let (a, b) = op(case.fp8);
+                match &case.kind {
+                    Kind::Contiguous(_) => raw::m_grouped_contiguous(
+                        &stream,
+                        shape,
+                        a,
+                        ScaleLayout::RowMajor,
+                        b,
+                        dids.view(),
+                        d16.view_mut(),
+                    ),
+                    Kind::Masked(_) => {
+                        raw::m_grouped_masked(&stream, shape, a, ScaleLayout::RowMajor, b, None, d16.view_mut())
+                    }
+                    Kind::KGrouped(_) => raw::k_grouped(&stream, shape, a, b, doffs.view(), false, d32.view_mut()),
+                }
+            };
+            // Correctness first: sampled rows (k-grouped: output rows of group 0) vs the reference.
+            run(&mut d16, &mut d32).unwrap();
+            let deq = |codes: &[u8], sc: &[f32], rows: usize, red: usize, block_rows: bool, r: usize| -> Vec<f32> {
+                (0..red)
+                    .map(|l| {
+                        let s = if !case.fp8 {
+                            1.0
+                        } else if block_rows {
+                            let (g, rr) = (r / n, r % n);
+                            sc[(g * (n / 128) + rr / 128) * (red / 128) + l / 128]
+                        } else {
+                            sc[r * (red / 128) + l / 128]
+                        };
+                        let _ = rows;
+                        F8E4M3::from_bits(codes[r * red + l]).to_f32() * s
+                    })
+                    .collect()
+            };
+            let mut got = vec![];
+            let mut want = vec![];
+            for &r in &sample_rows {
+                let (g, arow) = match &case.kind {
+                    Kind::Contiguous(_) => (ids[r] as usize, r),
+                    Kind::Masked(_) => (0, r),
+                    Kind::KGrouped(_) => (0, r),
+                };
+                let av = deq(&ha, &hsa, a_rows, a_red, false, arow);
+                for j in 0..if kg { k } else { n } {
+                    let brow = if kg { j } else { g * n + j };
+                    let bv = deq(&hb, &hsb, b_rows, b_red, !kg, brow);
+                    let range = if kg { 0..4096 } else { 0..a_red };
+                    want.push(range.map(|l| av[l] as f64 * bv[l] as f64).sum::<f64>() as f32);
+                }
+                if kg {
+                    let mut row = vec![0f32; k];
+                    d32.copy_range_to_host(&stream, r * k, &mut row).unwrap();
+                    got.extend(row);
+                } else {
+                    let mut row = vec![bf16::ZERO; n];
+                    d16.copy_range_to_host(&stream, r * n, &mut row).unwrap();
+                    got.extend(row.iter().map(|v| v.to_f32()));
+                }
             }
-            if kg {
-                let mut row = vec![0f32; k];
-                d32.copy_range_to_host(&stream, r * k, &mut row).unwrap();
-                got.extend(row);
-            } else {
-                let mut row = vec![bf16::ZERO; n];
-                d16.copy_range_to_host(&stream, r * n, &mut row).unwrap();
-                got.extend(row.iter().map(|v| v.to_f32()));
-            }
-        }
-        let d = reference::diff(&got, &want);
-        assert!(d < 1e-5, "{}: sampled rows differ from the reference (diff {d:e})", case.name);
+            let d = reference::diff(&got, &want);
+            assert!(d < 1e-5, "{}: sampled rows differ from the reference (diff {d:e})", case.name);
 
-        let rows_used: usize = match &case.kind {
-            Kind::Contiguous(s) => s.iter().sum(),
-            Kind::Masked(_) => groups * m,
-            Kind::KGrouped(_) => m,
-        };
-        let flops = 2.0 * rows_used as f64 * n as f64 * k as f64;
-        let mut launch = |_: u64| run(&mut d16, &mut d32);
-        let mut g = c.benchmark_group(case.name);
-        g.sample_size(10);
-        g.bench_function("gpu", |b| b.iter_custom(|iters| time_gpu(&stream, iters, &mut launch).unwrap()));
-        g.finish();
-        let us = median_gpu_us(&stream, 2, 10, &mut launch).unwrap();
-        let ceiling = if case.fp8 { FP8_FLOPS_PER_S } else { BF16_FLOPS_PER_S };
-        let kernel = format!("{:?}", raw::kernel_for(&stream));
-        report_tflops(case.name, &format!("G={groups} M={m} N={n} K={k} ({kernel})"), us, flops, ceiling);
+            let rows_used: usize = match &case.kind {
+                Kind::Contiguous(s) => s.iter().sum(),
+                Kind::Masked(_) => groups * m,
+                Kind::KGrouped(_) => m,
+            };
+            let flops = 2.0 * rows_used as f64 * n as f64 * k as f64;
+            let mut launch = |_: u64| run(&mut d16, &mut d32);
+            let mut g = c.benchmark_group(format!("{}-{kernel_choice:?}", case.name));
+            g.sample_size(10);
+            g.bench_function("gpu", |b| b.iter_custom(|iters| time_gpu(&stream, iters, &mut launch).unwrap()));
+            g.finish();
+            let us = median_gpu_us(&stream, 2, 10, &mut launch).unwrap();
+            let ceiling = if case.fp8 { FP8_FLOPS_PER_S } else { BF16_FLOPS_PER_S };
+            let kernel = format!("{:?}", raw::kernel_for(&stream));
+            report_tflops(case.name, &format!("G={groups} M={m} N={n} K={k} ({kernel})"), us, flops, ceiling);
+        }
     }
 }
 

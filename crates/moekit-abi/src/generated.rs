@@ -169,6 +169,39 @@ pub struct MoekitGemmParams {
     pub a_scale_stride: i32,
     pub _pad: i32,
 }
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone, PartialEq, Eq)]
+pub struct MoekitTensorMap {
+    pub opaque: [u64; 16usize],
+}
+impl Default for MoekitTensorMap {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone, PartialEq, Eq)]
+pub struct MoekitGemmSm90Params {
+    pub tmap_a: MoekitTensorMap,
+    pub tmap_b: MoekitTensorMap,
+    pub gemm: MoekitGemmParams,
+    pub _pad: [u8; 80usize],
+}
+impl Default for MoekitGemmSm90Params {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 pub const MOEKIT_EMU_ORDER_IN_ORDER: MoekitEmuBlockOrder = 0;
 pub const MOEKIT_EMU_ORDER_REVERSED: MoekitEmuBlockOrder = 1;
 pub const MOEKIT_EMU_ORDER_SHUFFLED: MoekitEmuBlockOrder = 2;

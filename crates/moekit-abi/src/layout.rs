@@ -134,6 +134,15 @@ pub const RUST_LAYOUT: &[(&str, &str, usize)] = &[
     ("MoekitGemmParams", "a_scale_layout", offset_of!(MoekitGemmParams, a_scale_layout)),
     ("MoekitGemmParams", "a_scale_stride", offset_of!(MoekitGemmParams, a_scale_stride)),
     ("MoekitGemmParams", "_pad", offset_of!(MoekitGemmParams, _pad)),
+    ("MoekitTensorMap", "", size_of::<MoekitTensorMap>()),
+    ("MoekitTensorMap", "<align>", align_of::<MoekitTensorMap>()),
+    ("MoekitTensorMap", "opaque", offset_of!(MoekitTensorMap, opaque)),
+    ("MoekitGemmSm90Params", "", size_of::<MoekitGemmSm90Params>()),
+    ("MoekitGemmSm90Params", "<align>", align_of::<MoekitGemmSm90Params>()),
+    ("MoekitGemmSm90Params", "tmap_a", offset_of!(MoekitGemmSm90Params, tmap_a)),
+    ("MoekitGemmSm90Params", "tmap_b", offset_of!(MoekitGemmSm90Params, tmap_b)),
+    ("MoekitGemmSm90Params", "gemm", offset_of!(MoekitGemmSm90Params, gemm)),
+    ("MoekitGemmSm90Params", "_pad", offset_of!(MoekitGemmSm90Params, _pad)),
     ("MoekitEmuLaunch", "", size_of::<MoekitEmuLaunch>()),
     ("MoekitEmuLaunch", "<align>", align_of::<MoekitEmuLaunch>()),
     ("MoekitEmuLaunch", "grid", offset_of!(MoekitEmuLaunch, grid)),
@@ -159,6 +168,8 @@ macro_rules! for_each_abi_struct {
         $m!($crate::MoekitActParams);
         $m!($crate::MoekitCombineParams);
         $m!($crate::MoekitGemmParams);
+        $m!($crate::MoekitTensorMap);
+        $m!($crate::MoekitGemmSm90Params);
         $m!($crate::MoekitEmuLaunch);
     };
 }

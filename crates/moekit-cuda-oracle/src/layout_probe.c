@@ -131,6 +131,15 @@ const size_t moekit_abi_c_layout[] = {
     offsetof(MoekitGemmParams, a_scale_layout),
     offsetof(MoekitGemmParams, a_scale_stride),
     offsetof(MoekitGemmParams, _pad),
+    sizeof(MoekitTensorMap),
+    _Alignof(MoekitTensorMap),
+    offsetof(MoekitTensorMap, opaque),
+    sizeof(MoekitGemmSm90Params),
+    _Alignof(MoekitGemmSm90Params),
+    offsetof(MoekitGemmSm90Params, tmap_a),
+    offsetof(MoekitGemmSm90Params, tmap_b),
+    offsetof(MoekitGemmSm90Params, gemm),
+    offsetof(MoekitGemmSm90Params, _pad),
     sizeof(MoekitEmuLaunch),
     _Alignof(MoekitEmuLaunch),
     offsetof(MoekitEmuLaunch, grid),
@@ -142,4 +151,4 @@ const size_t moekit_abi_c_layout[] = {
     offsetof(MoekitEmuLaunch, _pad),
     offsetof(MoekitEmuLaunch, stack_bytes),
 };
-const size_t moekit_abi_c_layout_len = 137;
+const size_t moekit_abi_c_layout_len = 146;

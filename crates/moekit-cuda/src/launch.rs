@@ -154,6 +154,12 @@ pub trait Launcher {
     /// Short description for messages.
     fn describe(&self) -> String;
 
+    /// Compute capability of the GPU behind this launcher (None for the host emulation), for
+    /// kernel dispatchers that pick an architecture-specific kernel.
+    fn compute_capability(&self) -> Option<(u32, u32)> {
+        None
+    }
+
     /// Whether kernels launched here may address memory in `space`.
     fn can_address(&self, space: MemSpace) -> bool;
 }
@@ -200,6 +206,10 @@ impl Launcher for Stream {
         params: &mut [*mut c_void],
     ) -> Result<()> {
         let f = self.gpu().function(image, kernel)?;
+        if cfg.shared_mem_bytes > 48 << 10 {
+            // Above 48 KiB a kernel must opt in (cheap, and idempotent).
+            f.set_max_dynamic_shared_memory(cfg.shared_mem_bytes)?;
+        }
         self.gpu().bind()?;
         // SAFETY: the caller guarantees the parameter list; the driver copies `params`.
         unsafe { result::launch_kernel(f.raw(), cfg.grid, cfg.block, cfg.shared_mem_bytes, self.raw(), params) }
@@ -212,6 +222,10 @@ impl Launcher for Stream {
 
     fn describe(&self) -> String {
         format!("{:?}", self.gpu())
+    }
+
+    fn compute_capability(&self) -> Option<(u32, u32)> {
+        Some(self.gpu().compute_capability())
     }
 
     fn can_address(&self, space: MemSpace) -> bool {

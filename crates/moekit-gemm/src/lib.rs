@@ -23,6 +23,7 @@
 mod ops;
 pub mod raw;
 pub mod reference;
+mod sm90;
 
 pub use moekit_cuda::{Error, Result};
 pub use moekit_dispatch::ScaleLayout;

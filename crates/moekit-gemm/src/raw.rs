@@ -20,14 +20,36 @@ pub const BLOCKS_PER_SM: usize = 4;
 /// The kernel the dispatcher picks for a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
-    /// `mma.sync` + `ldmatrix` + `cp.async` (sm_80 and newer); the only one until the Hopper
-    /// kernels land.
+    /// `mma.sync` + `ldmatrix` + `cp.async` (sm_80 and newer), every op.
     Portable,
+    /// Hopper: TMA + wgmma, warp-specialised, persistent (sm_90a), m-grouped contiguous and
+    /// masked; other ops and shapes it does not take run on the portable kernel. Not yet
+    /// verified on a GPU: picked only with `MOEKIT_GEMM_SM90=1` or an override.
+    Sm90,
 }
 
-/// The best kernel for `on` (every device gets the portable one for now).
-pub fn kernel_for(_on: &dyn Launcher) -> Kernel {
-    Kernel::Portable
+thread_local! {
+    static OVERRIDE: std::cell::Cell<Option<Kernel>> = const { std::cell::Cell::new(None) };
+}
+
+/// Forces the dispatcher's choice on this thread (None: automatic); for tests and benchmarks
+/// that must run every kernel.
+pub fn set_kernel_override(kernel: Option<Kernel>) {
+    OVERRIDE.with(|o| o.set(kernel));
+}
+
+/// The kernel for `on`: an override if set on this thread; else the Hopper kernel on a
+/// compute capability 9.0 GPU when it is built and `MOEKIT_GEMM_SM90=1`; else portable.
+pub fn kernel_for(on: &dyn Launcher) -> Kernel {
+    if let Some(k) = OVERRIDE.with(|o| o.get()) {
+        return k;
+    }
+    let opted_in = std::env::var("MOEKIT_GEMM_SM90").is_ok_and(|v| v == "1");
+    if opted_in && on.compute_capability() == Some((9, 0)) && crate::kernels::GEMM_SM90.is_built() {
+        Kernel::Sm90
+    } else {
+        Kernel::Portable
+    }
 }
 
 /// A GEMM operand: BF16, or FP8 E4M3 codes with their f32 scales.
@@ -161,6 +183,9 @@ fn launch(on: &dyn Launcher, l: Launch<'_>) -> Result<()> {
         a_scale_stride: ScaleLayout::mn_stride(l.a_scale_rows) as i32,
         _pad: 0,
     };
+    if kernel_for(on) == Kernel::Sm90 && crate::sm90::supports(l.op, &s, fp8) {
+        return crate::sm90::launch(on, params);
+    }
     let name = if fp8 { "moekit_gemm_portable_fp8" } else { "moekit_gemm_portable_bf16" };
     // SAFETY: one MoekitGemmParams by value (layout checked by moekit-abi's tests). The callers
     // checked the shape constraints and every buffer length against the sizes the kernel

@@ -331,6 +331,64 @@ fn gpu_grouped_gemm_all_layouts() {
     kgrouped(&d, 8);
 }
 
+/// Shapes the Hopper kernel takes (K a multiple of 64 / 128), with edge tiles in M and N.
+fn sm90_shapes(dev: &Device) {
+    let ids = contiguous_ids(&[(0, 0), (1, 1), (2, 128), (0, 300), (3, 77)], 128);
+    let m = ids.len();
+    let groups = 4;
+    let mi = |d: &Device| Tensor::from_slice(&ids, &[m], d).unwrap();
+    let (n, k) = (200, 192);
+    let (a, b) = (values(m * k, 21), values(groups * n * k, 22));
+    check(
+        dev,
+        "sm90 contiguous bf16",
+        |d| {
+            m_grouped_contiguous(
+                GemmInput::Bf16(&bf16_tensor(&a, &[m, k], d)),
+                GemmInput::Bf16(&bf16_tensor(&b, &[groups, n, k], d)),
+                &mi(d),
+            )
+            .unwrap()
+        },
+        None,
+    );
+    let (gm, mm) = (3, vec![0i32, 130, 257]);
+    let mmt = |d: &Device| Tensor::from_slice(&mm, &[gm], d).unwrap();
+    let a2 = values(gm * 257 * k, 23);
+    let b2 = values(gm * n * k, 24);
+    check(
+        dev,
+        "sm90 masked bf16",
+        |d| {
+            m_grouped_masked(
+                GemmInput::Bf16(&bf16_tensor(&a2, &[gm, 257, k], d)),
+                GemmInput::Bf16(&bf16_tensor(&b2, &[gm, n, k], d)),
+                Some(&mmt(d)),
+            )
+            .unwrap()
+        },
+        None,
+    );
+}
+
+/// The Hopper kernel on every layout it takes (ops and shapes it does not take fall back to the
+/// portable kernel inside the same calls).
+#[test]
+#[ignore = "needs a GPU: cargo test -- --include-ignored gpu_ (the GPU bundle does)"]
+fn gpu_grouped_gemm_sm90() {
+    let Some(gpu) = gpu_or_skip("gpu_grouped_gemm_sm90", &[&moekit_gemm::kernels::GEMM_SM90]) else { return };
+    if gpu.compute_capability() != (9, 0) {
+        moekit_cuda::testing::skip_notice("gpu_grouped_gemm_sm90", "not a compute capability 9.0 GPU");
+        return;
+    }
+    moekit_gemm::raw::set_kernel_override(Some(moekit_gemm::raw::Kernel::Sm90));
+    let d = Device::Cuda(CudaDevice::new(0).unwrap());
+    sm90_shapes(&d);
+    m_grouped(&d, 8);
+    masked(&d, 8);
+    moekit_gemm::raw::set_kernel_override(None);
+}
+
 #[test]
 fn typed_errors_before_launch() {
     use moekit_tensor::Error;

@@ -239,6 +239,24 @@ typedef struct MoekitGemmParams {
   int32_t _pad;
 } MoekitGemmParams;
 
+/* An opaque CUtensorMap (cuTensorMapEncodeTiled fills it on the host): 128 bytes, 64-aligned. */
+typedef struct MoekitTensorMap {
+  uint64_t opaque[16];
+} __attribute__((aligned(64))) MoekitTensorMap;
+
+/*
+ * Hopper grouped GEMM (kernels/gemm_sm90.cu), m-grouped contiguous and masked: the portable
+ * kernel's parameters plus TMA descriptors of A (2D [m, k] contiguous, 3D [groups, m, k]
+ * masked; box 128 rows x 128 bytes, 128-byte swizzle) and B (3D [groups, n, k], same box).
+ * Passed as a __grid_constant__ kernel parameter.
+ */
+typedef struct MoekitGemmSm90Params {
+  MoekitTensorMap tmap_a;
+  MoekitTensorMap tmap_b;
+  MoekitGemmParams gemm;
+  uint8_t _pad[80]; /* to a multiple of 64 bytes */
+} MoekitGemmSm90Params;
+
 /* Block visiting order of the host emulation (MoekitEmuLaunch.block_order). */
 typedef enum MoekitEmuBlockOrder {
   MOEKIT_EMU_ORDER_IN_ORDER = 0,

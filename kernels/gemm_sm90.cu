@@ -1,0 +1,214 @@
+// Hopper grouped GEMM, version 1 (sm_90a): m-grouped contiguous and masked (dense = one masked
+// group), BF16 and FP8 E4M3 with 1x128 / 128x128 scales promoted to f32 every 128 of K.
+//
+// Block = 3 warpgroups: warpgroup 0 produces (one thread issues TMA loads of 128 x 128-byte
+// tiles of A and B, 128-byte swizzled, into a 4-stage ring; completion on "full" mbarriers),
+// warpgroups 1 and 2 consume (each a 64 x 128 half of the 128 x 128 output tile with
+// wgmma.m64n128, accumulators in registers), then release the stage on its "empty" mbarrier.
+// Registers move from the producer (40) to the consumers (232) with setmaxnreg. Tiles are
+// scheduled persistently over all groups' tiles; a contiguous tile runs one pass per distinct
+// group among its 128 rows (as the portable kernel), so padding rows cost no MMA unless they
+// share a tile with real rows. The epilogue converts to BF16 and stores from registers.
+//
+// NOT YET RUN ON A GPU: verified by compilation and SASS inspection only (see NOTES.md). The
+// dispatcher picks it only with MOEKIT_GEMM_SM90=1 until the GPU tests pass.
+//
+// moekit-arch: hopper
+// moekit-emulate: no
+// moekit-sass: * forbid LDL STL
+// moekit-sass: moekit_gemm_sm90_bf16 require HGMMA UTMALDG SYNCS
+// moekit-sass: moekit_gemm_sm90_fp8 require QGMMA UTMALDG SYNCS
+
+#include "moekit/abi.h"
+#include "moekit/gemm/scheduler.cuh"
+#include "moekit/sm90/ptx_sm90.cuh"
+
+#include <cuda_bf16.h>
+
+namespace {
+
+constexpr int kBM = 128;           // output rows per tile (two consumer warpgroups of 64)
+constexpr int kBN = 128;           // output columns per tile
+constexpr int kTileBytes = 16384;  // 128 rows x 128 bytes (BF16: 64 of K; FP8: 128 of K)
+constexpr int kStages = 4;
+constexpr int kThreads = 384;
+// Dynamic shared memory: stages of (A tile, B tile), then the barriers; +1024 for alignment.
+constexpr int kSmemBytes = kStages * 2 * kTileBytes + 1024 + 2 * kStages * 8;  // raw::SM90_SMEM_BYTES
+
+struct Schedule {
+  int tiles_r, tiles_c;
+  int64_t total;
+};
+
+__device__ __forceinline__ Schedule schedule(const MoekitGemmParams& p) {
+  const bool masked = p.op == MOEKIT_GEMM_MASKED;
+  Schedule s;
+  s.tiles_r = (p.m + kBM - 1) / kBM;
+  s.tiles_c = (p.n + kBN - 1) / kBN;
+  s.total = static_cast<int64_t>(masked ? p.groups : 1) * s.tiles_r * s.tiles_c;
+  return s;
+}
+
+template <bool kFp8>
+__device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
+  const MoekitGemmParams& p = P.gemm;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char* tiles = smem;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * 2 * kTileBytes);
+  uint64_t* empty = full + kStages;
+  __shared__ int tile_groups[kBM];
+  __shared__ int tile_group_count;
+  __shared__ int tile_valid_rows;
+
+  const int wg = threadIdx.x / 128;
+  const int t = threadIdx.x % 128;
+  const bool masked = p.op == MOEKIT_GEMM_MASKED;
+  const int k_block = kFp8 ? 128 : 64;  // K per stage (128 bytes per row)
+  const int k_steps = (p.k + k_block - 1) / k_block;
+  const Schedule s = schedule(p);
+  const int* m_indices = reinterpret_cast<const int*>(p.m_indices);
+
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kStages; ++i) {
+      moekit::sm90::mbar_init(&full[i], 1);
+      moekit::sm90::mbar_init(&empty[i], 2);  // one arrival per consumer warpgroup
+    }
+    moekit::sm90::fence_barrier_init();
+    moekit::sm90::prefetch_tmap(&P.tmap_a);
+    moekit::sm90::prefetch_tmap(&P.tmap_b);
+  }
+  __syncthreads();
+
+  uint32_t stage = 0, phase = 0;  // ring position, identical in every role
+  auto advance = [&]() {
+    if (++stage == kStages) stage = 0, phase ^= 1;
+  };
+
+  if (wg == 0) {
+    moekit::sm90::regs_dec<40>();
+  } else {
+    moekit::sm90::regs_inc<232>();
+  }
+
+  for (int64_t tile = blockIdx.x; tile < s.total; tile += gridDim.x) {
+    const int g_sched = static_cast<int>(tile / (static_cast<int64_t>(s.tiles_r) * s.tiles_c));
+    const int rem = static_cast<int>(tile % (static_cast<int64_t>(s.tiles_r) * s.tiles_c));
+    const int row0 = (rem / s.tiles_c) * kBM, col0 = (rem % s.tiles_c) * kBN;
+    // Which groups this tile computes (every thread of the block agrees).
+    if (threadIdx.x == 0) {
+      int count = 0, valid = p.m;
+      if (masked) {
+        valid = p.masked_m != 0 ? reinterpret_cast<const int*>(p.masked_m)[g_sched] : p.m;
+        valid = valid < 0 ? 0 : (valid > p.m ? p.m : valid);
+        if (row0 < valid) tile_groups[count++] = g_sched;
+      } else {
+        count = moekit::gemm::distinct_groups(m_indices, row0, kBM, p.m, p.groups, tile_groups);
+      }
+      tile_group_count = count;
+      tile_valid_rows = valid;
+    }
+    __syncthreads();
+    const int passes = tile_group_count;
+    const int valid = tile_valid_rows;
+
+    for (int pass = 0; pass < passes; ++pass) {
+      const int g = tile_groups[pass];
+      if (wg == 0) {
+        // Producer: one thread streams the K steps of A and B through the ring.
+        if (t == 0) {
+          for (int ks = 0; ks < k_steps; ++ks) {
+            moekit::sm90::mbar_wait(&empty[stage], phase ^ 1);
+            moekit::sm90::mbar_arrive_expect_tx(&full[stage], 2 * kTileBytes);
+            unsigned char* a_dst = tiles + stage * 2 * kTileBytes;
+            const int kc = ks * k_block;
+            if (masked) {
+              moekit::sm90::tma_load_3d(a_dst, &P.tmap_a, &full[stage], kc, row0, g);
+            } else {
+              moekit::sm90::tma_load_2d(a_dst, &P.tmap_a, &full[stage], kc, row0);
+            }
+            moekit::sm90::tma_load_3d(a_dst + kTileBytes, &P.tmap_b, &full[stage], kc, col0, g);
+            advance();
+          }
+        } else {
+          for (int ks = 0; ks < k_steps; ++ks) advance();  // keep the ring position in step
+        }
+      } else {
+        // Consumers: warpgroup c computes rows 64 (c - 1) .. of the tile.
+        const int half = wg - 1;
+        float acc[64];
+#pragma unroll
+        for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+        float part[kFp8 ? 64 : 1];
+        const int warp = t / 32, lane = t % 32;
+        for (int ks = 0; ks < k_steps; ++ks) {
+          moekit::sm90::mbar_wait(&full[stage], phase);
+          const unsigned char* a_tile = tiles + stage * 2 * kTileBytes + half * (kTileBytes / 2);
+          const unsigned char* b_tile = tiles + stage * 2 * kTileBytes + kTileBytes;
+          moekit::sm90::wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) {  // 4 x 32 bytes of K per 128-byte row
+            const uint64_t da = moekit::sm90::smem_desc_k128(a_tile, kk * 32);
+            const uint64_t db = moekit::sm90::smem_desc_k128(b_tile, kk * 32);
+            if constexpr (kFp8) {
+              moekit::sm90::wgmma_m64n128k32_e4m3(part, da, db, kk > 0);
+            } else {
+              moekit::sm90::wgmma_m64n128k16_bf16(acc, da, db, true);
+            }
+          }
+          moekit::sm90::wgmma_commit();
+          moekit::sm90::wgmma_wait<0>();
+          if constexpr (kFp8) {
+            moekit::sm90::fence_regs(part);
+            // Promote: acc += part * scale_a(row) * scale_b(block of (g, col0, ks)).
+            const float* bs = reinterpret_cast<const float*>(p.b_scales);
+            const float sb = bs[(static_cast<int64_t>(g) * (p.n / 128) + col0 / 128) * (p.k / 128) + ks];
+            const float* as = reinterpret_cast<const float*>(p.a_scales);
+            float sa[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int r = row0 + half * 64 + warp * 16 + lane / 4 + h * 8;
+              const int64_t grow = masked ? static_cast<int64_t>(g) * p.m + r : r;
+              const bool ok = r < (masked ? valid : p.m);
+              const int64_t idx = p.a_scale_layout == MOEKIT_SCALES_MN_MAJOR ? static_cast<int64_t>(ks) * p.a_scale_stride + grow
+                                                                             : grow * (p.k / 128) + ks;
+              sa[h] = ok ? as[idx] : 0.0f;
+            }
+#pragma unroll
+            for (int i = 0; i < 64; ++i) acc[i] += part[i] * (sa[(i >> 1) & 1] * sb);
+          } else {
+            moekit::sm90::fence_regs(acc);
+          }
+          // This warpgroup is done with the stage: one arrival per warpgroup.
+          if (t == 0) moekit::sm90::mbar_arrive(&empty[stage]);
+          advance();
+        }
+        // Epilogue: acc[4 j + 2 h + e] is row (warp * 16 + lane / 4 + 8 h), column 8 j + 2 (lane % 4) + e.
+        const int d_rows = masked ? valid : p.m;
+        uint32_t* d = reinterpret_cast<uint32_t*>(p.d) + (masked ? static_cast<int64_t>(g) * p.m * p.n / 2 : 0);
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int r = row0 + half * 64 + warp * 16 + lane / 4 + 8 * h;
+            const int c = col0 + 8 * j + 2 * (lane % 4);
+            if (r >= d_rows || c >= p.n) continue;
+            if (!masked && m_indices[r] != g) continue;
+            const __nv_bfloat162 v = __floats2bfloat162_rn(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+            d[(static_cast<int64_t>(r) * p.n + c) / 2] = *reinterpret_cast<const uint32_t*>(&v);
+          }
+        }
+      }
+    }
+    __syncthreads();  // tile_groups is rewritten by the next tile
+  }
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(kThreads, 1) moekit_gemm_sm90_bf16(const __grid_constant__ MoekitGemmSm90Params p) {
+  gemm_sm90<false>(p);
+}
+extern "C" __global__ void __launch_bounds__(kThreads, 1) moekit_gemm_sm90_fp8(const __grid_constant__ MoekitGemmSm90Params p) {
+  gemm_sm90<true>(p);
+}
