@@ -17,6 +17,8 @@
 // moekit-arch: portable
 // moekit-sass: * forbid LDL STL
 // moekit-sass: * require HMMA LDSM LDGSTS
+// moekit-budget: moekit_gemm_portable_bf16 regs<=168 smem<=512
+// moekit-budget: moekit_gemm_portable_fp8 smem<=512
 
 #include "moekit/abi.h"
 #include "moekit/gemm/scheduler.cuh"

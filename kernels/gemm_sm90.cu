@@ -18,6 +18,9 @@
 // moekit-sass: * forbid LDL STL
 // moekit-sass: moekit_gemm_sm90_bf16 require HGMMA UTMALDG SYNCS
 // moekit-sass: moekit_gemm_sm90_fp8 require QGMMA UTMALDG SYNCS
+// Budgets: 384 threads at one block per SM leave 168 registers before setmaxnreg; static
+// shared memory is only the tile's group list.
+// moekit-budget: * regs<=168 smem<=1024
 
 #include "moekit/abi.h"
 #include "moekit/gemm/scheduler.cuh"

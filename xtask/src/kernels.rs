@@ -3,8 +3,8 @@
 use crate::root;
 use crate::setup::ensure_toolchain;
 use moekit_build::{
-    arch_override, archs_for, compile_module, failed_checks, parse_cuobjdump_sass, parse_ptxas, parse_sass_checks,
-    KernelModule,
+    arch_override, archs_for, budget_failures, compile_module, failed_checks, parse_budgets, parse_cuobjdump_sass,
+    parse_ptxas, parse_sass_checks, KernelModule,
 };
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -46,6 +46,7 @@ pub fn build_kernels() -> Result<(), String> {
         }
         let text = std::fs::read_to_string(&src).map_err(|e| e.to_string())?;
         let checks = parse_sass_checks(&text).map_err(|e| format!("{}: {e}", src.display()))?;
+        let budgets = parse_budgets(&text).map_err(|e| format!("{}: {e}", src.display()))?;
         let compiled = compile_module(&tc, &module, &archs, &include, &cache)?;
         let out = Command::new(&cuobjdump)
             .arg("-sass")
@@ -65,6 +66,7 @@ pub fn build_kernels() -> Result<(), String> {
             if r.spill_stores + r.spill_loads > 0 {
                 verdicts.push("SPILLS".to_string());
             }
+            verdicts.extend(budget_failures(r, &budgets).into_iter().map(|b| format!("OVER BUDGET {b}")));
             match sass.get(&(r.arch.clone(), r.kernel.clone())) {
                 Some(ins) => verdicts
                     .extend(failed_checks(&r.kernel, &r.arch, ins, &checks).into_iter().map(|c| format!("FAILED {c}"))),

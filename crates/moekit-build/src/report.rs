@@ -8,7 +8,8 @@
 //! // moekit-sass: cast@sm_90a require F2FP
 //! ```
 //!
-//! A `@arch` suffix limits a check to one architecture.
+//! A `@arch` suffix limits a check to one architecture. Resource budgets use
+//! `// moekit-budget: <kernel or *>[@arch] regs<=N smem<=BYTES` ([`parse_budgets`]).
 //!
 //! `forbid X` fails when any SASS instruction of the kernel starts with mnemonic `X`
 //! (so `LDL` matches `LDL.64`; a dotted `MUFU.EX2` matches that variant but not
@@ -146,6 +147,73 @@ pub fn parse_sass_checks(source: &str) -> Result<Vec<SassCheck>, String> {
     Ok(checks)
 }
 
+/// A resource budget declared in a kernel source:
+/// `// moekit-budget: <kernel or *>[@arch] regs<=N smem<=BYTES` (either bound may be left out;
+/// `smem` is the static shared memory ptxas reports: dynamic shared memory is the host's
+/// launch constant).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Budget {
+    /// Kernel name, or `*`.
+    pub kernel: String,
+    /// Architecture, or `None` for all.
+    pub arch: Option<String>,
+    /// Largest register count allowed.
+    pub max_regs: Option<u32>,
+    /// Largest static shared memory allowed, bytes.
+    pub max_smem: Option<u32>,
+}
+
+/// Reads `// moekit-budget:` directives from a kernel source.
+pub fn parse_budgets(source: &str) -> Result<Vec<Budget>, String> {
+    let mut out = Vec::new();
+    for (i, line) in source.lines().enumerate() {
+        let Some(rest) = line.trim().strip_prefix("// moekit-budget:") else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        let target = words
+            .next()
+            .ok_or_else(|| format!("line {}: expected `// moekit-budget: <kernel|*> regs<=N smem<=N`", i + 1))?;
+        let (kernel, arch) = match target.split_once('@') {
+            Some((k, a)) => (k.to_string(), Some(a.to_string())),
+            None => (target.to_string(), None),
+        };
+        let mut b = Budget { kernel, arch, max_regs: None, max_smem: None };
+        for w in words {
+            let (key, value) =
+                w.split_once("<=").ok_or_else(|| format!("line {}: expected KEY<=N, got {w:?}", i + 1))?;
+            let v: u32 = value.parse().map_err(|_| format!("line {}: bad number in {w:?}", i + 1))?;
+            match key {
+                "regs" => b.max_regs = Some(v),
+                "smem" => b.max_smem = Some(v),
+                other => return Err(format!("line {}: unknown budget {other:?}", i + 1)),
+            }
+        }
+        if b.max_regs.is_none() && b.max_smem.is_none() {
+            return Err(format!("line {}: a budget needs regs<=N or smem<=N", i + 1));
+        }
+        out.push(b);
+    }
+    Ok(out)
+}
+
+/// The budgets `r` exceeds, described (`regs 170 > 168`).
+pub fn budget_failures(r: &KernelResources, budgets: &[Budget]) -> Vec<String> {
+    let mut out = Vec::new();
+    for b in budgets
+        .iter()
+        .filter(|b| (b.kernel == "*" || b.kernel == r.kernel) && b.arch.as_deref().is_none_or(|a| a == r.arch))
+    {
+        if let Some(m) = b.max_regs.filter(|&m| r.registers > m) {
+            out.push(format!("regs {} > {m}", r.registers));
+        }
+        if let Some(m) = b.max_smem.filter(|&m| r.smem_bytes > m) {
+            out.push(format!("smem {} > {m}", r.smem_bytes));
+        }
+    }
+    out
+}
+
 /// SASS listing of one fatbin, split by (arch, kernel) into lists of instruction mnemonics
 /// (with their modifiers, e.g. `LDG.E.128`).
 pub fn parse_cuobjdump_sass(listing: &str) -> BTreeMap<(String, String), Vec<String>> {
@@ -264,6 +332,18 @@ ptxas info    : Used 12 registers, used 0 barriers, 372 bytes cmem[0]
         let other = &sass[&("sm_90a".to_string(), "other".to_string())];
         assert!(failed_checks("other", "sm_90a", other, &checks).is_empty());
         assert_eq!(failed_checks("other", "sm_80", other, &checks), vec!["require F2FP".to_string()]);
+        let budgets = parse_budgets("// moekit-budget: k@sm_90 regs<=64 smem<=1024\n").unwrap();
+        let mut r = KernelResources {
+            kernel: "k".into(),
+            arch: "sm_90".into(),
+            registers: 65,
+            smem_bytes: 2048,
+            ..Default::default()
+        };
+        assert_eq!(budget_failures(&r, &budgets), vec!["regs 65 > 64".to_string(), "smem 2048 > 1024".into()]);
+        r.arch = "sm_80".into();
+        assert!(budget_failures(&r, &budgets).is_empty());
+        assert!(parse_budgets("// moekit-budget: k regs=3").is_err());
         let dotted = parse_sass_checks("// moekit-sass: * forbid MUFU.EX2").unwrap();
         let rcp = vec!["MUFU.RCP".to_string(), "FFMA".into()];
         assert!(failed_checks("k", "sm_90", &rcp, &dotted).is_empty());
