@@ -19,6 +19,8 @@ pub fn gpu_bundle() -> Result<(), String> {
     }
     let built = executables(cargo(Some(&tc.nvcc)).args(["test", "--workspace", "--release", "--no-run"]))?;
     let (tests, examples): (Vec<_>, Vec<_>) = built.into_iter().partition(|(_, test)| *test);
+    // Only test binaries with GPU tests travel: the others ran in CI already.
+    let tests: Vec<_> = tests.into_iter().filter(|(exe, _)| has_gpu_tests(exe)).collect();
     let benches = executables(cargo(Some(&tc.nvcc)).args(["bench", "-p", "moekit-benches", "--no-run"]))?;
     let mut total = 0;
     for (sub, exes) in [("tests", &tests), ("benches", &benches), ("examples", &examples)] {
@@ -45,6 +47,20 @@ pub fn gpu_bundle() -> Result<(), String> {
         return Err(format!("bundle is {total} bytes, over the 60 MiB limit"));
     }
     Ok(())
+}
+
+/// Whether a libtest binary lists a test named `gpu_*` (ignored ones included).
+fn has_gpu_tests(exe: &Path) -> bool {
+    Command::new(exe)
+        .args(["--list", "--include-ignored", "--format", "terse"])
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.split("::").last().is_some_and(|n| n.starts_with("gpu_")))
+        })
+        .unwrap_or(true)
 }
 
 /// Builds with `--message-format=json` and returns the executables cargo reports, each with
