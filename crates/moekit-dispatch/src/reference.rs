@@ -237,13 +237,7 @@ pub fn swiglu_backward(x: &[bf16], grad_out: &[bf16], cols: usize) -> Result<Vec
     Ok(out)
 }
 
-fn check_combine(
-    y_rows: usize,
-    hidden: usize,
-    row_map: &[i32],
-    top_k: usize,
-    weights: Option<&[f32]>,
-) -> Result<usize> {
+fn check_combine(hidden: usize, row_map: &[i32], top_k: usize, weights: Option<&[f32]>) -> Result<usize> {
     ActFormat::Bf16.check_cols(hidden)?;
     if top_k == 0 || row_map.len() % top_k != 0 {
         return Err(Error::Shape(format!("row map of {} entries for top_k = {top_k}", row_map.len())));
@@ -253,7 +247,6 @@ fn check_combine(
             return Err(Error::Shape(format!("{} weights for {} slots", w.len(), row_map.len())));
         }
     }
-    let _ = y_rows;
     Ok(row_map.len() / top_k)
 }
 
@@ -261,7 +254,7 @@ fn check_combine(
 /// rows outside `[0, rows)` skipped, BF16 out (RNE).
 pub fn combine(y: &[bf16], hidden: usize, row_map: &[i32], top_k: usize, weights: Option<&[f32]>) -> Result<Vec<bf16>> {
     let rows = y.len() / hidden.max(1);
-    let tokens = check_combine(rows, hidden, row_map, top_k, weights)?;
+    let tokens = check_combine(hidden, row_map, top_k, weights)?;
     let mut out = vec![bf16::ZERO; tokens * hidden];
     for t in 0..tokens {
         let mut acc = vec![0.0f32; hidden];
@@ -300,7 +293,7 @@ pub fn combine_backward(
     grad_y: &mut [bf16],
 ) -> Result<Option<Vec<f32>>> {
     let rows = y.len() / hidden.max(1);
-    let tokens = check_combine(rows, hidden, row_map, top_k, weights)?;
+    let tokens = check_combine(hidden, row_map, top_k, weights)?;
     if grad_out.len() != tokens * hidden || grad_y.len() != y.len() || offsets.len() != counts.len() + 1 {
         return Err(Error::Shape("combine backward: mismatched lengths".into()));
     }

@@ -3,7 +3,7 @@
 //! error bound, UE8M0 scales are powers of two that never saturate.
 
 use moekit_dispatch::{
-    combine, dispatch, max_rows, reference, ActFormat, DispatchConfig, Padding, ScaleKind, ScaleLayout, ALIGNMENTS,
+    combine, dispatch, max_rows, reference, ActFormat, DispatchConfig, ScaleKind, ScaleLayout, ALIGNMENTS,
 };
 use moekit_dtype::{bf16, F8E4M3};
 use moekit_tensor::{Device, Error, Tensor};
@@ -153,7 +153,6 @@ fn dropped_rows_past_the_bound_and_typed_errors() {
     assert!(matches!(dispatch(&x8, &bad_ids, &c, ActFormat::Bf16), Err(Error::InvalidArgument(_))), "id >= E");
     let wrong_k = Tensor::from_slice(&[0i32, 1], &[1, 2], &Device::Cpu).unwrap();
     assert!(matches!(dispatch(&x8, &wrong_k, &c, ActFormat::Bf16), Err(Error::Shape(_))));
-    let _ = Padding::Skip;
 }
 
 #[test]
