@@ -16,11 +16,12 @@
 // moekit-arch: hopper
 // moekit-emulate: no
 // moekit-sass: * forbid LDL STL
-// moekit-sass: moekit_gemm_sm90_bf16 require HGMMA UTMALDG SYNCS
-// moekit-sass: moekit_gemm_sm90_fp8 require QGMMA UTMALDG SYNCS
-// Budgets: 384 threads at one block per SM leave 168 registers before setmaxnreg; static
-// shared memory is only the tile's group list.
-// moekit-budget: * regs<=168 smem<=1024
+// moekit-sass: moekit_gemm_sm90_bf16 require HGMMA UTMALDG SYNCS USETMAXREG
+// moekit-sass: moekit_gemm_sm90_fp8 require QGMMA UTMALDG SYNCS USETMAXREG
+// Budgets: 384 threads at one block per SM leave 168 registers before setmaxnreg (and
+// setmaxnreg needs exactly that: 128 x 40 + 256 x 232 = 384 x 168); static shared memory is
+// the three warpgroups' group lists.
+// moekit-budget: * regs<=168 smem<=2048
 
 #include "moekit/abi.h"
 #include "moekit/gemm/scheduler.cuh"
@@ -36,7 +37,7 @@ constexpr int kTileBytes = 16384;  // 128 rows x 128 bytes (BF16: 64 of K; FP8: 
 constexpr int kStages = 4;
 constexpr int kThreads = 384;
 // Dynamic shared memory: stages of (A tile, B tile), then the barriers; +1024 for alignment.
-constexpr int kSmemBytes = kStages * 2 * kTileBytes + 1024 + 2 * kStages * 8;  // raw::SM90_SMEM_BYTES
+static_assert(kStages * 2 * kTileBytes + 1024 + 2 * kStages * 8 == 132160, "keep sm90::SMEM_BYTES in step");
 
 struct Schedule {
   int tiles_r, tiles_c;
@@ -52,6 +53,36 @@ __device__ __forceinline__ Schedule schedule(const MoekitGemmParams& p) {
   return s;
 }
 
+// The groups tile `tile` computes (one pass each) and its valid rows, into `groups` (kBM
+// entries). Deterministic: every role computes the same list on its own.
+__device__ __forceinline__ int tile_passes(const MoekitGemmParams& p, const Schedule& s, int64_t tile, int* groups,
+                                           int& row0, int& col0, int& valid) {
+  const int64_t per_group = static_cast<int64_t>(s.tiles_r) * s.tiles_c;
+  const int g_sched = static_cast<int>(tile / per_group);
+  const int rem = static_cast<int>(tile % per_group);
+  row0 = (rem / s.tiles_c) * kBM;
+  col0 = (rem % s.tiles_c) * kBN;
+  valid = p.m;
+  if (p.op == MOEKIT_GEMM_MASKED) {
+    valid = p.masked_m != 0 ? reinterpret_cast<const int*>(p.masked_m)[g_sched] : p.m;
+    valid = valid < 0 ? 0 : (valid > p.m ? p.m : valid);
+    if (row0 >= valid) return 0;  // rows past masked_m: no work, untouched
+    groups[0] = g_sched;
+    return 1;
+  }
+  return moekit::gemm::distinct_groups(reinterpret_cast<const int*>(p.m_indices), row0, kBM, p.m, p.groups, groups);
+}
+
+// Named barrier over one consumer warpgroup (ids 1 and 2; 0 is __syncthreads). Immediate ids,
+// so that ptxas reserves only the barriers used.
+__device__ __forceinline__ void warpgroup_sync(int wg) {
+  if (wg == 1) {
+    asm volatile("bar.sync 1, 128;\n" ::: "memory");
+  } else {
+    asm volatile("bar.sync 2, 128;\n" ::: "memory");
+  }
+}
+
 template <bool kFp8>
 __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
   const MoekitGemmParams& p = P.gemm;
@@ -60,9 +91,8 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
   unsigned char* tiles = smem;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * 2 * kTileBytes);
   uint64_t* empty = full + kStages;
-  __shared__ int tile_groups[kBM];
-  __shared__ int tile_group_count;
-  __shared__ int tile_valid_rows;
+  __shared__ int tile_groups[3][kBM];  // one list per warpgroup
+  __shared__ int tile_info[3][2];      // passes, valid rows
 
   const int wg = threadIdx.x / 128;
   const int t = threadIdx.x % 128;
@@ -70,7 +100,6 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
   const int k_block = kFp8 ? 128 : 64;  // K per stage (128 bytes per row)
   const int k_steps = (p.k + k_block - 1) / k_block;
   const Schedule s = schedule(p);
-  const int* m_indices = reinterpret_cast<const int*>(p.m_indices);
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) {
@@ -81,129 +110,122 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
     moekit::sm90::prefetch_tmap(&P.tmap_a);
     moekit::sm90::prefetch_tmap(&P.tmap_b);
   }
-  __syncthreads();
+  __syncthreads();  // the last block-wide barrier: the roles never meet again
 
-  uint32_t stage = 0, phase = 0;  // ring position, identical in every role
+  uint32_t stage = 0, phase = 0;  // ring position, the same sequence in every role
   auto advance = [&]() {
     if (++stage == kStages) stage = 0, phase ^= 1;
   };
 
   if (wg == 0) {
+    // Producer: 40 registers; one thread streams the K steps of A and B through the ring.
     moekit::sm90::regs_dec<40>();
-  } else {
-    moekit::sm90::regs_inc<232>();
-  }
-
-  for (int64_t tile = blockIdx.x; tile < s.total; tile += gridDim.x) {
-    const int g_sched = static_cast<int>(tile / (static_cast<int64_t>(s.tiles_r) * s.tiles_c));
-    const int rem = static_cast<int>(tile % (static_cast<int64_t>(s.tiles_r) * s.tiles_c));
-    const int row0 = (rem / s.tiles_c) * kBM, col0 = (rem % s.tiles_c) * kBN;
-    // Which groups this tile computes (every thread of the block agrees).
-    if (threadIdx.x == 0) {
-      int count = 0, valid = p.m;
-      if (masked) {
-        valid = p.masked_m != 0 ? reinterpret_cast<const int*>(p.masked_m)[g_sched] : p.m;
-        valid = valid < 0 ? 0 : (valid > p.m ? p.m : valid);
-        if (row0 < valid) tile_groups[count++] = g_sched;
-      } else {
-        count = moekit::gemm::distinct_groups(m_indices, row0, kBM, p.m, p.groups, tile_groups);
-      }
-      tile_group_count = count;
-      tile_valid_rows = valid;
-    }
-    __syncthreads();
-    const int passes = tile_group_count;
-    const int valid = tile_valid_rows;
-
-    for (int pass = 0; pass < passes; ++pass) {
-      const int g = tile_groups[pass];
-      if (wg == 0) {
-        // Producer: one thread streams the K steps of A and B through the ring.
-        if (t == 0) {
-          for (int ks = 0; ks < k_steps; ++ks) {
-            moekit::sm90::mbar_wait(&empty[stage], phase ^ 1);
-            moekit::sm90::mbar_arrive_expect_tx(&full[stage], 2 * kTileBytes);
-            unsigned char* a_dst = tiles + stage * 2 * kTileBytes;
-            const int kc = ks * k_block;
-            if (masked) {
-              moekit::sm90::tma_load_3d(a_dst, &P.tmap_a, &full[stage], kc, row0, g);
-            } else {
-              moekit::sm90::tma_load_2d(a_dst, &P.tmap_a, &full[stage], kc, row0);
-            }
-            moekit::sm90::tma_load_3d(a_dst + kTileBytes, &P.tmap_b, &full[stage], kc, col0, g);
-            advance();
-          }
-        } else {
-          for (int ks = 0; ks < k_steps; ++ks) advance();  // keep the ring position in step
-        }
-      } else {
-        // Consumers: warpgroup c computes rows 64 (c - 1) .. of the tile.
-        const int half = wg - 1;
-        float acc[64];
-#pragma unroll
-        for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-        float part[kFp8 ? 64 : 1];
-        const int warp = t / 32, lane = t % 32;
+    if (t != 0) return;
+    for (int64_t tile = blockIdx.x; tile < s.total; tile += gridDim.x) {
+      int row0, col0, valid;
+      const int passes = tile_passes(p, s, tile, tile_groups[0], row0, col0, valid);
+      for (int pass = 0; pass < passes; ++pass) {
+        const int g = tile_groups[0][pass];
         for (int ks = 0; ks < k_steps; ++ks) {
-          moekit::sm90::mbar_wait(&full[stage], phase);
-          const unsigned char* a_tile = tiles + stage * 2 * kTileBytes + half * (kTileBytes / 2);
-          const unsigned char* b_tile = tiles + stage * 2 * kTileBytes + kTileBytes;
-          moekit::sm90::wgmma_fence();
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk) {  // 4 x 32 bytes of K per 128-byte row
-            const uint64_t da = moekit::sm90::smem_desc_k128(a_tile, kk * 32);
-            const uint64_t db = moekit::sm90::smem_desc_k128(b_tile, kk * 32);
-            if constexpr (kFp8) {
-              moekit::sm90::wgmma_m64n128k32_e4m3(part, da, db, kk > 0);
-            } else {
-              moekit::sm90::wgmma_m64n128k16_bf16(acc, da, db, true);
-            }
-          }
-          moekit::sm90::wgmma_commit();
-          moekit::sm90::wgmma_wait<0>();
-          if constexpr (kFp8) {
-            moekit::sm90::fence_regs(part);
-            // Promote: acc += part * scale_a(row) * scale_b(block of (g, col0, ks)).
-            const float* bs = reinterpret_cast<const float*>(p.b_scales);
-            const float sb = bs[(static_cast<int64_t>(g) * (p.n / 128) + col0 / 128) * (p.k / 128) + ks];
-            const float* as = reinterpret_cast<const float*>(p.a_scales);
-            float sa[2];
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int r = row0 + half * 64 + warp * 16 + lane / 4 + h * 8;
-              const int64_t grow = masked ? static_cast<int64_t>(g) * p.m + r : r;
-              const bool ok = r < (masked ? valid : p.m);
-              const int64_t idx = p.a_scale_layout == MOEKIT_SCALES_MN_MAJOR ? static_cast<int64_t>(ks) * p.a_scale_stride + grow
-                                                                             : grow * (p.k / 128) + ks;
-              sa[h] = ok ? as[idx] : 0.0f;
-            }
-#pragma unroll
-            for (int i = 0; i < 64; ++i) acc[i] += part[i] * (sa[(i >> 1) & 1] * sb);
+          moekit::sm90::mbar_wait(&empty[stage], phase ^ 1);
+          moekit::sm90::mbar_arrive_expect_tx(&full[stage], 2 * kTileBytes);
+          unsigned char* a_dst = tiles + stage * 2 * kTileBytes;
+          const int kc = ks * k_block;
+          if (masked) {
+            moekit::sm90::tma_load_3d(a_dst, &P.tmap_a, &full[stage], kc, row0, g);
           } else {
-            moekit::sm90::fence_regs(acc);
+            moekit::sm90::tma_load_2d(a_dst, &P.tmap_a, &full[stage], kc, row0);
           }
-          // This warpgroup is done with the stage: one arrival per warpgroup.
-          if (t == 0) moekit::sm90::mbar_arrive(&empty[stage]);
+          moekit::sm90::tma_load_3d(a_dst + kTileBytes, &P.tmap_b, &full[stage], kc, col0, g);
           advance();
         }
-        // Epilogue: acc[4 j + 2 h + e] is row (warp * 16 + lane / 4 + 8 h), column 8 j + 2 (lane % 4) + e.
-        const int d_rows = masked ? valid : p.m;
-        uint32_t* d = reinterpret_cast<uint32_t*>(p.d) + (masked ? static_cast<int64_t>(g) * p.m * p.n / 2 : 0);
+      }
+    }
+    return;
+  }
+
+  // Consumers: 232 registers; warpgroup `wg` computes rows 64 (wg - 1) .. of each tile.
+  moekit::sm90::regs_inc<232>();
+  const int half = wg - 1;
+  const int warp = t / 32, lane = t % 32;
+  const int* m_indices = reinterpret_cast<const int*>(p.m_indices);
+  for (int64_t tile = blockIdx.x; tile < s.total; tile += gridDim.x) {
+    if (t == 0) {
+      int row0, col0, valid;
+      tile_info[wg][0] = tile_passes(p, s, tile, tile_groups[wg], row0, col0, valid);
+      tile_info[wg][1] = valid;
+    }
+    warpgroup_sync(wg);
+    const int passes = tile_info[wg][0], valid = tile_info[wg][1];
+    const int64_t per_group = static_cast<int64_t>(s.tiles_r) * s.tiles_c;
+    const int rem = static_cast<int>(tile % per_group);
+    const int row0 = (rem / s.tiles_c) * kBM, col0 = (rem % s.tiles_c) * kBN;
+    for (int pass = 0; pass < passes; ++pass) {
+      const int g = tile_groups[wg][pass];
+      float acc[64];
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {
+      for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+      float part[kFp8 ? 64 : 1];
+      for (int ks = 0; ks < k_steps; ++ks) {
+        moekit::sm90::mbar_wait(&full[stage], phase);
+        const unsigned char* a_tile = tiles + stage * 2 * kTileBytes + half * (kTileBytes / 2);
+        const unsigned char* b_tile = tiles + stage * 2 * kTileBytes + kTileBytes;
+        moekit::sm90::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {  // 4 x 32 bytes of K per 128-byte row
+          const uint64_t da = moekit::sm90::smem_desc_k128(a_tile, kk * 32);
+          const uint64_t db = moekit::sm90::smem_desc_k128(b_tile, kk * 32);
+          if constexpr (kFp8) {
+            moekit::sm90::wgmma_m64n128k32_e4m3(part, da, db, kk > 0);
+          } else {
+            moekit::sm90::wgmma_m64n128k16_bf16(acc, da, db, true);
+          }
+        }
+        moekit::sm90::wgmma_commit();
+        moekit::sm90::wgmma_wait<0>();
+        // This warpgroup is done with the stage: one arrival per warpgroup.
+        if (t == 0) moekit::sm90::mbar_arrive(&empty[stage]);
+        advance();
+        if constexpr (kFp8) {
+          moekit::sm90::fence_regs(part);
+          // Promote: acc += part * scale_a(row) * scale_b(block of (g, col0, ks)).
+          const float* bs = reinterpret_cast<const float*>(p.b_scales);
+          const float sb = bs[(static_cast<int64_t>(g) * (p.n / 128) + col0 / 128) * (p.k / 128) + ks];
+          const float* as = reinterpret_cast<const float*>(p.a_scales);
+          float sa[2];
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const int r = row0 + half * 64 + warp * 16 + lane / 4 + 8 * h;
-            const int c = col0 + 8 * j + 2 * (lane % 4);
-            if (r >= d_rows || c >= p.n) continue;
-            if (!masked && m_indices[r] != g) continue;
-            const __nv_bfloat162 v = __floats2bfloat162_rn(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
-            d[(static_cast<int64_t>(r) * p.n + c) / 2] = *reinterpret_cast<const uint32_t*>(&v);
+            const int r = row0 + half * 64 + warp * 16 + lane / 4 + h * 8;
+            const int64_t grow = masked ? static_cast<int64_t>(g) * p.m + r : r;
+            const bool ok = r < (masked ? valid : p.m);
+            const int64_t idx = p.a_scale_layout == MOEKIT_SCALES_MN_MAJOR
+                                    ? static_cast<int64_t>(ks) * p.a_scale_stride + grow
+                                    : grow * (p.k / 128) + ks;
+            sa[h] = ok ? as[idx] : 0.0f;
           }
+#pragma unroll
+          for (int i = 0; i < 64; ++i) acc[i] += part[i] * (sa[(i >> 1) & 1] * sb);
+        } else {
+          moekit::sm90::fence_regs(acc);
+        }
+      }
+      // Epilogue: acc[4 j + 2 h + e] is row (warp * 16 + lane / 4 + 8 h), column 8 j + 2 (lane % 4) + e.
+      const int d_rows = masked ? valid : p.m;
+      uint32_t* d = reinterpret_cast<uint32_t*>(p.d) + (masked ? static_cast<int64_t>(g) * p.m * p.n / 2 : 0);
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = row0 + half * 64 + warp * 16 + lane / 4 + 8 * h;
+          const int c = col0 + 8 * j + 2 * (lane % 4);
+          if (r >= d_rows || c >= p.n) continue;
+          if (!masked && m_indices[r] != g) continue;
+          const __nv_bfloat162 v = __floats2bfloat162_rn(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+          d[(static_cast<int64_t>(r) * p.n + c) / 2] = *reinterpret_cast<const uint32_t*>(&v);
         }
       }
     }
-    __syncthreads();  // tile_groups is rewritten by the next tile
+    warpgroup_sync(wg);  // the group list is rewritten for the next tile
   }
 }
 

@@ -191,7 +191,7 @@ pub struct MoekitGemmSm90Params {
     pub tmap_a: MoekitTensorMap,
     pub tmap_b: MoekitTensorMap,
     pub gemm: MoekitGemmParams,
-    pub _pad: [u8; 80usize],
+    pub _pad: [u8; 88usize],
 }
 impl Default for MoekitGemmSm90Params {
     fn default() -> Self {

@@ -79,7 +79,7 @@ pub fn launch(on: &dyn Launcher, params: moekit_abi::MoekitGemmParams) -> Result
     }
     let blocks = tiles.min(on.multiprocessors().max(1) as usize);
     let cfg = LaunchConfig { grid: (blocks as u32, 1, 1), block: (BLOCK, 1, 1), shared_mem_bytes: SMEM_BYTES };
-    let p = moekit_abi::MoekitGemmSm90Params { tmap_a, tmap_b, gemm: params, _pad: [0; 80] };
+    let p = moekit_abi::MoekitGemmSm90Params { tmap_a, tmap_b, gemm: params, _pad: [0; 88] };
     let name = if fp8 { "moekit_gemm_sm90_fp8" } else { "moekit_gemm_sm90_bf16" };
     // SAFETY: one MoekitGemmSm90Params by value (layout checked by moekit-abi's tests); the
     // tensor maps describe exactly the operand buffers the caller checked (A [m, k] or

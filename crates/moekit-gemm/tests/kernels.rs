@@ -352,8 +352,44 @@ fn sm90_shapes(dev: &Device) {
         },
         None,
     );
+    // FP8 with several weight scale blocks along N and K (n = 256, k = 384).
+    let (n8, k8) = (256, 384);
+    let (a8, b8) = (values(m * k8, 25), values(groups * n8 * k8, 26));
+    let mut exact = vec![0.0f32; m * n8];
+    reference::m_grouped_contiguous(&a8, &b8, &ids, groups, n8, k8, &mut exact).unwrap();
+    for layout in [ScaleLayout::RowMajor, ScaleLayout::MnMajor] {
+        check(
+            dev,
+            &format!("sm90 contiguous fp8 {layout:?}"),
+            |d| {
+                let qa = fp8_tokens(&a8, m, k8, layout, d);
+                let (qb, sb) = fp8_weights(&b8, groups, n8, k8, d);
+                m_grouped_contiguous((&qa).into(), GemmInput::Fp8 { data: &qb, scales: &sb, layout }, &mi(d)).unwrap()
+            },
+            Some(&exact),
+        );
+    }
     let (gm, mm) = (3, vec![0i32, 130, 257]);
     let mmt = |d: &Device| Tensor::from_slice(&mm, &[gm], d).unwrap();
+    let (a9, b9) = (values(gm * 257 * k8, 27), values(gm * n8 * k8, 28));
+    let mut exact = vec![0.0f32; gm * 257 * n8];
+    reference::m_grouped_masked(&a9, &b9, &mm, 257, n8, k8, &mut exact).unwrap();
+    check(
+        dev,
+        "sm90 masked fp8 MN-major",
+        |d| {
+            let qa = fp8_tokens(&a9, gm * 257, k8, ScaleLayout::MnMajor, d);
+            let qa = Activation { data: qa.data.reshape(&[gm, 257, k8]).unwrap(), ..qa };
+            let (qb, sb) = fp8_weights(&b9, gm, n8, k8, d);
+            m_grouped_masked(
+                (&qa).into(),
+                GemmInput::Fp8 { data: &qb, scales: &sb, layout: ScaleLayout::MnMajor },
+                Some(&mmt(d)),
+            )
+            .unwrap()
+        },
+        Some(&exact),
+    );
     let a2 = values(gm * 257 * k, 23);
     let b2 = values(gm * n * k, 24);
     check(

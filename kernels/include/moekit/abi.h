@@ -254,7 +254,7 @@ typedef struct MoekitGemmSm90Params {
   MoekitTensorMap tmap_a;
   MoekitTensorMap tmap_b;
   MoekitGemmParams gemm;
-  uint8_t _pad[80]; /* to a multiple of 64 bytes */
+  uint8_t _pad[88]; /* 128 + 128 + 104 + 88 = 448, a multiple of 64 */
 } MoekitGemmSm90Params;
 
 /* Block visiting order of the host emulation (MoekitEmuLaunch.block_order). */
