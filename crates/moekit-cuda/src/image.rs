@@ -74,6 +74,8 @@ pub(crate) struct LoadedModule {
     raw: sys::CUmodule,
     /// Functions looked up so far: a launch finds its kernel without a driver call.
     functions: Mutex<HashMap<String, sys::CUfunction>>,
+    /// Dynamic shared memory each function has been allowed (above the default 48 KiB).
+    smem_allowed: Mutex<HashMap<String, u32>>,
 }
 
 // SAFETY: a CUmodule handle is valid from any thread of the process while its context lives.
@@ -90,7 +92,7 @@ impl LoadedModule {
         // SAFETY: `aligned` holds a complete fatbin (embedded by moekit-build) and outlives the
         // call; cuModuleLoadData copies what it needs.
         let raw = unsafe { result::module::load_data(aligned.as_ptr().cast()) }?;
-        Ok(LoadedModule { raw, functions: Mutex::new(HashMap::new()) })
+        Ok(LoadedModule { raw, functions: Mutex::new(HashMap::new()), smem_allowed: Mutex::new(HashMap::new()) })
     }
 }
 
@@ -170,6 +172,21 @@ impl Function {
             )
         }
         .during("cuFuncSetAttribute")
+    }
+
+    /// Makes sure a launch with `bytes` of dynamic shared memory is allowed: above 48 KiB the
+    /// kernel must opt in, once (remembered per loaded module, so launches make no driver call).
+    pub fn ensure_dynamic_shared_memory(&self, bytes: u32) -> Result<()> {
+        if bytes <= 48 << 10 {
+            return Ok(());
+        }
+        let mut allowed = self._module.smem_allowed.lock().unwrap_or_else(|p| p.into_inner());
+        if allowed.get(&self.name).is_some_and(|&b| b >= bytes) {
+            return Ok(());
+        }
+        self.set_max_dynamic_shared_memory(bytes)?;
+        allowed.insert(self.name.clone(), bytes);
+        Ok(())
     }
 
     fn attribute(&self, a: sys::CUfunction_attribute) -> Result<i32> {

@@ -206,10 +206,7 @@ impl Launcher for Stream {
         params: &mut [*mut c_void],
     ) -> Result<()> {
         let f = self.gpu().function(image, kernel)?;
-        if cfg.shared_mem_bytes > 48 << 10 {
-            // Above 48 KiB a kernel must opt in (cheap, and idempotent).
-            f.set_max_dynamic_shared_memory(cfg.shared_mem_bytes)?;
-        }
+        f.ensure_dynamic_shared_memory(cfg.shared_mem_bytes)?;
         self.gpu().bind()?;
         // SAFETY: the caller guarantees the parameter list; the driver copies `params`.
         unsafe { result::launch_kernel(f.raw(), cfg.grid, cfg.block, cfg.shared_mem_bytes, self.raw(), params) }

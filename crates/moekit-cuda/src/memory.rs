@@ -39,8 +39,9 @@ impl<T: Pod> std::fmt::Debug for DeviceBuffer<T> {
 }
 
 impl<T: Pod> DeviceBuffer<T> {
-    /// Allocates `len` zeroed elements (synchronous allocation and memset).
-    pub fn zeros(gpu: &Gpu, len: usize) -> Result<Self> {
+    /// Allocates `len` elements with unspecified contents, for outputs a kernel writes in
+    /// full: no memset, no synchronisation. (Any bit pattern is a valid `T`: `T: Pod`.)
+    pub fn uninit(gpu: &Gpu, len: usize) -> Result<Self> {
         let bytes = len
             .checked_mul(std::mem::size_of::<T>())
             .ok_or_else(|| Error::Shape(format!("{len} elements overflow")))?;
@@ -48,8 +49,15 @@ impl<T: Pod> DeviceBuffer<T> {
         // cuMemAlloc rejects 0 bytes: allocate one byte so every buffer has a valid address.
         // SAFETY: plain allocation in the bound context.
         let ptr = unsafe { result::malloc_sync(bytes.max(1)) }.during("cuMemAlloc")?;
-        let buf = DeviceBuffer { gpu: gpu.clone(), ptr, len, _t: PhantomData };
-        // SAFETY: `ptr` addresses at least `bytes.max(1)` bytes we just allocated.
+        Ok(DeviceBuffer { gpu: gpu.clone(), ptr, len, _t: PhantomData })
+    }
+
+    /// Allocates `len` zeroed elements (synchronous allocation and memset).
+    pub fn zeros(gpu: &Gpu, len: usize) -> Result<Self> {
+        let buf = Self::uninit(gpu, len)?;
+        let bytes = len * std::mem::size_of::<T>();
+        let ptr = buf.ptr;
+        // SAFETY: `ptr` addresses at least `bytes.max(1)` bytes just allocated.
         unsafe { result::memset_d8_sync(ptr, 0, bytes.max(1)) }.during("cuMemsetD8")?;
         // cuMemsetD8 on device memory may still run when it returns, on the legacy stream,
         // which non-blocking streams do not wait for: finish it before anyone uses the buffer.
@@ -59,7 +67,7 @@ impl<T: Pod> DeviceBuffer<T> {
 
     /// Allocates and copies `data` in (synchronous).
     pub fn from_host(gpu: &Gpu, data: &[T]) -> Result<Self> {
-        let mut buf = Self::zeros(gpu, data.len())?;
+        let mut buf = Self::uninit(gpu, data.len())?; // every byte is copied in below
         buf.copy_from_host(data)?;
         Ok(buf)
     }

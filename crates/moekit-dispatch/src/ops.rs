@@ -83,7 +83,10 @@ fn same_device(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
     }
 }
 
-fn new_activation(rows: usize, cols: usize, format: ActFormat, dev: &Device) -> Result<Activation> {
+/// An output activation; `zeroed` when the kernel may leave rows unwritten (skipped padding).
+fn new_activation(rows: usize, cols: usize, format: ActFormat, dev: &Device, zeroed: bool) -> Result<Activation> {
+    let alloc =
+        |dims: &[usize], dtype| if zeroed { Tensor::zeros(dims, dtype, dev) } else { Tensor::empty(dims, dtype, dev) };
     format.check_cols(cols)?;
     let (dtype, scales) = match format {
         ActFormat::Bf16 => (DType::BF16, None),
@@ -92,10 +95,16 @@ fn new_activation(rows: usize, cols: usize, format: ActFormat, dev: &Device) -> 
                 ScaleLayout::RowMajor => vec![rows, cols / QUANT_GROUP],
                 ScaleLayout::MnMajor => vec![cols / QUANT_GROUP, ScaleLayout::mn_stride(rows)],
             };
-            (DType::F8E4M3, Some(Tensor::zeros(&dims, DType::F32, dev)?))
+            // MN-major rows are padded to a multiple of 4 that no kernel writes: keep them zero.
+            let scales = if l == ScaleLayout::MnMajor {
+                Tensor::zeros(&dims, DType::F32, dev)?
+            } else {
+                alloc(&dims, DType::F32)?
+            };
+            (DType::F8E4M3, Some(scales))
         }
     };
-    Ok(Activation { data: Tensor::zeros(&[rows, cols], dtype, dev)?, scales, format })
+    Ok(Activation { data: alloc(&[rows, cols], dtype)?, scales, format })
 }
 
 impl Activation {
@@ -136,7 +145,8 @@ pub fn dispatch_layout(topk_ids: &Tensor, cfg: &DispatchConfig, rows: Option<usi
     let tokens = topk_ids.dims()[0];
     let max_rows = rows.unwrap_or_else(|| max_rows(tokens, cfg.top_k, cfg.experts, cfg.align));
     let dev = topk_ids.device();
-    let zeros = |dims: &[usize]| Tensor::zeros(dims, DType::I32, dev);
+    // Every element of every layout output (and of the scratch) is written by the kernels.
+    let zeros = |dims: &[usize]| Tensor::empty(dims, DType::I32, dev);
     let mut l = DispatchLayout {
         config: *cfg,
         offsets: zeros(&[cfg.experts + 1])?,
@@ -183,7 +193,7 @@ pub fn permute(x: &Tensor, layout: &DispatchLayout, format: ActFormat) -> Result
         return Err(Error::Shape(format!("{tokens} tokens, the layout has {}", layout.tokens())));
     }
     let cfg = &layout.config;
-    let mut out = new_activation(layout.max_rows(), hidden, format, x.device())?;
+    let mut out = new_activation(layout.max_rows(), hidden, format, x.device(), cfg.padding == crate::Padding::Skip)?;
     match x.device().launcher() {
         None => {
             let l = reference::Layout {
@@ -235,7 +245,7 @@ pub fn quantize_fp8(x: &Tensor, kind: ScaleKind, layout: ScaleLayout) -> Result<
     expect("quantization input", x, DType::BF16, 2)?;
     let (rows, cols) = (x.dims()[0], x.dims()[1]);
     let format = ActFormat::Fp8(kind, layout);
-    let mut out = new_activation(rows, cols, format, x.device())?;
+    let mut out = new_activation(rows, cols, format, x.device(), false)?;
     match x.device().launcher() {
         None => {
             let (data, scales) = out.cpu_parts()?;
@@ -257,7 +267,7 @@ pub fn swiglu(x: &Tensor, format: ActFormat) -> Result<Activation> {
         return Err(Error::Shape(format!("SwiGLU input {:?}: odd column count", x.dims())));
     }
     let cols = two_i / 2;
-    let mut out = new_activation(rows, cols, format, x.device())?;
+    let mut out = new_activation(rows, cols, format, x.device(), false)?;
     match x.device().launcher() {
         None => {
             let (data, scales) = out.cpu_parts()?;
@@ -280,7 +290,7 @@ pub fn swiglu_backward(x: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
         return Err(Error::Shape(format!("SwiGLU x {:?} vs grad {:?}", x.dims(), grad_out.dims())));
     }
     let cols = grad_out.dims()[1];
-    let mut g = Tensor::zeros(x.dims(), DType::BF16, x.device())?;
+    let mut g = Tensor::empty(x.dims(), DType::BF16, x.device())?;
     match x.device().launcher() {
         None => {
             let r = reference::swiglu_backward(x.cpu_slice()?, grad_out.cpu_slice()?, cols)?;
@@ -313,7 +323,7 @@ pub fn combine(y: &Tensor, layout: &DispatchLayout, weights: Option<&Tensor>) ->
     check_y(y, layout, weights)?;
     let hidden = y.dims()[1];
     let k = layout.config.top_k;
-    let mut out = Tensor::zeros(&[layout.tokens(), hidden], DType::BF16, y.device())?;
+    let mut out = Tensor::empty(&[layout.tokens(), hidden], DType::BF16, y.device())?;
     match y.device().launcher() {
         None => {
             let w = weights.map(|w| w.cpu_slice::<f32>()).transpose()?;
@@ -349,8 +359,9 @@ pub fn combine_backward(
     }
     let k = layout.config.top_k;
     let dev = y.device();
-    let mut gy = Tensor::zeros(y.dims(), DType::BF16, dev)?;
-    let mut gw = weights.map(|_| Tensor::zeros(layout.row_map.dims(), DType::F32, dev)).transpose()?;
+    // Written in full: the pairs' rows, the padding rows (zeroed) and every slot's dw.
+    let mut gy = Tensor::empty(y.dims(), DType::BF16, dev)?;
+    let mut gw = weights.map(|_| Tensor::empty(layout.row_map.dims(), DType::F32, dev)).transpose()?;
     match dev.launcher() {
         None => {
             let w = weights.map(|w| w.cpu_slice::<f32>()).transpose()?;

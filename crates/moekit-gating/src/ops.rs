@@ -72,8 +72,9 @@ pub fn route(logits: &Tensor, bias: Option<&Tensor>, cfg: &RouterConfig) -> Resu
         same_device(logits, b, "router bias")?;
     }
     let dev = logits.device();
-    let mut ids = Tensor::zeros(&[tokens, cfg.top_k], DType::I32, dev)?;
-    let mut weights = Tensor::zeros(&[tokens, cfg.top_k], DType::F32, dev)?;
+    // ids and weights are written in full; counts are added to, so they start at zero.
+    let mut ids = Tensor::empty(&[tokens, cfg.top_k], DType::I32, dev)?;
+    let mut weights = Tensor::empty(&[tokens, cfg.top_k], DType::F32, dev)?;
     let mut counts = Tensor::zeros(&[cfg.experts], DType::I32, dev)?;
     match dev.launcher() {
         None => {
@@ -107,7 +108,7 @@ pub fn route_backward(logits: &Tensor, topk_ids: &Tensor, grad_weights: &Tensor,
     expect_dims("grad_weights", grad_weights, &[tokens, cfg.top_k], DType::F32)?;
     same_device(logits, topk_ids, "topk_ids")?;
     same_device(logits, grad_weights, "grad_weights")?;
-    let mut grad = Tensor::zeros(&[tokens, cfg.experts], DType::F32, logits.device())?;
+    let mut grad = Tensor::empty(&[tokens, cfg.experts], DType::F32, logits.device())?;
     match logits.device().launcher() {
         None => {
             let g =
@@ -158,7 +159,7 @@ pub fn balance_loss(
     alpha: f32,
 ) -> Result<Tensor> {
     let n_seq = balance_checks(logits, topk_ids, cfg, seq_len)?;
-    let mut loss = Tensor::zeros(&[n_seq], DType::F32, logits.device())?;
+    let mut loss = Tensor::empty(&[n_seq], DType::F32, logits.device())?;
     match logits.device().launcher() {
         None => {
             let l = reference::balance_loss(&cpu_logits(logits)?, topk_ids.cpu_slice()?, cfg, seq_len, alpha)?;
@@ -183,7 +184,7 @@ pub fn balance_loss_backward(
     let n_seq = balance_checks(logits, topk_ids, cfg, seq_len)?;
     expect_dims("grad_loss", grad_loss, &[n_seq], DType::F32)?;
     same_device(logits, grad_loss, "grad_loss")?;
-    let mut grad = Tensor::zeros(logits.dims(), DType::F32, logits.device())?;
+    let mut grad = Tensor::empty(logits.dims(), DType::F32, logits.device())?;
     match logits.device().launcher() {
         None => {
             let g = reference::balance_loss_backward(

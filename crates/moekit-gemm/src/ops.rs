@@ -207,7 +207,8 @@ pub fn m_grouped_masked(a: GemmInput<'_>, b: GemmInput<'_>, masked_m: Option<&Te
 /// scales along the tokens. An empty group gives zeros.
 pub fn k_grouped(a: GemmInput<'_>, b: GemmInput<'_>, offsets: &Tensor) -> Result<Tensor> {
     let shape = k_grouped_shape(&a, &b, offsets)?;
-    let mut d = Tensor::zeros(&[shape.groups, shape.n, shape.k], DType::F32, dev(a.data()))?;
+    // Written in full (an empty group gives zeros).
+    let mut d = Tensor::empty(&[shape.groups, shape.n, shape.k], DType::F32, dev(a.data()))?;
     k_grouped_into(&mut d, false, a, b, offsets, shape)?;
     Ok(d)
 }

@@ -54,16 +54,36 @@ pub fn numel_of(dims: &[usize]) -> Result<usize> {
 impl Tensor {
     /// A zero-filled tensor.
     pub fn zeros(dims: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        let numel = numel_of(dims)?;
-        let bytes = numel
-            .checked_mul(dtype.size_in_bytes())
-            .ok_or_else(|| Error::Shape(format!("{dims:?} of {dtype} overflows")))?;
+        let bytes = Self::bytes_of(dims, dtype)?;
         let storage = match device {
             Device::Cpu => Storage::Cpu { words: vec![0u64; bytes.div_ceil(8)] },
             Device::Cuda(d) => Storage::Cuda(DeviceBuffer::zeros(d.gpu(), bytes)?),
             Device::Emulated(e) => Storage::Emu(EmuBuffer::zeros(e, bytes)?),
         };
         Ok(Tensor { storage: Arc::new(storage), device: device.clone(), dtype, dims: dims.to_vec(), offset: 0 })
+    }
+
+    /// A tensor whose contents are unspecified, for outputs a kernel writes in full: on a GPU
+    /// it skips the memset and its synchronisation; in the emulation it is filled with the
+    /// byte 0xA5, so a kernel that leaves elements unwritten fails its emulated tests instead
+    /// of passing on zeros; on the CPU it is zeros.
+    pub fn empty(dims: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let storage = match device {
+            Device::Cpu => return Tensor::zeros(dims, dtype, device),
+            Device::Cuda(d) => Storage::Cuda(DeviceBuffer::uninit(d.gpu(), Self::bytes_of(dims, dtype)?)?),
+            Device::Emulated(e) => {
+                let mut buf = EmuBuffer::<u8>::zeros(e, Self::bytes_of(dims, dtype)?)?;
+                buf.as_mut_slice().fill(0xA5);
+                Storage::Emu(buf)
+            }
+        };
+        Ok(Tensor { storage: Arc::new(storage), device: device.clone(), dtype, dims: dims.to_vec(), offset: 0 })
+    }
+
+    fn bytes_of(dims: &[usize], dtype: DType) -> Result<usize> {
+        numel_of(dims)?
+            .checked_mul(dtype.size_in_bytes())
+            .ok_or_else(|| Error::Shape(format!("{dims:?} of {dtype} overflows")))
     }
 
     /// A tensor holding a copy of `data` with shape `dims`.
