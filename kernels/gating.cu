@@ -316,16 +316,22 @@ __device__ __forceinline__ void sequence_counts(const MoekitBalanceLossParams& p
   __syncthreads();
 }
 
+// Sum of a token's scores (slot order per lane, then the warp butterfly); slots past E hold 0.
+template <int EPL>
+__device__ __forceinline__ float score_sum(const float (&s)[EPL]) {
+  float part = 0.0f;
+#pragma unroll
+  for (int i = 0; i < EPL; ++i) part = moekit::fm::add(part, s[i]);
+  return warp_sum(part);
+}
+
 // s'[t, e] for this lane's experts: s / sum(s) (sigmoid) or s (softmax, already normalised).
 template <int EPL>
 __device__ __forceinline__ void normalized_scores(const MoekitBalanceLossParams& p, uint64_t t, int lane,
                                                   float (&s)[EPL]) {
   token_scores<EPL>(p.logits, p.logits_dtype, p.score_func, p.experts, t, lane, s);
   if (p.score_func != MOEKIT_SCORE_SIGMOID) return;
-  float part = 0.0f;
-#pragma unroll
-  for (int i = 0; i < EPL; ++i) part = moekit::fm::add(part, s[i]);
-  const float z = warp_sum(part);
+  const float z = score_sum(s);
 #pragma unroll
   for (int i = 0; i < EPL; ++i) s[i] = moekit::fm::div(s[i], z);
 }
@@ -393,13 +399,7 @@ __device__ __forceinline__ void balance_loss_backward(const MoekitBalanceLossPar
     float s[EPL];
     token_scores<EPL>(p.logits, p.logits_dtype, p.score_func, p.experts, t, lane, s);
     const bool sigmoid = p.score_func == MOEKIT_SCORE_SIGMOID;
-    float z = 1.0f;
-    if (sigmoid) {
-      float part = 0.0f;
-#pragma unroll
-      for (int i = 0; i < EPL; ++i) part = moekit::fm::add(part, s[i]);
-      z = warp_sum(part);
-    }
+    const float z = sigmoid ? score_sum(s) : 1.0f;
     float part = 0.0f;
 #pragma unroll
     for (int i = 0; i < EPL; ++i) {

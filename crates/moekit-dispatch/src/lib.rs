@@ -111,7 +111,8 @@ impl ScaleLayout {
             ScaleLayout::MnMajor => g * Self::mn_stride(rows) + r,
         }
     }
-    fn abi(self) -> i32 {
+    /// The `MoekitScaleLayout` value kernels take.
+    pub fn abi(self) -> i32 {
         (match self {
             ScaleLayout::RowMajor => moekit_abi::MOEKIT_SCALES_ROW_MAJOR,
             ScaleLayout::MnMajor => moekit_abi::MOEKIT_SCALES_MN_MAJOR,

@@ -131,12 +131,12 @@ struct Launch<'a> {
     shape: Shape,
     a: Operand<'a>,
     a_layout: ScaleLayout,
-    a_scale_rows: usize,
     b: Operand<'a>,
     d: u64,
-    m_indices: u64,
-    masked_m: u64,
-    offsets: u64,
+    /// The op's row/group ids: `m_indices` (contiguous, dgrad), `masked_m` or 0 (masked),
+    /// group offsets (k-grouped).
+    ids: u64,
+    /// k-grouped: add to `d`.
     accumulate: bool,
     spaces: Vec<MemSpace>,
 }
@@ -160,15 +160,22 @@ fn launch(on: &dyn Launcher, l: Launch<'_>) -> Result<()> {
     let blocks = tiles.min((on.multiprocessors() as usize * BLOCKS_PER_SM).max(1));
     let cfg = LaunchConfig { grid: (blocks as u32, 1, 1), block: (BLOCK, 1, 1), shared_mem_bytes: SMEM_BYTES };
     let fp8 = l.a.fp8();
+    // Rows of A's 1x128 scales (the MN-major stride follows from them).
+    let a_scale_rows = match l.op {
+        Op::Contiguous | Op::Dgrad => s.m,
+        Op::Masked => s.groups * s.m,
+        Op::KGrouped => s.n,
+    };
+    let id = |op: Op| if l.op == op { l.ids } else { 0 };
     let params = moekit_abi::MoekitGemmParams {
         a: l.a.addr(),
         b: l.b.addr(),
         d: l.d,
         a_scales: l.a.scales().map_or(0, |p| p.addr()),
         b_scales: l.b.scales().map_or(0, |p| p.addr()),
-        m_indices: l.m_indices,
-        masked_m: l.masked_m,
-        group_offsets: l.offsets,
+        m_indices: if matches!(l.op, Op::Contiguous | Op::Dgrad) { l.ids } else { 0 },
+        masked_m: id(Op::Masked),
+        group_offsets: id(Op::KGrouped),
         op: l.op.abi(),
         fp8: fp8 as i32,
         groups: s.groups as i32,
@@ -176,11 +183,8 @@ fn launch(on: &dyn Launcher, l: Launch<'_>) -> Result<()> {
         m: s.m as i32,
         n: s.n as i32,
         k: s.k as i32,
-        a_scale_layout: match l.a_layout {
-            ScaleLayout::RowMajor => moekit_abi::MOEKIT_SCALES_ROW_MAJOR,
-            ScaleLayout::MnMajor => moekit_abi::MOEKIT_SCALES_MN_MAJOR,
-        } as i32,
-        a_scale_stride: ScaleLayout::mn_stride(l.a_scale_rows) as i32,
+        a_scale_layout: l.a_layout.abi(),
+        a_scale_stride: ScaleLayout::mn_stride(a_scale_rows) as i32,
         _pad: 0,
     };
     if kernel_for(on) == Kernel::Sm90 && crate::sm90::supports(l.op, &s, fp8) {
@@ -230,20 +234,7 @@ fn row_grouped(
     expect("m_indices", m_indices.len(), m)?;
     expect("D", d.len(), m * cols)?;
     let spaces = vec![m_indices.space(), d.space()];
-    let l = Launch {
-        op,
-        shape,
-        a,
-        a_layout,
-        a_scale_rows: m,
-        b,
-        d: d.addr(),
-        m_indices: m_indices.addr(),
-        masked_m: 0,
-        offsets: 0,
-        accumulate: false,
-        spaces,
-    };
+    let l = Launch { op, shape, a, a_layout, b, d: d.addr(), ids: m_indices.addr(), accumulate: false, spaces };
     launch(on, l)
 }
 
@@ -275,12 +266,9 @@ pub fn m_grouped_masked(
         shape,
         a,
         a_layout,
-        a_scale_rows: groups * m,
         b,
         d: d.addr(),
-        m_indices: 0,
-        masked_m: masked_m.map_or(0, |p| p.addr()),
-        offsets: 0,
+        ids: masked_m.map_or(0, |p| p.addr()),
         accumulate: false,
         spaces,
     };
@@ -329,12 +317,9 @@ pub fn k_grouped(
         shape,
         a,
         a_layout: ScaleLayout::RowMajor,
-        a_scale_rows: n,
         b,
         d: d.addr(),
-        m_indices: 0,
-        masked_m: 0,
-        offsets: offsets.addr(),
+        ids: offsets.addr(),
         accumulate,
         spaces,
     };

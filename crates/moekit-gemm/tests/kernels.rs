@@ -79,6 +79,64 @@ fn contiguous_ids(sizes: &[(i32, usize)], align: usize) -> Vec<i32> {
     ids
 }
 
+/// Contiguous BF16 `a [m, k]` by `b [groups, n, k]` with `ids`: device vs CPU.
+#[allow(clippy::too_many_arguments)]
+fn check_contiguous_bf16(
+    dev: &Device,
+    what: &str,
+    a: &[f32],
+    b: &[f32],
+    ids: &[i32],
+    groups: usize,
+    n: usize,
+    k: usize,
+) {
+    let m = ids.len();
+    check(
+        dev,
+        what,
+        |d| {
+            m_grouped_contiguous(
+                GemmInput::Bf16(&bf16_tensor(a, &[m, k], d)),
+                GemmInput::Bf16(&bf16_tensor(b, &[groups, n, k], d)),
+                &Tensor::from_slice(ids, &[m], d).unwrap(),
+            )
+            .unwrap()
+        },
+        None,
+    );
+}
+
+/// The same in FP8 (both token scale layouts), also against the unquantized reference.
+#[allow(clippy::too_many_arguments)]
+fn check_contiguous_fp8(
+    dev: &Device,
+    what: &str,
+    a: &[f32],
+    b: &[f32],
+    ids: &[i32],
+    groups: usize,
+    n: usize,
+    k: usize,
+) {
+    let m = ids.len();
+    let mut exact = vec![0.0f32; m * n];
+    reference::m_grouped_contiguous(a, b, ids, groups, n, k, &mut exact).unwrap();
+    for layout in [ScaleLayout::RowMajor, ScaleLayout::MnMajor] {
+        check(
+            dev,
+            &format!("{what} {layout:?}"),
+            |d| {
+                let qa = fp8_tokens(a, m, k, layout, d);
+                let (qb, sb) = fp8_weights(b, groups, n, k, d);
+                let mi = Tensor::from_slice(ids, &[m], d).unwrap();
+                m_grouped_contiguous((&qa).into(), GemmInput::Fp8 { data: &qb, scales: &sb, layout }, &mi).unwrap()
+            },
+            Some(&exact),
+        );
+    }
+}
+
 /// Compares the device result of `run` with the CPU result of the same call, and the FP8
 /// result with the unquantized reference `exact`.
 fn check(dev: &Device, what: &str, run: impl Fn(&Device) -> Tensor, exact: Option<&[f32]>) {
@@ -116,19 +174,7 @@ fn m_grouped(dev: &Device, scale: usize) {
         // BF16
         let (n, k) = (72, 40);
         let (a, b) = (values(m * k, 1), values(groups * n * k, 2));
-        check(
-            dev,
-            &format!("contiguous bf16 align {align}"),
-            |d| {
-                m_grouped_contiguous(
-                    GemmInput::Bf16(&bf16_tensor(&a, &[m, k], d)),
-                    GemmInput::Bf16(&bf16_tensor(&b, &[groups, n, k], d)),
-                    &mi(d),
-                )
-                .unwrap()
-            },
-            None,
-        );
+        check_contiguous_bf16(dev, &format!("contiguous bf16 align {align}"), &a, &b, &ids, groups, n, k);
         let w = values(groups * n * k, 3);
         let dy = values(m * n, 4);
         check(
@@ -147,21 +193,7 @@ fn m_grouped(dev: &Device, scale: usize) {
         // FP8
         let (n, k) = (128, 256);
         let (a, b) = (values(m * k, 5), values(groups * n * k, 6));
-        let mut exact = vec![0.0f32; m * n];
-        reference::m_grouped_contiguous(&a, &b, &ids, groups, n, k, &mut exact).unwrap();
-        for layout in [ScaleLayout::RowMajor, ScaleLayout::MnMajor] {
-            check(
-                dev,
-                &format!("contiguous fp8 {layout:?} align {align}"),
-                |d| {
-                    let qa = fp8_tokens(&a, m, k, layout, d);
-                    let (qb, sb) = fp8_weights(&b, groups, n, k, d);
-                    m_grouped_contiguous((&qa).into(), GemmInput::Fp8 { data: &qb, scales: &sb, layout }, &mi(d))
-                        .unwrap()
-                },
-                Some(&exact),
-            );
-        }
+        check_contiguous_fp8(dev, &format!("contiguous fp8 align {align}"), &a, &b, &ids, groups, n, k);
         let dy = values(m * n, 7);
         let mut exact = vec![0.0f32; m * k];
         reference::dgrad(&dy, &b, &ids, groups, n, k, &mut exact).unwrap();
@@ -336,39 +368,13 @@ fn sm90_shapes(dev: &Device) {
     let ids = contiguous_ids(&[(0, 0), (1, 1), (2, 128), (0, 300), (3, 77)], 128);
     let m = ids.len();
     let groups = 4;
-    let mi = |d: &Device| Tensor::from_slice(&ids, &[m], d).unwrap();
     let (n, k) = (200, 192);
     let (a, b) = (values(m * k, 21), values(groups * n * k, 22));
-    check(
-        dev,
-        "sm90 contiguous bf16",
-        |d| {
-            m_grouped_contiguous(
-                GemmInput::Bf16(&bf16_tensor(&a, &[m, k], d)),
-                GemmInput::Bf16(&bf16_tensor(&b, &[groups, n, k], d)),
-                &mi(d),
-            )
-            .unwrap()
-        },
-        None,
-    );
+    check_contiguous_bf16(dev, "sm90 contiguous bf16", &a, &b, &ids, groups, n, k);
     // FP8 with several weight scale blocks along N and K (n = 256, k = 384).
     let (n8, k8) = (256, 384);
     let (a8, b8) = (values(m * k8, 25), values(groups * n8 * k8, 26));
-    let mut exact = vec![0.0f32; m * n8];
-    reference::m_grouped_contiguous(&a8, &b8, &ids, groups, n8, k8, &mut exact).unwrap();
-    for layout in [ScaleLayout::RowMajor, ScaleLayout::MnMajor] {
-        check(
-            dev,
-            &format!("sm90 contiguous fp8 {layout:?}"),
-            |d| {
-                let qa = fp8_tokens(&a8, m, k8, layout, d);
-                let (qb, sb) = fp8_weights(&b8, groups, n8, k8, d);
-                m_grouped_contiguous((&qa).into(), GemmInput::Fp8 { data: &qb, scales: &sb, layout }, &mi(d)).unwrap()
-            },
-            Some(&exact),
-        );
-    }
+    check_contiguous_fp8(dev, "sm90 contiguous fp8", &a8, &b8, &ids, groups, n8, k8);
     let (gm, mm) = (3, vec![0i32, 130, 257]);
     let mmt = |d: &Device| Tensor::from_slice(&mm, &[gm], d).unwrap();
     let (a9, b9) = (values(gm * 257 * k8, 27), values(gm * n8 * k8, 28));
