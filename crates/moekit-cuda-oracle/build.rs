@@ -29,7 +29,7 @@ fn main() {
 
     let Some(include) = moekit_build::find_cuda_include(Some(&manifest_dir)) else {
         let msg = "CUDA headers (cuda_fp8.h) not found, so the CUDA conversion oracle is absent \
-                   (tests that compare with CUDA print SKIPPED). Get them with `cargo xtask setup-cuda`, \
+                   (tests that compare with CUDA print SKIPPED). Get them with `cargo xtask setup`, \
                    or set MOEKIT_CUDA_INCLUDE / CUDA_HOME / NVCC.";
         if moekit_build::kernels_required() {
             panic!("MOEKIT_REQUIRE_KERNELS=1 but {msg}");

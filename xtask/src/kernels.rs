@@ -29,7 +29,7 @@ pub fn build_kernels() -> Result<(), String> {
     let tc = ensure_toolchain()?;
     let cuobjdump = tc
         .cuobjdump()
-        .ok_or_else(|| format!("cuobjdump not found beside {} (run `cargo xtask setup-cuda`)", tc.nvcc.display()))?;
+        .ok_or_else(|| format!("cuobjdump not found beside {} (run `cargo xtask setup`)", tc.nvcc.display()))?;
     let include = vec![root().join("kernels").join("include")];
     let cache = root().join("target").join("moekit-kernel-cache");
     let mut table = String::from(

@@ -11,17 +11,18 @@ use std::process::{Command, ExitCode};
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  setup-cuda        install the pinned CUDA 13.0 toolchain from PyPI into .cuda-toolchain/
+  setup             install the pinned tools from PyPI into .cuda-toolchain/: the CUDA 13.0
+                    compiler and libclang (for codegen); `setup-cuda` is the older name
   build-kernels     compile every kernel for every configured arch; print resources and SASS checks
   codegen [--check] regenerate (or check) the Rust bindings of kernels/include/moekit/abi.h
-  ci                the full test pipeline (toolchain, build-kernels, codegen --check, fmt, clippy,
+  ci                the full test pipeline (setup, build-kernels, codegen --check, fmt, clippy,
                     test, emulated tests under AddressSanitizer)
   gpu-bundle        build GPU test and benchmark binaries into target/gpu-bundle with a run.sh";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("setup-cuda") => setup::setup_cuda().map(|_| ()),
+        Some("setup" | "setup-cuda") => setup::setup(),
         Some("build-kernels") => kernels::build_kernels(),
         Some("codegen") => codegen::codegen(args.iter().any(|a| a == "--check")),
         Some("ci") => ci(),
@@ -85,6 +86,8 @@ fn emulated_tests_under_asan(nvcc: &Path) -> Result<(), String> {
 fn ci() -> Result<(), String> {
     let start = std::time::Instant::now();
     let tc = setup::ensure_toolchain()?;
+    // codegen loads the project's own libclang (installed here if missing), never a system one.
+    setup::setup_libclang()?;
     // From here on a missing toolchain is an error, never a silent skip.
     std::env::set_var("MOEKIT_REQUIRE_KERNELS", "1");
     std::env::set_var("MOEKIT_NVCC", &tc.nvcc);

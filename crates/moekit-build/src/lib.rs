@@ -64,7 +64,7 @@ pub fn cache_dir(out_dir: &Path) -> PathBuf {
 }
 
 /// File whose change tells build scripts that a toolchain was installed or removed:
-/// `<cache dir>/toolchain.stamp`, rewritten by `cargo xtask setup-cuda`.
+/// `<cache dir>/toolchain.stamp`, rewritten by `cargo xtask setup`.
 pub fn toolchain_stamp(cache_dir: &Path) -> PathBuf {
     cache_dir.join("toolchain.stamp")
 }
@@ -124,7 +124,7 @@ pub fn embed_kernels(modules: &[KernelModule]) {
     let toolchain = find_nvcc(Some(&manifest_dir));
     if toolchain.is_none() {
         let msg = "nvcc not found (MOEKIT_NVCC, NVCC, CUDA_HOME, CUDA_PATH, PATH, .cuda-toolchain, /usr/local/cuda): \
-                   CUDA kernels are not built; GPU calls will return KernelsNotBuilt. Run `cargo xtask setup-cuda`.";
+                   CUDA kernels are not built; GPU calls will return KernelsNotBuilt. Run `cargo xtask setup`.";
         if kernels_required() {
             panic!("MOEKIT_REQUIRE_KERNELS=1 but {msg}");
         }

@@ -9,7 +9,7 @@ use std::process::Command;
 pub const DISCOVERY_ENV_VARS: &[&str] =
     &["MOEKIT_NVCC", "NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "MOEKIT_CUDA_INCLUDE", "MOEKIT_REQUIRE_KERNELS"];
 
-/// Name of the project-local toolchain folder (a Python venv made by `cargo xtask setup-cuda`).
+/// Name of the project-local toolchain folder (a Python venv made by `cargo xtask setup`).
 pub const LOCAL_TOOLCHAIN_DIR: &str = ".cuda-toolchain";
 
 /// A located CUDA toolchain.
@@ -57,7 +57,7 @@ impl Toolchain {
 
 /// Searches for nvcc in this order: `MOEKIT_NVCC`, `NVCC` (paths to the executable),
 /// `CUDA_HOME`, `CUDA_PATH` (`<dir>/bin/nvcc`), `PATH`, the project-local toolchain made by
-/// `cargo xtask setup-cuda` (searched upward from `start_dir`), `/usr/local/cuda/bin/nvcc`.
+/// `cargo xtask setup` (searched upward from `start_dir`), `/usr/local/cuda/bin/nvcc`.
 /// Never runs `nvidia-smi` or touches a GPU.
 pub fn find_nvcc(start_dir: Option<&Path>) -> Option<Toolchain> {
     for var in ["MOEKIT_NVCC", "NVCC"] {

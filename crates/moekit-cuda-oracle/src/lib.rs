@@ -92,12 +92,12 @@ pub fn require_or_skip(test_name: &str) -> bool {
     if kernels_required() {
         panic!(
             "{test_name}: MOEKIT_REQUIRE_KERNELS=1 but moekit-cuda-oracle was built without CUDA \
-             headers; run `cargo xtask setup-cuda` or set MOEKIT_CUDA_INCLUDE / CUDA_HOME"
+             headers; run `cargo xtask setup` or set MOEKIT_CUDA_INCLUDE / CUDA_HOME"
         );
     }
     // One write call, so parallel tests do not interleave inside the line.
     let line = format!(
-        "SKIPPED: CUDA headers not found ({test_name}); run `cargo xtask setup-cuda` or set \
+        "SKIPPED: CUDA headers not found ({test_name}); run `cargo xtask setup` or set \
          MOEKIT_CUDA_INCLUDE / CUDA_HOME to compare against CUDA\n"
     );
     let _ = std::io::stderr().write_all(line.as_bytes());

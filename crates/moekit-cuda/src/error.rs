@@ -21,13 +21,15 @@ pub enum Error {
         count: usize,
     },
     /// The crate was built without nvcc, so its kernels are not embedded.
-    #[error("kernel image `{module}` was not built (nvcc was not found at build time); run `cargo xtask setup-cuda` and rebuild")]
+    #[error(
+        "kernel image `{module}` was not built (nvcc was not found at build time); run `cargo xtask setup` and rebuild"
+    )]
     KernelsNotBuilt {
         /// Kernel module name.
         module: &'static str,
     },
     /// The crate was built without the CUDA headers, so its kernels have no host build.
-    #[error("kernel image `{module}` has no host emulation build (CUDA headers were not found at build time); run `cargo xtask setup-cuda` and rebuild")]
+    #[error("kernel image `{module}` has no host emulation build (CUDA headers were not found at build time); run `cargo xtask setup` and rebuild")]
     EmulationNotBuilt {
         /// Kernel module name.
         module: &'static str,
