@@ -105,8 +105,18 @@ pub fn route_token(logits: &[f32], bias: Option<&[f32]>, cfg: &RouterConfig) -> 
         candidates.select_nth_unstable_by(k - 1, |a, b| b.0.cmp(&a.0));
     }
     candidates[..k].sort_unstable_by_key(|c| std::cmp::Reverse(c.0));
-    let ids: Vec<usize> = candidates[..k].iter().map(|&(_, e)| e).collect();
-    let mut w: Vec<f32> = ids.iter().map(|&e| s[e]).collect();
+    let ids: Vec<i32> = candidates[..k].iter().map(|&(_, e)| e as i32).collect();
+    let w = weights_for_ids(&s, &ids, cfg);
+    (ids, w)
+}
+
+/// The routing weights of one token's chosen `ids` from its (unbiased) `scores`: `s[id]`,
+/// renormalised to sum 1 when configured (and the sum is positive), times `route_scale`.
+/// The arithmetic of [`route_token`] (and of the kernels), so that weights recomputed for
+/// replayed ids equal the chosen ones bit for bit. Ids outside `[0, E)` get weight 0.
+pub fn weights_for_ids(scores: &[f32], ids: &[i32], cfg: &RouterConfig) -> Vec<f32> {
+    let mut w: Vec<f32> =
+        ids.iter().map(|&e| if (0..scores.len() as i32).contains(&e) { scores[e as usize] } else { 0.0 }).collect();
     let sum = w.iter().fold(0.0f32, |acc, &x| acc + x);
     for x in &mut w {
         if cfg.renormalize && sum > 0.0 {
@@ -114,7 +124,27 @@ pub fn route_token(logits: &[f32], bias: Option<&[f32]>, cfg: &RouterConfig) -> 
         }
         *x *= cfg.route_scale;
     }
-    (ids.iter().map(|&e| e as i32).collect(), w)
+    w
+}
+
+/// Router replay: the weights (and counts) of given `ids [T, k]` (recorded while sampling)
+/// instead of choosing them, so that training sees the routing the sampler used. Ids must be
+/// in `[0, E)`. With the ids [`route`] chose, the result equals [`route`]'s bit for bit.
+pub fn route_replay(logits: &[f32], ids: &[i32], cfg: &RouterConfig) -> Result<Routing> {
+    cfg.validate()?;
+    let tokens = check_rows("logits", logits.len(), cfg.experts)?;
+    check_len("replayed topk_ids", ids.len(), tokens * cfg.top_k)?;
+    if let Some(&bad) = ids.iter().find(|&&e| e < 0 || e as usize >= cfg.experts) {
+        return Err(Error::InvalidArgument(format!("replayed expert id {bad} outside [0, {})", cfg.experts)));
+    }
+    let mut out = Routing { ids: ids.to_vec(), weights: Vec::with_capacity(ids.len()), counts: vec![0; cfg.experts] };
+    for (row, ids) in logits.chunks(cfg.experts).zip(ids.chunks(cfg.top_k)) {
+        out.weights.extend(weights_for_ids(&scores(row, cfg.score), ids, cfg));
+        for &e in ids {
+            out.counts[e as usize] += 1;
+        }
+    }
+    Ok(out)
 }
 
 /// Result of [`route`].

@@ -1,0 +1,83 @@
+//! A small DeepSeek-style MoE transformer with an explicit forward and backward (no autograd
+//! framework), in the manner of llm.c: each layer's forward beside its backward, a fast f32
+//! CPU path, and the routed experts on moekit's kernels on any device.
+//!
+//! - [`config`]: [`ModelConfig`] (TOML, presets, validation naming the field);
+//! - [`params`]: the parameters' names, shapes and order;
+//! - [`layers`]: RMSNorm, RoPE, causal attention, SwiGLU;
+//! - [`moe`]: the MoE layer (router, shared experts, routed experts on an [`Experts`]
+//!   backend, router replay, balance loss);
+//! - [`model`]: [`Model`] forward/backward, KV-cache decoding;
+//! - [`loss`]: log-probabilities, entropies, cross-entropy and their gradients;
+//! - [`generate`]: batched sampling (temperature, top-k, top-p, EOS);
+//! - [`optim`]: AdamW, clipping, warmup + cosine;
+//! - [`checkpoint`]: safetensors checkpoints, written atomically.
+//!
+//! ```
+//! use moekit_model::{loss, Model, ModelConfig, AdamW, AdamWConfig};
+//! let cfg = ModelConfig { n_layers: 2, max_seq_len: 8, ..ModelConfig::default() };
+//! let mut model = Model::new(cfg, 0).unwrap();
+//! let mut opt = AdamW::new(AdamWConfig::default(), &model.params).unwrap();
+//! let tokens: Vec<u32> = (0..16).map(|i| i % 10).collect(); // 2 sequences of 8
+//! let fwd = model.forward(&tokens, 2, 8, None).unwrap();
+//! let targets = moekit_model::generate::next_token_targets(&tokens, 2, 8);
+//! let (loss, dlogits) = loss::cross_entropy(&fwd.logits, model.cfg.vocab_size, &targets);
+//! let grads = model.backward(&fwd, &dlogits).unwrap();
+//! opt.step(&mut model.params, &grads).unwrap();
+//! assert!(loss.is_finite());
+//! ```
+
+pub mod checkpoint;
+pub mod config;
+pub mod generate;
+pub mod layers;
+pub mod linalg;
+pub mod loss;
+pub mod model;
+pub mod moe;
+pub mod optim;
+pub mod params;
+pub mod rng;
+
+pub use config::{ModelConfig, MoeConfig, Precision, Score};
+pub use generate::{Generation, SampleConfig};
+pub use model::{Forward, KvCache, Model};
+pub use moe::Experts;
+pub use optim::{AdamW, AdamWConfig, StepInfo};
+pub use params::Params;
+pub use rng::Rng;
+
+/// Errors of the model crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration value outside what is allowed.
+    #[error("config: {field} = {value}: must be {allowed}")]
+    Config {
+        /// The field (dotted path).
+        field: String,
+        /// The value given.
+        value: String,
+        /// What is allowed.
+        allowed: String,
+    },
+    /// A configuration file that does not parse.
+    #[error("config: {0}")]
+    ConfigParse(String),
+    /// Bad input to a model call (shapes, token ids, lengths).
+    #[error("{0}")]
+    InvalidInput(String),
+    /// A checkpoint that cannot be read or written.
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// An error of a kernel crate (shapes, devices, CUDA).
+    #[error(transparent)]
+    Kernel(#[from] moekit_tensor::Error),
+}
+
+/// Result with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

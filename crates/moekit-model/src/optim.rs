@@ -1,0 +1,154 @@
+//! AdamW (decoupled weight decay) with global grad-norm clipping and a linear-warmup +
+//! cosine learning-rate schedule, on f32 master weights.
+
+use crate::params::Params;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// Optimizer settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdamWConfig {
+    /// Peak learning rate.
+    pub lr: f32,
+    /// Final learning rate of the cosine decay.
+    pub min_lr: f32,
+    /// Linear warmup steps from 0 to `lr`.
+    pub warmup_steps: usize,
+    /// Steps of the whole schedule (cosine from `lr` at the end of warmup to `min_lr` here;
+    /// `min_lr` after).
+    pub total_steps: usize,
+    /// First-moment decay.
+    pub beta1: f32,
+    /// Second-moment decay.
+    pub beta2: f32,
+    /// Denominator epsilon.
+    pub eps: f32,
+    /// Decoupled weight decay (matrices only; norm gains are not decayed).
+    pub weight_decay: f32,
+    /// Clip the global gradient norm to this (0 = no clipping).
+    pub clip_norm: f32,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 10,
+            total_steps: 1000,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            clip_norm: 1.0,
+        }
+    }
+}
+
+impl AdamWConfig {
+    /// Checks every field; the error names it.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, v: f32, allowed: &str| {
+            Err(Error::Config { field: field.into(), value: v.to_string(), allowed: allowed.into() })
+        };
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr", self.lr, "a finite number > 0");
+        }
+        if !(self.min_lr.is_finite() && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            return bad("min_lr", self.min_lr, "in [0, lr]");
+        }
+        for (f, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(f, v, "in [0, 1)");
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return bad("eps", self.eps, "a finite number > 0");
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad("weight_decay", self.weight_decay, "a finite number >= 0");
+        }
+        if !(self.clip_norm.is_finite() && self.clip_norm >= 0.0) {
+            return bad("clip_norm", self.clip_norm, "a finite number >= 0 (0 = off)");
+        }
+        Ok(())
+    }
+
+    /// Learning rate of (0-based) step `step`.
+    pub fn lr_at(&self, step: usize) -> f32 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f32 / self.warmup_steps as f32;
+        }
+        let span = self.total_steps.saturating_sub(self.warmup_steps).max(1);
+        let t = ((step - self.warmup_steps) as f64 / span as f64).min(1.0);
+        let cos = 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
+        (self.min_lr as f64 + (self.lr - self.min_lr) as f64 * cos) as f32
+    }
+}
+
+/// Optimizer state: moments of the parameters' layout and the step count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdamW {
+    /// Settings.
+    pub cfg: AdamWConfig,
+    /// First moments.
+    pub m: Params,
+    /// Second moments.
+    pub v: Params,
+    /// Updates taken.
+    pub step: usize,
+}
+
+/// What one update did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepInfo {
+    /// Global gradient norm before clipping.
+    pub grad_norm: f32,
+    /// Learning rate used.
+    pub lr: f32,
+}
+
+/// Global L2 norm of `grads`, summed in f64 in parameter order.
+pub fn grad_norm(grads: &Params) -> f32 {
+    grads.data.iter().flatten().map(|&g| g as f64 * g as f64).sum::<f64>().sqrt() as f32
+}
+
+impl AdamW {
+    /// Zero moments for `params`.
+    pub fn new(cfg: AdamWConfig, params: &Params) -> Result<Self> {
+        cfg.validate()?;
+        Ok(AdamW { cfg, m: params.zeros_like(), v: params.zeros_like(), step: 0 })
+    }
+
+    /// One update of `params` from `grads` (clipped to the global norm first). A non-finite
+    /// gradient norm skips the update and is an error, so one bad batch cannot poison the
+    /// weights.
+    pub fn step(&mut self, params: &mut Params, grads: &Params) -> Result<StepInfo> {
+        if grads.shapes != params.shapes || self.m.shapes != params.shapes {
+            return Err(Error::InvalidInput("optimizer, gradient and parameter layouts differ".into()));
+        }
+        let norm = grad_norm(grads);
+        if !norm.is_finite() {
+            return Err(Error::InvalidInput(format!("gradient norm is {norm}; update skipped")));
+        }
+        let c = &self.cfg;
+        let clip = if c.clip_norm > 0.0 && norm > c.clip_norm { c.clip_norm / norm } else { 1.0 };
+        let lr = c.lr_at(self.step);
+        self.step += 1;
+        let t = self.step as i32;
+        let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+        for i in 0..params.data.len() {
+            let decay = if params.decays(i) { c.weight_decay } else { 0.0 };
+            let (p, g, m, v) = (&mut params.data[i], &grads.data[i], &mut self.m.data[i], &mut self.v.data[i]);
+            for j in 0..p.len() {
+                let gj = g[j] * clip;
+                m[j] = c.beta1 * m[j] + (1.0 - c.beta1) * gj;
+                v[j] = c.beta2 * v[j] + (1.0 - c.beta2) * gj * gj;
+                let update = (m[j] / bc1) / ((v[j] / bc2).sqrt() + c.eps);
+                p[j] -= lr * (update + decay * p[j]);
+            }
+        }
+        Ok(StepInfo { grad_norm: norm, lr })
+    }
+}
