@@ -1,39 +1,92 @@
 //! The dense layers, each forward beside its backward: RMSNorm, RoPE, causal attention,
 //! SwiGLU feed-forward. All f32 on the host; shapes are row-major `[rows, cols]` slices.
 
-use crate::linalg::{matmul_nn, matmul_nt, matmul_tn};
+use crate::linalg::{matmul_tn, nn, nt};
 use rayon::prelude::*;
 
 // ---------------------------------------------------------------------------------------------
 // RMSNorm: y = x * inv * g, inv = 1 / sqrt(mean(x^2) + eps).
+
+/// Compiles `$name` twice, for AVX2 + FMA and portable, and picks one at run time: the
+/// elementwise loops (and moekit's polynomial `exp`) then vectorise. The bits are the same on
+/// both paths: `mul_add` is fused either way and nothing else differs.
+macro_rules! simd_fn {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn fast($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports the two features `fast` is compiled for.
+                    return unsafe { fast($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+/// `exp` as moekit's kernels compute it (under 2 ulp, the same bits everywhere).
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    moekit_gating::fmath::exp(x)
+}
+
+/// Rows per parallel task of the elementwise layers (fixed: results never depend on the
+/// thread count).
+const ROWS: usize = 64;
 
 /// Forward over rows of `d`: returns `y` and each row's `inv`.
 pub fn rmsnorm(x: &[f32], g: &[f32], d: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
     let rows = x.len() / d;
     let mut y = vec![0.0; x.len()];
     let mut inv = vec![0.0; rows];
-    for ((xr, yr), iv) in x.chunks(d).zip(y.chunks_mut(d)).zip(inv.iter_mut()) {
-        let ms = xr.iter().map(|v| (v * v) as f64).sum::<f64>() / d as f64;
-        *iv = (1.0 / (ms + eps as f64).sqrt()) as f32;
-        for ((o, &v), &gg) in yr.iter_mut().zip(xr).zip(g) {
-            *o = v * *iv * gg;
+    y.par_chunks_mut(ROWS * d).zip(inv.par_chunks_mut(ROWS)).zip(x.par_chunks(ROWS * d)).for_each(|((yb, ib), xb)| {
+        for ((xr, yr), iv) in xb.chunks(d).zip(yb.chunks_mut(d)).zip(ib.iter_mut()) {
+            let ms = xr.iter().map(|v| (v * v) as f64).sum::<f64>() / d as f64;
+            *iv = (1.0 / (ms + eps as f64).sqrt()) as f32;
+            for ((o, &v), &gg) in yr.iter_mut().zip(xr).zip(g) {
+                *o = v * *iv * gg;
+            }
         }
-    }
+    });
     (y, inv)
 }
 
-/// Backward: returns `dx`, adds to `dg`.
+/// Backward: returns `dx`, adds to `dg` (summed over fixed blocks of rows, then the blocks in
+/// order).
 pub fn rmsnorm_backward(x: &[f32], g: &[f32], inv: &[f32], dy: &[f32], d: usize, dg: &mut [f32]) -> Vec<f32> {
     let mut dx = vec![0.0; x.len()];
-    for (((xr, dyr), dxr), &iv) in x.chunks(d).zip(dy.chunks(d)).zip(dx.chunks_mut(d)).zip(inv) {
-        let mut dot = 0.0f64;
-        for j in 0..d {
-            dg[j] += dyr[j] * xr[j] * iv;
-            dot += (dyr[j] * g[j]) as f64 * xr[j] as f64;
-        }
-        let c = (dot / d as f64) as f32 * iv * iv * iv;
-        for j in 0..d {
-            dxr[j] = dyr[j] * g[j] * iv - xr[j] * c;
+    let partial: Vec<Vec<f32>> = dx
+        .par_chunks_mut(ROWS * d)
+        .zip(x.par_chunks(ROWS * d))
+        .zip(dy.par_chunks(ROWS * d))
+        .zip(inv.par_chunks(ROWS))
+        .map(|(((dxb, xb), dyb), ib)| {
+            let mut dgb = vec![0.0f32; d];
+            for (((xr, dyr), dxr), &iv) in xb.chunks(d).zip(dyb.chunks(d)).zip(dxb.chunks_mut(d)).zip(ib) {
+                let mut dot = 0.0f64;
+                for j in 0..d {
+                    dgb[j] += dyr[j] * xr[j] * iv;
+                    dot += (dyr[j] * g[j]) as f64 * xr[j] as f64;
+                }
+                let c = (dot / d as f64) as f32 * iv * iv * iv;
+                for j in 0..d {
+                    dxr[j] = dyr[j] * g[j] * iv - xr[j] * c;
+                }
+            }
+            dgb
+        })
+        .collect();
+    for p in &partial {
+        for (a, b) in dg.iter_mut().zip(p) {
+            *a += b;
         }
     }
     dx
@@ -69,6 +122,7 @@ impl Rope {
 
     /// Rotates one head vector at position `pos` in place (`inverse`: the transpose, for the
     /// backward).
+    #[inline(always)]
     pub fn rotate(&self, v: &mut [f32], pos: usize, inverse: bool) {
         let (c, s) = (&self.cos[pos * self.half..][..self.half], &self.sin[pos * self.half..][..self.half]);
         for i in 0..self.half {
@@ -81,141 +135,171 @@ impl Rope {
 
     /// Rotates every head of every row of `x [rows, heads * hd]`; row r is at position
     /// `pos(r)`.
-    pub fn apply(&self, x: &mut [f32], d: usize, pos: impl Fn(usize) -> usize, inverse: bool) {
+    pub fn apply(&self, x: &mut [f32], d: usize, pos: impl Fn(usize) -> usize + Sync, inverse: bool) {
         let hd = 2 * self.half;
-        for (r, row) in x.chunks_mut(d).enumerate() {
-            for head in row.chunks_mut(hd) {
-                self.rotate(head, pos(r), inverse);
+        x.par_chunks_mut(ROWS * d).enumerate().for_each(|(blk, xb)| {
+            for (r, row) in xb.chunks_mut(d).enumerate() {
+                for head in row.chunks_mut(hd) {
+                    self.rotate(head, pos(blk * ROWS + r), inverse);
+                }
             }
-        }
+        });
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Causal attention.
 
-/// One query against `n` keys and values (`[n, hd]` contiguous): writes the softmax
+/// Keys or values of one head: element `c` of position `j` at `data[j * stride + c]`.
+#[derive(Clone, Copy)]
+pub struct HeadView<'a> {
+    /// The backing rows.
+    pub data: &'a [f32],
+    /// Distance between positions.
+    pub stride: usize,
+}
+
+impl HeadView<'_> {
+    fn row(&self, j: usize, hd: usize) -> &[f32] {
+        &self.data[j * self.stride..][..hd]
+    }
+}
+
+/// One query against the first `n` keys and values of a head: writes the softmax
 /// probabilities to `probs[..n]` and the output to `out[..hd]`. The training forward and the
-/// KV-cache decode both call this, so a position gets the same bits either way.
-pub fn attend(q: &[f32], keys: &[f32], vals: &[f32], n: usize, scale: f32, probs: &mut [f32], out: &mut [f32]) {
+/// KV-cache decode both call this, with the same arithmetic per position.
+#[inline(always)]
+pub fn attend(
+    q: &[f32],
+    keys: HeadView<'_>,
+    vals: HeadView<'_>,
+    n: usize,
+    scale: f32,
+    probs: &mut [f32],
+    out: &mut [f32],
+) {
     let hd = q.len();
+    let probs = &mut probs[..n];
     let mut max = f32::NEG_INFINITY;
-    for j in 0..n {
-        let k = &keys[j * hd..(j + 1) * hd];
-        let s = q.iter().zip(k).fold(0.0f32, |acc, (a, b)| acc + a * b) * scale;
-        probs[j] = s;
-        max = max.max(s);
+    for (j, p) in probs.iter_mut().enumerate() {
+        *p = q.iter().zip(keys.row(j, hd)).fold(0.0f32, |acc, (a, b)| acc + a * b) * scale;
+        max = max.max(*p);
     }
     let mut sum = 0.0f32;
-    for p in &mut probs[..n] {
+    for p in probs.iter_mut() {
         *p = (*p - max).exp();
         sum += *p;
     }
     let inv = 1.0 / sum;
     out[..hd].fill(0.0);
-    for j in 0..n {
-        probs[j] *= inv;
-        let v = &vals[j * hd..(j + 1) * hd];
-        for (o, &x) in out.iter_mut().zip(v) {
-            *o += probs[j] * x;
+    for (j, p) in probs.iter_mut().enumerate() {
+        *p *= inv;
+        for (o, &x) in out.iter_mut().zip(vals.row(j, hd)) {
+            *o += *p * x;
         }
     }
 }
 
-/// Splits `x [B * T, H * hd]` into per-(sequence, head) blocks `[B, H, T, hd]`.
-pub fn to_heads(x: &[f32], b: usize, t: usize, heads: usize, hd: usize) -> Vec<f32> {
+/// Where an attention call's keys and values are.
+#[derive(Clone, Copy)]
+pub enum Keys<'a> {
+    /// The call's own keys and values `[B * s, H * hd]` (training: positions from 0).
+    Own {
+        /// Keys.
+        k: &'a [f32],
+        /// Values.
+        v: &'a [f32],
+    },
+    /// A KV cache `[B, H, len, hd]`, the call's positions `start..start + s` already written.
+    Cache {
+        /// Keys.
+        k: &'a [f32],
+        /// Values.
+        v: &'a [f32],
+        /// Positions per (sequence, head).
+        len: usize,
+        /// First position of the call.
+        start: usize,
+    },
+}
+
+/// Causal attention of `q [B * s, H * hd]` (query i of a sequence at position `start + i`
+/// sees keys `0..=start + i`). Returns the output `[B * s, H * hd]` and the probabilities
+/// `[B, H, s, start + s]`.
+pub fn attention(q: &[f32], keys: Keys<'_>, (heads, hd, s): (usize, usize, usize)) -> (Vec<f32>, Vec<f32>) {
     let d = heads * hd;
-    let mut out = vec![0.0; x.len()];
-    for bi in 0..b {
-        for ti in 0..t {
-            let row = &x[(bi * t + ti) * d..][..d];
-            for h in 0..heads {
-                out[((bi * heads + h) * t + ti) * hd..][..hd].copy_from_slice(&row[h * hd..(h + 1) * hd]);
-            }
-        }
-    }
-    out
-}
-
-/// Inverse of [`to_heads`].
-pub fn from_heads(x: &[f32], b: usize, t: usize, heads: usize, hd: usize) -> Vec<f32> {
-    let d = heads * hd;
-    let mut out = vec![0.0; x.len()];
-    for bi in 0..b {
-        for ti in 0..t {
-            for h in 0..heads {
-                out[(bi * t + ti) * d + h * hd..][..hd].copy_from_slice(&x[((bi * heads + h) * t + ti) * hd..][..hd]);
-            }
-        }
-    }
-    out
-}
-
-/// Causal attention of `s` queries per block `q [BH, s, hd]` at positions `start..start + s`
-/// over the first `start + s` of `l` keys and values per block (`k, v [BH, l, hd]`: the same
-/// call's keys in training, a KV cache when decoding). Returns the output `[BH, s, hd]` and
-/// the probabilities `[BH, s, l]` (query i uses columns `0..=start + i`).
-pub fn attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    (s, l, start): (usize, usize, usize),
-    hd: usize,
-) -> (Vec<f32>, Vec<f32>) {
-    let bh = q.len() / (s * hd).max(1);
+    let batch = q.len() / (s * d).max(1);
+    let (start, l) = match keys {
+        Keys::Own { .. } => (0, s),
+        Keys::Cache { start, .. } => (start, start + s),
+    };
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut out = vec![0.0; bh * s * hd];
-    let mut probs = vec![0.0; bh * s * l];
-    out.par_chunks_mut(s * hd).zip(probs.par_chunks_mut(s * l)).enumerate().for_each(|(blk, (o, p))| {
-        let (qb, kb, vb) = (&q[blk * s * hd..][..s * hd], &k[blk * l * hd..][..l * hd], &v[blk * l * hd..][..l * hd]);
-        for i in 0..s {
-            attend(&qb[i * hd..][..hd], kb, vb, start + i + 1, scale, &mut p[i * l..][..l], &mut o[i * hd..][..hd]);
+    let mut out = vec![0.0; q.len()];
+    let mut probs = vec![0.0; batch * heads * s * l];
+    out.par_chunks_mut(s * d).zip(probs.par_chunks_mut(heads * s * l)).enumerate().for_each(|(b, (ob, pb))| {
+        for h in 0..heads {
+            let (kv, vv) = match keys {
+                Keys::Own { k, v } => (
+                    HeadView { data: &k[b * s * d + h * hd..], stride: d },
+                    HeadView { data: &v[b * s * d + h * hd..], stride: d },
+                ),
+                Keys::Cache { k, v, len, .. } => (
+                    HeadView { data: &k[(b * heads + h) * len * hd..], stride: hd },
+                    HeadView { data: &v[(b * heads + h) * len * hd..], stride: hd },
+                ),
+            };
+            for i in 0..s {
+                let qi = &q[(b * s + i) * d + h * hd..][..hd];
+                let p = &mut pb[(h * s + i) * l..][..l];
+                attend(qi, kv, vv, start + i + 1, scale, p, &mut ob[i * d + h * hd..][..hd]);
+            }
         }
     });
     (out, probs)
 }
 
-/// Backward of [`attention`] over a whole sequence (`s = l = t`, `start = 0`): `(dq, dk, dv)`
-/// in the blocks' layout.
-#[allow(clippy::too_many_arguments)]
+/// Backward of [`attention`] over whole sequences (own keys, `start = 0`): `(dq, dk, dv)`, each
+/// `[B * t, H * hd]`.
 pub fn attention_backward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    (q, k, v): (&[f32], &[f32], &[f32]),
     probs: &[f32],
     dout: &[f32],
-    bh: usize,
-    t: usize,
-    hd: usize,
+    (heads, hd, t): (usize, usize, usize),
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let d = heads * hd;
     let scale = 1.0 / (hd as f32).sqrt();
-    let n = bh * t * hd;
+    let n = q.len();
     let (mut dq, mut dk, mut dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-    dq.par_chunks_mut(t * hd).zip(dk.par_chunks_mut(t * hd)).zip(dv.par_chunks_mut(t * hd)).enumerate().for_each(
-        |(blk, ((dqb, dkb), dvb))| {
-            let off = blk * t * hd;
-            let (qb, kb, vb, gb) =
-                (&q[off..][..t * hd], &k[off..][..t * hd], &v[off..][..t * hd], &dout[off..][..t * hd]);
-            let pb = &probs[blk * t * t..][..t * t];
+    dq.par_chunks_mut(t * d).zip(dk.par_chunks_mut(t * d)).zip(dv.par_chunks_mut(t * d)).enumerate().for_each(
+        |(b, ((dqb, dkb), dvb))| {
+            let off = b * t * d;
+            let (qb, kb, vb, gb) = (&q[off..][..t * d], &k[off..][..t * d], &v[off..][..t * d], &dout[off..][..t * d]);
             let mut ds = vec![0.0f32; t];
-            for i in 0..t {
-                let go = &gb[i * hd..][..hd];
-                let p = &pb[i * t..][..=i];
-                let mut dot = 0.0f32;
-                for j in 0..=i {
-                    let dp = go.iter().zip(&vb[j * hd..][..hd]).fold(0.0f32, |a, (x, y)| a + x * y);
-                    ds[j] = dp;
-                    dot += p[j] * dp;
-                    for (dvv, &g) in dvb[j * hd..][..hd].iter_mut().zip(go) {
-                        *dvv += p[j] * g;
+            for h in 0..heads {
+                let pb = &probs[(b * heads + h) * t * t..][..t * t];
+                let col = |j: usize| j * d + h * hd;
+                for i in 0..t {
+                    let go = &gb[col(i)..][..hd];
+                    let p = &pb[i * t..][..=i];
+                    let mut dot = 0.0f32;
+                    for j in 0..=i {
+                        let dp = go.iter().zip(&vb[col(j)..][..hd]).fold(0.0f32, |a, (x, y)| a + x * y);
+                        ds[j] = dp;
+                        dot += p[j] * dp;
+                        for (dvv, &g) in dvb[col(j)..][..hd].iter_mut().zip(go) {
+                            *dvv += p[j] * g;
+                        }
                     }
-                }
-                let qi = &qb[i * hd..][..hd];
-                for j in 0..=i {
-                    let s = p[j] * (ds[j] - dot) * scale;
-                    for c in 0..hd {
-                        dqb[i * hd + c] += s * kb[j * hd + c];
-                        dkb[j * hd + c] += s * qi[c];
+                    let qi = &qb[col(i)..][..hd];
+                    for j in 0..=i {
+                        let sc = p[j] * (ds[j] - dot) * scale;
+                        let kj = &kb[col(j)..][..hd];
+                        for c in 0..hd {
+                            dqb[col(i) + c] += sc * kj[c];
+                        }
+                        for (dkv, &qv) in dkb[col(j)..][..hd].iter_mut().zip(qi) {
+                            *dkv += sc * qv;
+                        }
                     }
                 }
             }
@@ -227,33 +311,51 @@ pub fn attention_backward(
 // ---------------------------------------------------------------------------------------------
 // SwiGLU feed-forward: h = x W1^T ([rows, 2F]: gate | up), a = silu(gate) * up, y = a W2^T.
 
-/// `silu(g) = g * sigmoid(g)`.
+/// `silu(g) = g * sigmoid(g)` with moekit's `exp`.
+#[inline(always)]
 pub fn silu(g: f32) -> f32 {
-    g / (1.0 + (-g).exp())
+    g / (1.0 + exp(-g))
+}
+
+simd_fn! {
+    /// One block of rows of [`swiglu`].
+    fn swiglu_block(hb: &[f32], ab: &mut [f32], f: usize) {
+        for (hr, ar) in hb.chunks(2 * f).zip(ab.chunks_mut(f)) {
+            for j in 0..f {
+                ar[j] = silu(hr[j]) * hr[f + j];
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// One block of rows of [`swiglu_backward`].
+    fn swiglu_backward_block(hb: &[f32], dab: &[f32], dhb: &mut [f32], f: usize) {
+        for ((hr, dar), dhr) in hb.chunks(2 * f).zip(dab.chunks(f)).zip(dhb.chunks_mut(2 * f)) {
+            for j in 0..f {
+                let (g, u) = (hr[j], hr[f + j]);
+                let s = 1.0 / (1.0 + exp(-g));
+                dhr[j] = dar[j] * u * (s * (1.0 + g * (1.0 - s)));
+                dhr[f + j] = dar[j] * g * s;
+            }
+        }
+    }
 }
 
 /// `a[r, j] = silu(h[r, j]) * h[r, F + j]` for `h [rows, 2F]`.
 pub fn swiglu(h: &[f32], f: usize) -> Vec<f32> {
     let mut a = vec![0.0; h.len() / 2];
-    for (hr, ar) in h.chunks(2 * f).zip(a.chunks_mut(f)) {
-        for j in 0..f {
-            ar[j] = silu(hr[j]) * hr[f + j];
-        }
-    }
+    a.par_chunks_mut(ROWS * f).zip(h.par_chunks(ROWS * 2 * f)).for_each(|(ab, hb)| swiglu_block(hb, ab, f));
     a
 }
 
 /// Gradient of [`swiglu`] w.r.t. `h` from `da [rows, F]`.
 pub fn swiglu_backward(h: &[f32], da: &[f32], f: usize) -> Vec<f32> {
     let mut dh = vec![0.0; h.len()];
-    for ((hr, dar), dhr) in h.chunks(2 * f).zip(da.chunks(f)).zip(dh.chunks_mut(2 * f)) {
-        for j in 0..f {
-            let (g, u) = (hr[j], hr[f + j]);
-            let s = 1.0 / (1.0 + (-g).exp());
-            dhr[j] = dar[j] * u * (s * (1.0 + g * (1.0 - s)));
-            dhr[f + j] = dar[j] * g * s;
-        }
-    }
+    dh.par_chunks_mut(ROWS * 2 * f)
+        .zip(h.par_chunks(ROWS * 2 * f))
+        .zip(da.par_chunks(ROWS * f))
+        .for_each(|((dhb, hb), dab)| swiglu_backward_block(hb, dab, dhb, f));
     dh
 }
 
@@ -269,11 +371,9 @@ pub struct FfnCache {
 /// SwiGLU FFN forward of `x [rows, d]` with `w1 [2F, d]`, `w2 [d, F]`.
 pub fn ffn(x: &[f32], w1: &[f32], w2: &[f32], d: usize, f: usize) -> (Vec<f32>, FfnCache) {
     let rows = x.len() / d;
-    let mut h = vec![0.0; rows * 2 * f];
-    matmul_nt(x, w1, rows, 2 * f, d, &mut h, false);
+    let h = nt(x, w1, rows, 2 * f, d);
     let a = swiglu(&h, f);
-    let mut y = vec![0.0; rows * d];
-    matmul_nt(&a, w2, rows, d, f, &mut y, false);
+    let y = nt(&a, w2, rows, d, f);
     (y, FfnCache { h, a })
 }
 
@@ -291,12 +391,9 @@ pub fn ffn_backward(
     dw2: &mut [f32],
 ) -> Vec<f32> {
     let rows = x.len() / d;
-    let mut da = vec![0.0; rows * f];
-    matmul_nn(dy, w2, rows, f, d, &mut da, false);
+    let da = nn(dy, w2, rows, f, d);
     matmul_tn(dy, &cache.a, d, f, rows, dw2, true);
     let dh = swiglu_backward(&cache.h, &da, f);
     matmul_tn(&dh, x, 2 * f, d, rows, dw1, true);
-    let mut dx = vec![0.0; rows * d];
-    matmul_nn(&dh, w1, rows, d, 2 * f, &mut dx, false);
-    dx
+    nn(&dh, w1, rows, d, 2 * f)
 }

@@ -4,8 +4,8 @@
 //! and incremental decoding (keys of a [`KvCache`]).
 
 use crate::config::ModelConfig;
-use crate::layers::{self, attention, attention_backward, ffn, ffn_backward, from_heads, rmsnorm, to_heads, Rope};
-use crate::linalg::{add_assign, matmul_nn, matmul_nt, matmul_tn};
+use crate::layers::{self, attention, attention_backward, ffn, ffn_backward, rmsnorm, Keys, Rope};
+use crate::linalg::{add_assign, matmul_nn, matmul_nt, matmul_tn, nn, nt};
 use crate::moe::{self, Experts, MoeCache, MoeGrads, MoeWeights};
 use crate::params::{FfnKind, Index, LayerIdx, Params};
 use crate::rng::Rng;
@@ -235,8 +235,9 @@ impl Model {
         Ok(())
     }
 
-    /// One block over `x [batch * s, D]` at positions `start..start + s`, with keys and values
-    /// `kv` (`[B, H, l, hd]` each; positions `start..start + s` are written here). `replay`:
+    /// One block over `x [batch * s, D]` at positions `start..start + s`, attending to the
+    /// call's own keys (training, `kv = None`, `start = 0`) or to a KV cache (`[B, H, l, hd]`
+    /// keys and values; positions `start..start + s` are written here). `replay`:
     /// this block's ids if it is MoE. Returns the output and the cache.
     #[allow(clippy::too_many_arguments)]
     fn block(
@@ -244,32 +245,32 @@ impl Model {
         l: &LayerIdx,
         x: Vec<f32>,
         (batch, s, start): (usize, usize, usize),
-        kv: (&mut [f32], &mut [f32], usize),
+        kv: Option<(&mut [f32], &mut [f32], usize)>,
         replay: Option<&[i32]>,
     ) -> Result<(Vec<f32>, LayerCache)> {
         let cfg = &self.cfg;
         let (d, heads, hd) = (cfg.d_model, cfg.n_heads, cfg.head_dim());
         let rows = batch * s;
         let (n1, inv1) = rmsnorm(&x, self.p(l.attn_norm), d, cfg.norm_eps);
-        let proj = |w: usize| {
-            let mut o = vec![0.0; rows * d];
-            matmul_nt(&n1, self.p(w), rows, d, d, &mut o, false);
-            o
-        };
+        let proj = |w: usize| nt(&n1, self.p(w), rows, d, d);
         let (mut q, mut k, v) = (proj(l.wq), proj(l.wk), proj(l.wv));
         self.rope.apply(&mut q, d, |r| start + r % s, false);
         self.rope.apply(&mut k, d, |r| start + r % s, false);
-        let (qh, kh, vh) =
-            (to_heads(&q, batch, s, heads, hd), to_heads(&k, batch, s, heads, hd), to_heads(&v, batch, s, heads, hd));
-        let (kc, vc, len) = kv;
-        for blk in 0..batch * heads {
-            for i in 0..s {
-                kc[(blk * len + start + i) * hd..][..hd].copy_from_slice(&kh[(blk * s + i) * hd..][..hd]);
-                vc[(blk * len + start + i) * hd..][..hd].copy_from_slice(&vh[(blk * s + i) * hd..][..hd]);
+        let (attn, probs) = match kv {
+            Some((kc, vc, len)) => {
+                for bi in 0..batch {
+                    for i in 0..s {
+                        for h in 0..heads {
+                            let (src, dst) = ((bi * s + i) * d + h * hd, ((bi * heads + h) * len + start + i) * hd);
+                            kc[dst..][..hd].copy_from_slice(&k[src..][..hd]);
+                            vc[dst..][..hd].copy_from_slice(&v[src..][..hd]);
+                        }
+                    }
+                }
+                attention(&q, Keys::Cache { k: kc, v: vc, len, start }, (heads, hd, s))
             }
-        }
-        let (o, probs) = attention(&qh, kc, vc, (s, len, start), hd);
-        let attn = from_heads(&o, batch, s, heads, hd);
+            None => attention(&q, Keys::Own { k: &k, v: &v }, (heads, hd, s)),
+        };
         let mut x2 = x.clone();
         matmul_nt(&attn, self.p(l.wo), rows, d, d, &mut x2, true);
         let (n2, inv2) = rmsnorm(&x2, self.p(l.ffn_norm), d, cfg.norm_eps);
@@ -285,7 +286,7 @@ impl Model {
         };
         let mut out = x2.clone();
         add_assign(&mut out, &f);
-        let cache = LayerCache { x, n1, inv1, q: qh, k: kh, v: vh, probs, attn, x2, n2, inv2, ffn: ffn_cache };
+        let cache = LayerCache { x, n1, inv1, q, k, v, probs, attn, x2, n2, inv2, ffn: ffn_cache };
         Ok((out, cache))
     }
 
@@ -303,9 +304,7 @@ impl Model {
         let (d, v) = (self.cfg.d_model, self.cfg.vocab_size);
         let (h, inv) = rmsnorm(x, self.p(self.idx.final_norm), d, self.cfg.norm_eps);
         let rows = x.len() / d;
-        let mut logits = vec![0.0; rows * v];
-        matmul_nt(&h, self.p(self.head_w()), rows, v, d, &mut logits, false);
-        (logits, h, inv)
+        (nt(&h, self.p(self.head_w()), rows, v, d), h, inv)
     }
 
     fn check_replay(&self, replay: Option<&[Vec<i32>]>, rows: usize) -> Result<()> {
@@ -326,7 +325,6 @@ impl Model {
     pub fn forward(&self, tokens: &[u32], batch: usize, seq: usize, replay: Option<&[Vec<i32>]>) -> Result<Forward> {
         self.check_tokens(tokens, batch, seq, 0)?;
         self.check_replay(replay, batch * seq)?;
-        let (heads, hd) = (self.cfg.n_heads, self.cfg.head_dim());
         let mut x = self.embed(tokens);
         let mut caches = Vec::with_capacity(self.cfg.n_layers);
         for l in &self.idx.layers {
@@ -334,8 +332,7 @@ impl Model {
                 (Some(r), FfnKind::Moe { moe_index, .. }) => Some(r[moe_index].as_slice()),
                 _ => None,
             };
-            let (mut kc, mut vc) = (vec![0.0; batch * heads * seq * hd], vec![0.0; batch * heads * seq * hd]);
-            let (out, cache) = self.block(l, x, (batch, seq, 0), (&mut kc, &mut vc, seq), rep)?;
+            let (out, cache) = self.block(l, x, (batch, seq, 0), None, rep)?;
             x = out;
             caches.push(cache);
         }
@@ -362,11 +359,10 @@ impl Model {
         if grads.shapes != self.params.shapes {
             return Err(Error::InvalidInput("gradient buffers do not match the parameters".into()));
         }
-        let (heads, hd, s, b) = (cfg.n_heads, cfg.head_dim(), fwd.seq, fwd.batch);
+        let (heads, hd, s) = (cfg.n_heads, cfg.head_dim(), fwd.seq);
         // LM head and final norm.
         matmul_tn(dlogits, &fwd.final_out, v, d, rows, &mut grads.data[self.head_w()], true);
-        let mut dh = vec![0.0; rows * d];
-        matmul_nn(dlogits, self.p(self.head_w()), rows, d, v, &mut dh, false);
+        let dh = nn(dlogits, self.p(self.head_w()), rows, d, v);
         let mut dx = layers::rmsnorm_backward(
             &fwd.final_in,
             self.p(self.idx.final_norm),
@@ -406,21 +402,16 @@ impl Model {
             add_assign(&mut dx2, &dx2_norm);
             // Attention.
             matmul_tn(&dx2, &c.attn, d, d, rows, &mut grads.data[l.wo], true);
-            let mut dattn = vec![0.0; rows * d];
-            matmul_nn(&dx2, self.p(l.wo), rows, d, d, &mut dattn, false);
-            let doh = to_heads(&dattn, b, s, heads, hd);
-            let (dqh, dkh, dvh) = attention_backward(&c.q, &c.k, &c.v, &c.probs, &doh, b * heads, s, hd);
-            let (mut dq, mut dk, dv) = (
-                from_heads(&dqh, b, s, heads, hd),
-                from_heads(&dkh, b, s, heads, hd),
-                from_heads(&dvh, b, s, heads, hd),
-            );
+            let dattn = nn(&dx2, self.p(l.wo), rows, d, d);
+            let (mut dq, mut dk, dv) = attention_backward((&c.q, &c.k, &c.v), &c.probs, &dattn, (heads, hd, s));
             self.rope.apply(&mut dq, d, |r| r % s, true);
             self.rope.apply(&mut dk, d, |r| r % s, true);
-            let mut dn1 = vec![0.0; rows * d];
+            let mut dn1 = nn(&dq, self.p(l.wq), rows, d, d);
+            for (g, w) in [(&dk, l.wk), (&dv, l.wv)] {
+                matmul_nn(g, self.p(w), rows, d, d, &mut dn1, true);
+            }
             for (g, w) in [(&dq, l.wq), (&dk, l.wk), (&dv, l.wv)] {
                 matmul_tn(g, &c.n1, d, d, rows, &mut grads.data[w], true);
-                matmul_nn(g, self.p(w), rows, d, d, &mut dn1, true);
             }
             let dx_norm =
                 layers::rmsnorm_backward(&c.x, self.p(l.attn_norm), &c.inv1, &dn1, d, &mut grads.data[l.attn_norm]);
@@ -486,7 +477,7 @@ impl Model {
         let mut ids = Vec::new();
         for (li, l) in self.idx.layers.iter().enumerate() {
             let (out, cache) =
-                self.block(l, x, (batch, s, kv.len), (&mut kv.k[li], &mut kv.v[li], kv.max_len), None)?;
+                self.block(l, x, (batch, s, kv.len), Some((&mut kv.k[li], &mut kv.v[li], kv.max_len)), None)?;
             if let FfnCache::Moe(c) = cache.ffn {
                 ids.push(c.routing.ids);
             }

@@ -22,7 +22,7 @@
 
 use crate::config::{ModelConfig, Precision};
 use crate::layers::{ffn, ffn_backward, swiglu, swiglu_backward, FfnCache};
-use crate::linalg::{add_assign, matmul_nn, matmul_nt, matmul_tn};
+use crate::linalg::{add_assign, matmul_nn, matmul_nt, matmul_tn, nn, nt};
 use crate::{Error, Result};
 use moekit_dispatch::{reference as dref, ActFormat, DispatchConfig, DispatchLayout, Padding};
 use moekit_dtype::bf16;
@@ -155,8 +155,7 @@ pub fn forward(
     replay: Option<&[i32]>,
 ) -> Result<(Vec<f32>, MoeCache)> {
     let dm = dims(cfg, x);
-    let mut logits = vec![0.0; dm.n * dm.e];
-    matmul_nt(x, w.router, dm.n, dm.e, dm.d, &mut logits, false);
+    let logits = nt(x, w.router, dm.n, dm.e, dm.d);
     forward_from_logits(experts, cfg, w, x, logits, seq_len, replay)
 }
 
@@ -376,8 +375,7 @@ fn host_backward(
             }
             let (w1, w2) = (&w.w1[ex * 2 * i * d..][..2 * i * d], &w.w2[ex * d * i..][..d * i]);
             let dys = &dy[r0 * d..(r0 + cnt) * d];
-            let mut da = vec![0.0; cnt * i];
-            matmul_nn(dys, w2, cnt, i, d, &mut da, false);
+            let da = nn(dys, w2, cnt, i, d);
             matmul_tn(dys, &c.a[r0 * i..(r0 + cnt) * i], d, i, cnt, g2, true);
             let dh = swiglu_backward(&c.h[r0 * 2 * i..(r0 + cnt) * 2 * i], &da, i);
             matmul_tn(&dh, &c.xp[r0 * d..(r0 + cnt) * d], 2 * i, d, cnt, g1, true);

@@ -138,17 +138,31 @@ impl AdamW {
         self.step += 1;
         let t = self.step as i32;
         let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
-        for i in 0..params.data.len() {
-            let decay = if params.decays(i) { c.weight_decay } else { 0.0 };
-            let (p, g, m, v) = (&mut params.data[i], &grads.data[i], &mut self.m.data[i], &mut self.v.data[i]);
-            for j in 0..p.len() {
-                let gj = g[j] * clip;
-                m[j] = c.beta1 * m[j] + (1.0 - c.beta1) * gj;
-                v[j] = c.beta2 * v[j] + (1.0 - c.beta2) * gj * gj;
-                let update = (m[j] / bc1) / ((v[j] / bc2).sqrt() + c.eps);
-                p[j] -= lr * (update + decay * p[j]);
-            }
-        }
+        // Elementwise, so splitting the work (tensors, then chunks) cannot change a bit.
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 14;
+        let decays: Vec<bool> = (0..params.data.len()).map(|i| params.decays(i)).collect();
+        params
+            .data
+            .par_iter_mut()
+            .zip(grads.data.par_iter())
+            .zip(self.m.data.par_iter_mut().zip(self.v.data.par_iter_mut()))
+            .zip(decays.par_iter())
+            .for_each(|(((p, g), (m, v)), &dec)| {
+                let decay = if dec { c.weight_decay } else { 0.0 };
+                p.par_chunks_mut(CHUNK)
+                    .zip(g.par_chunks(CHUNK))
+                    .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+                    .for_each(|((p, g), (m, v))| {
+                        for j in 0..p.len() {
+                            let gj = g[j] * clip;
+                            m[j] = c.beta1 * m[j] + (1.0 - c.beta1) * gj;
+                            v[j] = c.beta2 * v[j] + (1.0 - c.beta2) * gj * gj;
+                            let update = (m[j] / bc1) / ((v[j] / bc2).sqrt() + c.eps);
+                            p[j] -= lr * (update + decay * p[j]);
+                        }
+                    });
+            });
         Ok(StepInfo { grad_norm: norm, lr })
     }
 }

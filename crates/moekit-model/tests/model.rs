@@ -193,16 +193,30 @@ fn kv_cache_decoding_gives_the_full_forward_logits() {
     let prompt: Vec<u32> = (0..b).flat_map(|s| toks[s * t..][..p].to_vec()).collect();
     let (pre, _) = model.forward_step(&prompt, &mut kv).unwrap();
     let v = 12;
+    // The same arithmetic per position; only the GEMM kernels' blocking differs with the row
+    // count (a decode step has B rows, the full forward B * T), which reorders f32 sums of at
+    // most 2 * dense_ffn_dim = 48 terms: relative error ~48 * 2^-24 ~ 3e-6 per product,
+    // compounding over 3 blocks and the head. Bound 1e-4 (1 + |z|); a wrong cache position or
+    // RoPE offset changes logits by O(0.1).
+    let mut worst = 0.0f32;
+    let mut check = |got: &[f32], want: &[f32], what: &str| {
+        for (a, b) in got.iter().zip(want) {
+            let e = (a - b).abs() / (1.0 + b.abs());
+            assert!(e <= 1e-4, "{what}: {a} vs {b}");
+            worst = worst.max(e);
+        }
+    };
     for s in 0..b {
-        assert_eq!(pre[s * p * v..][..p * v], full.logits[s * t * v..][..p * v], "prefill, sequence {s}");
+        check(&pre[s * p * v..][..p * v], &full.logits[s * t * v..][..p * v], "prefill");
     }
     for pos in p..t {
         let step: Vec<u32> = (0..b).map(|s| toks[s * t + pos]).collect();
         let (lg, _) = model.forward_step(&step, &mut kv).unwrap();
         for s in 0..b {
-            assert_eq!(lg[s * v..][..v], full.logits[(s * t + pos) * v..][..v], "decode position {pos}, sequence {s}");
+            check(&lg[s * v..][..v], &full.logits[(s * t + pos) * v..][..v], "decode");
         }
     }
+    eprintln!("KV-cache decode vs full forward: worst relative difference {worst:.1e}");
     assert_eq!(kv.len(), t);
     assert!(model.forward_step(&[1, 2, 3], &mut kv).is_err(), "a full cache is an error");
 }
@@ -428,8 +442,15 @@ fn sampling_is_seeded_and_stops_at_eos() {
         }
     }
     assert!(ent.iter().all(|&h| h >= 0.0 && h <= (12f32).ln() + 1e-4));
+    // Logits of decode and full forward agree to ~1e-6 (see the KV-cache test), so a routing
+    // choice can differ only at a near-tie: allow 2% of the decisions.
     let fwd = model.forward(&g1.tokens, b, total, None).unwrap();
-    assert_eq!(fwd.routing_ids(), g1.routing);
+    let (same, all) = fwd
+        .routing_ids()
+        .iter()
+        .zip(&g1.routing)
+        .fold((0, 0), |(s, a), (x, y)| (s + x.iter().zip(y).filter(|(p, q)| p == q).count(), a + x.len()));
+    assert!(same as f64 >= 0.98 * all as f64, "recorded routing differs in {} of {all} decisions", all - same);
     // Greedy = top-k 1; temperature 0 is deterministic without the RNG.
     let greedy = SampleConfig { temperature: 0.0, ..cfg.clone() };
     let top1 = SampleConfig { top_k: 1, ..cfg.clone() };
