@@ -100,13 +100,15 @@ pub struct MoeCache {
 
 #[derive(Debug)]
 enum ExpertCache {
-    Host(HostCache),
+    Host(Box<HostCache>),
     Kernels(Box<KernelCache>),
 }
 
 #[derive(Debug)]
 struct HostCache {
     layout: dref::Layout,
+    /// The (token, slot) pair `t * k + j` of each dispatched row, -1 for padding.
+    pairs: Vec<i32>,
     xp: Vec<f32>,
     h: Vec<f32>,
     a: Vec<f32>,
@@ -215,8 +217,29 @@ fn route(experts: &Experts, logits: &[f32], bias: Option<&[f32]>, rcfg: &RouterC
             let r = moekit_gating::route(&lt, bt.as_ref(), rcfg)?;
             Ok(Routing { ids: r.topk_ids.to_vec()?, weights: r.topk_weights.to_vec()?, counts: r.counts.to_vec()? })
         }
-        _ => Ok(gref::route(logits, bias, rcfg)?),
+        _ => route_host(logits, bias, rcfg),
     }
+}
+
+/// Tokens per parallel routing task.
+const ROUTE_CHUNK: usize = 256;
+
+/// The gating reference over blocks of tokens in parallel (each token is routed alone, so the
+/// blocks change nothing), merged in order; counts are integer sums.
+fn route_host(logits: &[f32], bias: Option<&[f32]>, rcfg: &RouterConfig) -> Result<Routing> {
+    let parts: Vec<Routing> = logits
+        .par_chunks(ROUTE_CHUNK * rcfg.experts)
+        .map(|chunk| gref::route(chunk, bias, rcfg))
+        .collect::<std::result::Result<_, _>>()?;
+    let mut out = Routing { ids: Vec::new(), weights: Vec::new(), counts: vec![0; rcfg.experts] };
+    for p in parts {
+        out.ids.extend(p.ids);
+        out.weights.extend(p.weights);
+        for (c, v) in out.counts.iter_mut().zip(p.counts) {
+            *c += v;
+        }
+    }
+    Ok(out)
 }
 
 /// Backward from `dy [N, D]`: returns `dx [N, D]` and adds to `grads`. The router logits'
@@ -271,6 +294,17 @@ pub fn backward(
 // ---------------------------------------------------------------------------------------------
 // Host experts (f32).
 
+/// The inverse of a row map: the pair of each of `rows` rows (-1: padding).
+fn row_pairs(row_map: &[i32], rows: usize) -> Vec<i32> {
+    let mut pairs = vec![-1i32; rows];
+    for (p, &row) in row_map.iter().enumerate() {
+        if row >= 0 {
+            pairs[row as usize] = p as i32;
+        }
+    }
+    pairs
+}
+
 /// Splits `buf` (rows of `cols`) into one mutable block per expert segment
 /// `[offsets[e], offsets[e + 1])`.
 fn segments<'a>(mut buf: &'a mut [f32], offsets: &[i32], cols: usize) -> Vec<&'a mut [f32]> {
@@ -296,12 +330,13 @@ fn host_forward(
     let dcfg = dispatch_config(cfg);
     let layout = dref::layout(&routing.ids, &dcfg, moekit_dispatch::max_rows(n, k, e, dcfg.align))?;
     let rows = layout.offsets[e] as usize;
+    let pairs = row_pairs(&layout.row_map, rows);
     let mut xp = vec![0.0; rows * d];
-    for (p, &row) in layout.row_map.iter().enumerate() {
-        if row >= 0 {
-            xp[row as usize * d..][..d].copy_from_slice(&x[(p / k) * d..][..d]);
+    xp.par_chunks_mut(d).zip(pairs.par_iter()).for_each(|(xr, &p)| {
+        if p >= 0 {
+            xr.copy_from_slice(&x[(p as usize / k) * d..][..d]);
         }
-    }
+    });
     let (mut h, mut a, mut y) = (vec![0.0; rows * 2 * i], vec![0.0; rows * i], vec![0.0; rows * d]);
     segments(&mut h, &layout.offsets, 2 * i)
         .into_par_iter()
@@ -318,9 +353,9 @@ fn host_forward(
             as_[..cnt * i].copy_from_slice(&swiglu(&hs[..cnt * 2 * i], i));
             matmul_nt(&as_[..cnt * i], &w.w2[ex * d * i..][..d * i], cnt, d, i, ys, false);
         });
+    // Combine: each token's slots in order (f32), tokens in parallel.
     let mut out = vec![0.0; n * d];
-    for t in 0..n {
-        let o = &mut out[t * d..][..d];
+    out.par_chunks_mut(d).enumerate().for_each(|(t, o)| {
         for j in 0..k {
             let row = layout.row_map[t * k + j];
             if row >= 0 {
@@ -330,8 +365,8 @@ fn host_forward(
                 }
             }
         }
-    }
-    Ok((out, ExpertCache::Host(HostCache { layout, xp, h, a, y })))
+    });
+    Ok((out, ExpertCache::Host(Box::new(HostCache { layout, pairs, xp, h, a, y }))))
 }
 
 fn host_backward(
@@ -345,22 +380,26 @@ fn host_backward(
 ) -> (Vec<f32>, Vec<f32>) {
     let Dims { n, d, e, k, i } = dm;
     let rows = c.layout.offsets[e] as usize;
+    // dy[row] = w * dout[t] (rows in parallel); dw[t, j] = <dout[t], y[row]> (tokens in parallel).
     let mut dy = vec![0.0; rows * d];
-    let mut dweights = vec![0.0; n * k];
-    for t in 0..n {
-        let g = &dout[t * d..][..d];
-        for j in 0..k {
-            let row = c.layout.row_map[t * k + j];
-            if row >= 0 {
-                let r = row as usize;
-                dweights[t * k + j] = g.iter().zip(&c.y[r * d..][..d]).fold(0.0f32, |acc, (a, b)| acc + a * b);
-                let wt = routing.weights[t * k + j];
-                for (o, &gv) in dy[r * d..][..d].iter_mut().zip(g) {
-                    *o = wt * gv;
-                }
+    dy.par_chunks_mut(d).zip(c.pairs.par_iter()).for_each(|(o, &p)| {
+        if p >= 0 {
+            let (wt, g) = (routing.weights[p as usize], &dout[(p as usize / k) * d..][..d]);
+            for (ov, &gv) in o.iter_mut().zip(g) {
+                *ov = wt * gv;
             }
         }
-    }
+    });
+    let mut dweights = vec![0.0; n * k];
+    dweights.par_chunks_mut(k).enumerate().for_each(|(t, dw)| {
+        let g = &dout[t * d..][..d];
+        for (j, o) in dw.iter_mut().enumerate() {
+            let row = c.layout.row_map[t * k + j];
+            if row >= 0 {
+                *o = g.iter().zip(&c.y[row as usize * d..][..d]).fold(0.0f32, |acc, (a, b)| acc + a * b);
+            }
+        }
+    });
     let mut dxp = vec![0.0; rows * d];
     let offsets = &c.layout.offsets;
     segments(&mut dxp, offsets, d)
@@ -382,14 +421,14 @@ fn host_backward(
             matmul_nn(&dh, w1, cnt, d, 2 * i, dxs, false);
         });
     let mut dx = vec![0.0; n * d];
-    for t in 0..n {
+    dx.par_chunks_mut(d).enumerate().for_each(|(t, o)| {
         for j in 0..k {
             let row = c.layout.row_map[t * k + j];
             if row >= 0 {
-                add_assign(&mut dx[t * d..][..d], &dxp[row as usize * d..][..d]);
+                add_assign(o, &dxp[row as usize * d..][..d]);
             }
         }
-    }
+    });
     (dx, dweights)
 }
 
