@@ -133,13 +133,19 @@ impl Rope {
         }
     }
 
-    /// Rotates every head of every row of `x [rows, heads * hd]`; row r is at position
-    /// `pos(r)`.
-    pub fn apply(&self, x: &mut [f32], d: usize, pos: impl Fn(usize) -> usize + Sync, inverse: bool) {
+    /// Rotates the heads in the first `rotated` columns of every row of `x [rows, width]`
+    /// (the query and key columns of a `qkv` row); row r is at position `pos(r)`.
+    pub fn apply(
+        &self,
+        x: &mut [f32],
+        (width, rotated): (usize, usize),
+        pos: impl Fn(usize) -> usize + Sync,
+        inverse: bool,
+    ) {
         let hd = 2 * self.half;
-        x.par_chunks_mut(ROWS * d).enumerate().for_each(|(blk, xb)| {
-            for (r, row) in xb.chunks_mut(d).enumerate() {
-                for head in row.chunks_mut(hd) {
+        x.par_chunks_mut(ROWS * width).enumerate().for_each(|(blk, xb)| {
+            for (r, row) in xb.chunks_mut(width).enumerate() {
+                for head in row[..rotated].chunks_mut(hd) {
                     self.rotate(head, pos(blk * ROWS + r), inverse);
                 }
             }
@@ -187,7 +193,7 @@ pub fn attend(
     }
     let mut sum = 0.0f32;
     for p in probs.iter_mut() {
-        *p = (*p - max).exp();
+        *p = exp(*p - max);
         sum += *p;
     }
     let inv = 1.0 / sum;
@@ -203,13 +209,9 @@ pub fn attend(
 /// Where an attention call's keys and values are.
 #[derive(Clone, Copy)]
 pub enum Keys<'a> {
-    /// The call's own keys and values `[B * s, H * hd]` (training: positions from 0).
-    Own {
-        /// Keys.
-        k: &'a [f32],
-        /// Values.
-        v: &'a [f32],
-    },
+    /// The call's own keys and values, in its `qkv [B * s, 3 H hd]` rows (training: positions
+    /// from 0).
+    Own,
     /// A KV cache `[B, H, len, hd]`, the call's positions `start..start + s` already written.
     Cache {
         /// Keys.
@@ -223,89 +225,108 @@ pub enum Keys<'a> {
     },
 }
 
-/// Causal attention of `q [B * s, H * hd]` (query i of a sequence at position `start + i`
-/// sees keys `0..=start + i`). Returns the output `[B * s, H * hd]` and the probabilities
-/// `[B, H, s, start + s]`.
-pub fn attention(q: &[f32], keys: Keys<'_>, (heads, hd, s): (usize, usize, usize)) -> (Vec<f32>, Vec<f32>) {
-    let d = heads * hd;
-    let batch = q.len() / (s * d).max(1);
-    let (start, l) = match keys {
-        Keys::Own { .. } => (0, s),
-        Keys::Cache { start, .. } => (start, start + s),
-    };
-    let scale = 1.0 / (hd as f32).sqrt();
-    let mut out = vec![0.0; q.len()];
-    let mut probs = vec![0.0; batch * heads * s * l];
-    out.par_chunks_mut(s * d).zip(probs.par_chunks_mut(heads * s * l)).enumerate().for_each(|(b, (ob, pb))| {
+simd_fn! {
+    /// One sequence of [`attention`]: all heads, all of its `s` queries.
+    fn attention_sequence(
+        qkv: &[f32],
+        keys: Keys<'_>,
+        b: usize,
+        dims: (usize, usize, usize, usize),
+        ob: &mut [f32],
+        pb: &mut [f32],
+    ) {
+        let (heads, hd, s, l) = dims;
+        let d = heads * hd;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let rows = &qkv[b * s * 3 * d..][..s * 3 * d];
         for h in 0..heads {
-            let (kv, vv) = match keys {
-                Keys::Own { k, v } => (
-                    HeadView { data: &k[b * s * d + h * hd..], stride: d },
-                    HeadView { data: &v[b * s * d + h * hd..], stride: d },
+            let (kv, vv, start) = match keys {
+                Keys::Own => (
+                    HeadView { data: &rows[d + h * hd..], stride: 3 * d },
+                    HeadView { data: &rows[2 * d + h * hd..], stride: 3 * d },
+                    0,
                 ),
-                Keys::Cache { k, v, len, .. } => (
+                Keys::Cache { k, v, len, start } => (
                     HeadView { data: &k[(b * heads + h) * len * hd..], stride: hd },
                     HeadView { data: &v[(b * heads + h) * len * hd..], stride: hd },
+                    start,
                 ),
             };
             for i in 0..s {
-                let qi = &q[(b * s + i) * d + h * hd..][..hd];
+                let qi = &rows[i * 3 * d + h * hd..][..hd];
                 let p = &mut pb[(h * s + i) * l..][..l];
                 attend(qi, kv, vv, start + i + 1, scale, p, &mut ob[i * d + h * hd..][..hd]);
             }
         }
-    });
+    }
+}
+
+/// Causal attention of the queries in `qkv [B * s, 3 H hd]` (query, key, value columns; query
+/// i of a sequence at position `start + i` sees keys `0..=start + i`). Returns the output
+/// `[B * s, H * hd]` and the probabilities `[B, H, s, start + s]`.
+pub fn attention(qkv: &[f32], keys: Keys<'_>, (heads, hd, s): (usize, usize, usize)) -> (Vec<f32>, Vec<f32>) {
+    let d = heads * hd;
+    let batch = qkv.len() / (3 * s * d).max(1);
+    let l = match keys {
+        Keys::Own => s,
+        Keys::Cache { start, .. } => start + s,
+    };
+    let mut out = vec![0.0; batch * s * d];
+    let mut probs = vec![0.0; batch * heads * s * l];
+    out.par_chunks_mut(s * d)
+        .zip(probs.par_chunks_mut(heads * s * l))
+        .enumerate()
+        .for_each(|(b, (ob, pb))| attention_sequence(qkv, keys, b, (heads, hd, s, l), ob, pb));
     (out, probs)
 }
 
-/// Backward of [`attention`] over whole sequences (own keys, `start = 0`): `(dq, dk, dv)`, each
-/// `[B * t, H * hd]`.
-pub fn attention_backward(
-    (q, k, v): (&[f32], &[f32], &[f32]),
-    probs: &[f32],
-    dout: &[f32],
-    (heads, hd, t): (usize, usize, usize),
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let d = heads * hd;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let n = q.len();
-    let (mut dq, mut dk, mut dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-    dq.par_chunks_mut(t * d).zip(dk.par_chunks_mut(t * d)).zip(dv.par_chunks_mut(t * d)).enumerate().for_each(
-        |(b, ((dqb, dkb), dvb))| {
-            let off = b * t * d;
-            let (qb, kb, vb, gb) = (&q[off..][..t * d], &k[off..][..t * d], &v[off..][..t * d], &dout[off..][..t * d]);
-            let mut ds = vec![0.0f32; t];
-            for h in 0..heads {
-                let pb = &probs[(b * heads + h) * t * t..][..t * t];
-                let col = |j: usize| j * d + h * hd;
-                for i in 0..t {
-                    let go = &gb[col(i)..][..hd];
-                    let p = &pb[i * t..][..=i];
-                    let mut dot = 0.0f32;
-                    for j in 0..=i {
-                        let dp = go.iter().zip(&vb[col(j)..][..hd]).fold(0.0f32, |a, (x, y)| a + x * y);
-                        ds[j] = dp;
-                        dot += p[j] * dp;
-                        for (dvv, &g) in dvb[col(j)..][..hd].iter_mut().zip(go) {
-                            *dvv += p[j] * g;
-                        }
+simd_fn! {
+    /// One sequence of [`attention_backward`].
+    fn attention_backward_sequence(qkv: &[f32], probs: &[f32], dout: &[f32], b: usize, dims: (usize, usize, usize), g: &mut [f32]) {
+        let (heads, hd, t) = dims;
+        let d = heads * hd;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let rows = &qkv[b * t * 3 * d..][..t * 3 * d];
+        let gb = &dout[b * t * d..][..t * d];
+        let mut ds = vec![0.0f32; t];
+        for h in 0..heads {
+            let pb = &probs[(b * heads + h) * t * t..][..t * t];
+            // Columns of query, key, value of head h in a 3D-wide row.
+            let (qc, kc, vc) = (h * hd, d + h * hd, 2 * d + h * hd);
+            for i in 0..t {
+                let go = &gb[i * d + h * hd..][..hd];
+                let p = &pb[i * t..][..=i];
+                let mut dot = 0.0f32;
+                for j in 0..=i {
+                    let dp = go.iter().zip(&rows[j * 3 * d + vc..][..hd]).fold(0.0f32, |a, (x, y)| a + x * y);
+                    ds[j] = dp;
+                    dot += p[j] * dp;
+                    for (dvv, &gv) in g[j * 3 * d + vc..][..hd].iter_mut().zip(go) {
+                        *dvv += p[j] * gv;
                     }
-                    let qi = &qb[col(i)..][..hd];
-                    for j in 0..=i {
-                        let sc = p[j] * (ds[j] - dot) * scale;
-                        let kj = &kb[col(j)..][..hd];
-                        for c in 0..hd {
-                            dqb[col(i) + c] += sc * kj[c];
-                        }
-                        for (dkv, &qv) in dkb[col(j)..][..hd].iter_mut().zip(qi) {
-                            *dkv += sc * qv;
-                        }
+                }
+                for j in 0..=i {
+                    let sc = p[j] * (ds[j] - dot) * scale;
+                    for c in 0..hd {
+                        let (kj, qi) = (rows[j * 3 * d + kc + c], rows[i * 3 * d + qc + c]);
+                        g[i * 3 * d + qc + c] += sc * kj;
+                        g[j * 3 * d + kc + c] += sc * qi;
                     }
                 }
             }
-        },
-    );
-    (dq, dk, dv)
+        }
+    }
+}
+
+/// Backward of [`attention`] over whole sequences (own keys): the gradient w.r.t. `qkv`,
+/// `[B * t, 3 H hd]`.
+pub fn attention_backward(qkv: &[f32], probs: &[f32], dout: &[f32], (heads, hd, t): (usize, usize, usize)) -> Vec<f32> {
+    let d = heads * hd;
+    let mut g = vec![0.0; qkv.len()];
+    g.par_chunks_mut(t * 3 * d)
+        .enumerate()
+        .for_each(|(b, gb)| attention_backward_sequence(qkv, probs, dout, b, (heads, hd, t), gb));
+    g
 }
 
 // ---------------------------------------------------------------------------------------------

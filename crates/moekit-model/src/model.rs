@@ -5,7 +5,7 @@
 
 use crate::config::ModelConfig;
 use crate::layers::{self, attention, attention_backward, ffn, ffn_backward, rmsnorm, Keys, Rope};
-use crate::linalg::{add_assign, matmul_nn, matmul_nt, matmul_tn, nn, nt};
+use crate::linalg::{add_assign, matmul_nt, matmul_tn, nn, nt};
 use crate::moe::{self, Experts, MoeCache, MoeGrads, MoeWeights};
 use crate::params::{FfnKind, Index, LayerIdx, Params};
 use crate::rng::Rng;
@@ -33,9 +33,8 @@ struct LayerCache {
     x: Vec<f32>,
     n1: Vec<f32>,
     inv1: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    /// `[N, 3D]` queries, keys (both after RoPE) and values.
+    qkv: Vec<f32>,
     probs: Vec<f32>,
     attn: Vec<f32>,
     x2: Vec<f32>,
@@ -252,24 +251,23 @@ impl Model {
         let (d, heads, hd) = (cfg.d_model, cfg.n_heads, cfg.head_dim());
         let rows = batch * s;
         let (n1, inv1) = rmsnorm(&x, self.p(l.attn_norm), d, cfg.norm_eps);
-        let proj = |w: usize| nt(&n1, self.p(w), rows, d, d);
-        let (mut q, mut k, v) = (proj(l.wq), proj(l.wk), proj(l.wv));
-        self.rope.apply(&mut q, d, |r| start + r % s, false);
-        self.rope.apply(&mut k, d, |r| start + r % s, false);
+        let mut qkv = nt(&n1, self.p(l.wqkv), rows, 3 * d, d);
+        self.rope.apply(&mut qkv, (3 * d, 2 * d), |r| start + r % s, false);
         let (attn, probs) = match kv {
             Some((kc, vc, len)) => {
                 for bi in 0..batch {
                     for i in 0..s {
                         for h in 0..heads {
-                            let (src, dst) = ((bi * s + i) * d + h * hd, ((bi * heads + h) * len + start + i) * hd);
-                            kc[dst..][..hd].copy_from_slice(&k[src..][..hd]);
-                            vc[dst..][..hd].copy_from_slice(&v[src..][..hd]);
+                            let src = (bi * s + i) * 3 * d + h * hd;
+                            let dst = ((bi * heads + h) * len + start + i) * hd;
+                            kc[dst..][..hd].copy_from_slice(&qkv[src + d..][..hd]);
+                            vc[dst..][..hd].copy_from_slice(&qkv[src + 2 * d..][..hd]);
                         }
                     }
                 }
-                attention(&q, Keys::Cache { k: kc, v: vc, len, start }, (heads, hd, s))
+                attention(&qkv, Keys::Cache { k: kc, v: vc, len, start }, (heads, hd, s))
             }
-            None => attention(&q, Keys::Own { k: &k, v: &v }, (heads, hd, s)),
+            None => attention(&qkv, Keys::Own, (heads, hd, s)),
         };
         let mut x2 = x.clone();
         matmul_nt(&attn, self.p(l.wo), rows, d, d, &mut x2, true);
@@ -286,7 +284,7 @@ impl Model {
         };
         let mut out = x2.clone();
         add_assign(&mut out, &f);
-        let cache = LayerCache { x, n1, inv1, q, k, v, probs, attn, x2, n2, inv2, ffn: ffn_cache };
+        let cache = LayerCache { x, n1, inv1, qkv, probs, attn, x2, n2, inv2, ffn: ffn_cache };
         Ok((out, cache))
     }
 
@@ -403,16 +401,10 @@ impl Model {
             // Attention.
             matmul_tn(&dx2, &c.attn, d, d, rows, &mut grads.data[l.wo], true);
             let dattn = nn(&dx2, self.p(l.wo), rows, d, d);
-            let (mut dq, mut dk, dv) = attention_backward((&c.q, &c.k, &c.v), &c.probs, &dattn, (heads, hd, s));
-            self.rope.apply(&mut dq, d, |r| r % s, true);
-            self.rope.apply(&mut dk, d, |r| r % s, true);
-            let mut dn1 = nn(&dq, self.p(l.wq), rows, d, d);
-            for (g, w) in [(&dk, l.wk), (&dv, l.wv)] {
-                matmul_nn(g, self.p(w), rows, d, d, &mut dn1, true);
-            }
-            for (g, w) in [(&dq, l.wq), (&dk, l.wk), (&dv, l.wv)] {
-                matmul_tn(g, &c.n1, d, d, rows, &mut grads.data[w], true);
-            }
+            let mut dqkv = attention_backward(&c.qkv, &c.probs, &dattn, (heads, hd, s));
+            self.rope.apply(&mut dqkv, (3 * d, 2 * d), |r| r % s, true);
+            matmul_tn(&dqkv, &c.n1, 3 * d, d, rows, &mut grads.data[l.wqkv], true);
+            let dn1 = nn(&dqkv, self.p(l.wqkv), rows, d, 3 * d);
             let dx_norm =
                 layers::rmsnorm_backward(&c.x, self.p(l.attn_norm), &c.inv1, &dn1, d, &mut grads.data[l.attn_norm]);
             dx = dx2;

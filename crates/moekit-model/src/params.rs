@@ -2,7 +2,8 @@
 //! optimizer, the gradient norm and checkpoints all walk them the same way.
 //!
 //! Linear weights are `[out, in]` (`y = x W^T`). A SwiGLU FFN's first matrix stacks the gate
-//! rows over the up rows (`[2F, D]`); an MoE layer's experts are `w1 [E, 2I, D]` and
+//! rows over the up rows (`[2F, D]`), attention stacks query, key and value rows
+//! (`wqkv [3D, D]`); an MoE layer's experts are `w1 [E, 2I, D]` and
 //! `w2 [E, D, I]`, the layout of moekit's grouped GEMM.
 
 use crate::config::ModelConfig;
@@ -49,12 +50,8 @@ pub enum FfnKind {
 pub struct LayerIdx {
     /// RMSNorm gain before attention `[D]`.
     pub attn_norm: usize,
-    /// `[D, D]` projections.
-    pub wq: usize,
-    /// Key projection.
-    pub wk: usize,
-    /// Value projection.
-    pub wv: usize,
+    /// Query, key and value projections stacked, `[3D, D]` (one product for all three).
+    pub wqkv: usize,
     /// Output projection.
     pub wo: usize,
     /// RMSNorm gain before the FFN `[D]`.
@@ -99,9 +96,7 @@ fn build(cfg: &ModelConfig) -> (Vec<(String, Vec<usize>)>, Index) {
     for l in 0..cfg.n_layers {
         let p = format!("layers.{l}");
         let attn_norm = push(format!("{p}.attn_norm"), vec![d]);
-        let wq = push(format!("{p}.attn.wq"), vec![d, d]);
-        let wk = push(format!("{p}.attn.wk"), vec![d, d]);
-        let wv = push(format!("{p}.attn.wv"), vec![d, d]);
+        let wqkv = push(format!("{p}.attn.wqkv"), vec![3 * d, d]);
         let wo = push(format!("{p}.attn.wo"), vec![d, d]);
         let ffn_norm = push(format!("{p}.ffn_norm"), vec![d]);
         let ffn = if cfg.is_moe(l) {
@@ -125,7 +120,7 @@ fn build(cfg: &ModelConfig) -> (Vec<(String, Vec<usize>)>, Index) {
                 w2: push(format!("{p}.ffn.w2"), vec![d, f]),
             })
         };
-        layers.push(LayerIdx { attn_norm, wq, wk, wv, wo, ffn_norm, ffn });
+        layers.push(LayerIdx { attn_norm, wqkv, wo, ffn_norm, ffn });
     }
     let final_norm = push("final_norm".into(), vec![d]);
     let lm_head = (!cfg.tie_embeddings).then(|| push("lm_head".into(), vec![v, d]));
