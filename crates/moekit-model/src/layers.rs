@@ -42,12 +42,9 @@ fn exp(x: f32) -> f32 {
 /// thread count).
 const ROWS: usize = 64;
 
-/// Forward over rows of `d`: returns `y` and each row's `inv`.
-pub fn rmsnorm(x: &[f32], g: &[f32], d: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
-    let rows = x.len() / d;
-    let mut y = vec![0.0; x.len()];
-    let mut inv = vec![0.0; rows];
-    y.par_chunks_mut(ROWS * d).zip(inv.par_chunks_mut(ROWS)).zip(x.par_chunks(ROWS * d)).for_each(|((yb, ib), xb)| {
+simd_fn! {
+    /// One block of rows of [`rmsnorm`].
+    fn rmsnorm_block(xb: &[f32], g: &[f32], d: usize, eps: f32, yb: &mut [f32], ib: &mut [f32]) {
         for ((xr, yr), iv) in xb.chunks(d).zip(yb.chunks_mut(d)).zip(ib.iter_mut()) {
             let ms = xr.iter().map(|v| (v * v) as f64).sum::<f64>() / d as f64;
             *iv = (1.0 / (ms + eps as f64).sqrt()) as f32;
@@ -55,8 +52,44 @@ pub fn rmsnorm(x: &[f32], g: &[f32], d: usize, eps: f32) -> (Vec<f32>, Vec<f32>)
                 *o = v * *iv * gg;
             }
         }
-    });
+    }
+}
+
+/// Forward over rows of `d`: returns `y` and each row's `inv`.
+pub fn rmsnorm(x: &[f32], g: &[f32], d: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let rows = x.len() / d;
+    let mut y = vec![0.0; x.len()];
+    let mut inv = vec![0.0; rows];
+    y.par_chunks_mut(ROWS * d)
+        .zip(inv.par_chunks_mut(ROWS))
+        .zip(x.par_chunks(ROWS * d))
+        .for_each(|((yb, ib), xb)| rmsnorm_block(xb, g, d, eps, yb, ib));
     (y, inv)
+}
+
+simd_fn! {
+    /// One block of rows of [`rmsnorm_backward`]: writes `dxb`, adds the block's `dg` to `dgb`.
+    fn rmsnorm_backward_block(
+        xb: &[f32],
+        g: &[f32],
+        ib: &[f32],
+        dyb: &[f32],
+        d: usize,
+        dxb: &mut [f32],
+        dgb: &mut [f32],
+    ) {
+        for (((xr, dyr), dxr), &iv) in xb.chunks(d).zip(dyb.chunks(d)).zip(dxb.chunks_mut(d)).zip(ib) {
+            let mut dot = 0.0f64;
+            for j in 0..d {
+                dgb[j] += dyr[j] * xr[j] * iv;
+                dot += (dyr[j] * g[j]) as f64 * xr[j] as f64;
+            }
+            let c = (dot / d as f64) as f32 * iv * iv * iv;
+            for j in 0..d {
+                dxr[j] = dyr[j] * g[j] * iv - xr[j] * c;
+            }
+        }
+    }
 }
 
 /// Backward: returns `dx`, adds to `dg` (summed over fixed blocks of rows, then the blocks in
@@ -70,17 +103,7 @@ pub fn rmsnorm_backward(x: &[f32], g: &[f32], inv: &[f32], dy: &[f32], d: usize,
         .zip(inv.par_chunks(ROWS))
         .map(|(((dxb, xb), dyb), ib)| {
             let mut dgb = vec![0.0f32; d];
-            for (((xr, dyr), dxr), &iv) in xb.chunks(d).zip(dyb.chunks(d)).zip(dxb.chunks_mut(d)).zip(ib) {
-                let mut dot = 0.0f64;
-                for j in 0..d {
-                    dgb[j] += dyr[j] * xr[j] * iv;
-                    dot += (dyr[j] * g[j]) as f64 * xr[j] as f64;
-                }
-                let c = (dot / d as f64) as f32 * iv * iv * iv;
-                for j in 0..d {
-                    dxr[j] = dyr[j] * g[j] * iv - xr[j] * c;
-                }
-            }
+            rmsnorm_backward_block(xb, g, ib, dyb, d, dxb, &mut dgb);
             dgb
         })
         .collect();
