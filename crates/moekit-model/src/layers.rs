@@ -3,6 +3,7 @@
 
 use crate::linalg::{matmul_tn, nn, nt};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 // ---------------------------------------------------------------------------------------------
 // RMSNorm: y = x * inv * g, inv = 1 / sqrt(mean(x^2) + eps).
@@ -38,18 +39,76 @@ fn exp(x: f32) -> f32 {
     moekit_gating::fmath::exp(x)
 }
 
+/// `sum_c a[c] b[c]` in 8 interleaved partial sums added in a fixed order (vectorisable, and
+/// the same order wherever it is called, so training and decoding agree).
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    for (l, (x, y)) in ar.iter().zip(br).enumerate() {
+        acc[l] += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// `sum_c x[c]^2` in f64, 8 interleaved partial sums in a fixed order.
+#[inline(always)]
+fn sum_sq_f64(x: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let xc = x.chunks_exact(8);
+    let xr = xc.remainder();
+    for c in xc {
+        for l in 0..8 {
+            acc[l] += (c[l] * c[l]) as f64;
+        }
+    }
+    for (l, v) in xr.iter().enumerate() {
+        acc[l] += (v * v) as f64;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// A new vector of `len` values written in parallel chunks of `chunk` by `fill(i, slots)`,
+/// which must write every slot of chunk `i` (all the layers' kernels below write each output
+/// element exactly once), and each chunk's side result `R`, in chunk order. Saves the
+/// zero-fill pass of `vec![0.0; len]`.
+fn par_new_with<R: Send>(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) -> R + Sync,
+) -> (Vec<f32>, Vec<R>) {
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    let side: Vec<R> =
+        v.spare_capacity_mut()[..len].par_chunks_mut(chunk.max(1)).enumerate().map(|(i, c)| fill(i, c)).collect();
+    // SAFETY: the chunks cover 0..len and `fill` initialises every slot of its chunk (its
+    // contract, kept by each caller in this module: loops that write each element once).
+    unsafe { v.set_len(len) };
+    (v, side)
+}
+
+/// [`par_new_with`] without a side result.
+fn par_new(len: usize, chunk: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+    par_new_with(len, chunk, fill).0
+}
+
 /// Rows per parallel task of the elementwise layers (fixed: results never depend on the
 /// thread count).
 const ROWS: usize = 64;
 
 simd_fn! {
     /// One block of rows of [`rmsnorm`].
-    fn rmsnorm_block(xb: &[f32], g: &[f32], d: usize, eps: f32, yb: &mut [f32], ib: &mut [f32]) {
+    fn rmsnorm_block(xb: &[f32], g: &[f32], d: usize, eps: f32, yb: &mut [MaybeUninit<f32>], ib: &mut [f32]) {
         for ((xr, yr), iv) in xb.chunks(d).zip(yb.chunks_mut(d)).zip(ib.iter_mut()) {
-            let ms = xr.iter().map(|v| (v * v) as f64).sum::<f64>() / d as f64;
+            let ms = sum_sq_f64(xr) / d as f64;
             *iv = (1.0 / (ms + eps as f64).sqrt()) as f32;
             for ((o, &v), &gg) in yr.iter_mut().zip(xr).zip(g) {
-                *o = v * *iv * gg;
+                o.write(v * *iv * gg);
             }
         }
     }
@@ -57,14 +116,12 @@ simd_fn! {
 
 /// Forward over rows of `d`: returns `y` and each row's `inv`.
 pub fn rmsnorm(x: &[f32], g: &[f32], d: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
-    let rows = x.len() / d;
-    let mut y = vec![0.0; x.len()];
-    let mut inv = vec![0.0; rows];
-    y.par_chunks_mut(ROWS * d)
-        .zip(inv.par_chunks_mut(ROWS))
-        .zip(x.par_chunks(ROWS * d))
-        .for_each(|((yb, ib), xb)| rmsnorm_block(xb, g, d, eps, yb, ib));
-    (y, inv)
+    let (y, inv) = par_new_with(x.len(), ROWS * d, |i, yb| {
+        let mut ib = vec![0.0f32; yb.len() / d];
+        rmsnorm_block(&x[i * ROWS * d..][..yb.len()], g, d, eps, yb, &mut ib);
+        ib
+    });
+    (y, inv.concat())
 }
 
 simd_fn! {
@@ -75,18 +132,19 @@ simd_fn! {
         ib: &[f32],
         dyb: &[f32],
         d: usize,
-        dxb: &mut [f32],
+        dxb: &mut [MaybeUninit<f32>],
         dgb: &mut [f32],
     ) {
         for (((xr, dyr), dxr), &iv) in xb.chunks(d).zip(dyb.chunks(d)).zip(dxb.chunks_mut(d)).zip(ib) {
-            let mut dot = 0.0f64;
+            let mut lanes = [0.0f64; 8];
             for j in 0..d {
                 dgb[j] += dyr[j] * xr[j] * iv;
-                dot += (dyr[j] * g[j]) as f64 * xr[j] as f64;
+                lanes[j % 8] += (dyr[j] * g[j]) as f64 * xr[j] as f64;
             }
-            let c = (dot / d as f64) as f32 * iv * iv * iv;
+            let total = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+            let c = (total / d as f64) as f32 * iv * iv * iv;
             for j in 0..d {
-                dxr[j] = dyr[j] * g[j] * iv - xr[j] * c;
+                dxr[j].write(dyr[j] * g[j] * iv - xr[j] * c);
             }
         }
     }
@@ -95,18 +153,13 @@ simd_fn! {
 /// Backward: returns `dx`, adds to `dg` (summed over fixed blocks of rows, then the blocks in
 /// order).
 pub fn rmsnorm_backward(x: &[f32], g: &[f32], inv: &[f32], dy: &[f32], d: usize, dg: &mut [f32]) -> Vec<f32> {
-    let mut dx = vec![0.0; x.len()];
-    let partial: Vec<Vec<f32>> = dx
-        .par_chunks_mut(ROWS * d)
-        .zip(x.par_chunks(ROWS * d))
-        .zip(dy.par_chunks(ROWS * d))
-        .zip(inv.par_chunks(ROWS))
-        .map(|(((dxb, xb), dyb), ib)| {
-            let mut dgb = vec![0.0f32; d];
-            rmsnorm_backward_block(xb, g, ib, dyb, d, dxb, &mut dgb);
-            dgb
-        })
-        .collect();
+    let (dx, partial) = par_new_with(x.len(), ROWS * d, |i, dxb| {
+        let n = dxb.len();
+        let (xb, dyb, ib) = (&x[i * ROWS * d..][..n], &dy[i * ROWS * d..][..n], &inv[i * ROWS..][..n / d]);
+        let mut dgb = vec![0.0f32; d];
+        rmsnorm_backward_block(xb, g, ib, dyb, d, dxb, &mut dgb);
+        dgb
+    });
     for p in &partial {
         for (a, b) in dg.iter_mut().zip(p) {
             *a += b;
@@ -211,7 +264,7 @@ pub fn attend(
     let probs = &mut probs[..n];
     let mut max = f32::NEG_INFINITY;
     for (j, p) in probs.iter_mut().enumerate() {
-        *p = q.iter().zip(keys.row(j, hd)).fold(0.0f32, |acc, (a, b)| acc + a * b) * scale;
+        *p = dot(q, keys.row(j, hd)) * scale;
         max = max.max(*p);
     }
     let mut sum = 0.0f32;
@@ -319,17 +372,17 @@ simd_fn! {
             for i in 0..t {
                 let go = &gb[i * d + h * hd..][..hd];
                 let p = &pb[i * t..][..=i];
-                let mut dot = 0.0f32;
+                let mut pdp = 0.0f32;
                 for j in 0..=i {
-                    let dp = go.iter().zip(&rows[j * 3 * d + vc..][..hd]).fold(0.0f32, |a, (x, y)| a + x * y);
+                    let dp = dot(go, &rows[j * 3 * d + vc..][..hd]);
                     ds[j] = dp;
-                    dot += p[j] * dp;
+                    pdp += p[j] * dp;
                     for (dvv, &gv) in g[j * 3 * d + vc..][..hd].iter_mut().zip(go) {
                         *dvv += p[j] * gv;
                     }
                 }
                 for j in 0..=i {
-                    let sc = p[j] * (ds[j] - dot) * scale;
+                    let sc = p[j] * (ds[j] - pdp) * scale;
                     for c in 0..hd {
                         let (kj, qi) = (rows[j * 3 * d + kc + c], rows[i * 3 * d + qc + c]);
                         g[i * 3 * d + qc + c] += sc * kj;
@@ -363,10 +416,10 @@ pub fn silu(g: f32) -> f32 {
 
 simd_fn! {
     /// One block of rows of [`swiglu`].
-    fn swiglu_block(hb: &[f32], ab: &mut [f32], f: usize) {
+    fn swiglu_block(hb: &[f32], ab: &mut [MaybeUninit<f32>], f: usize) {
         for (hr, ar) in hb.chunks(2 * f).zip(ab.chunks_mut(f)) {
             for j in 0..f {
-                ar[j] = silu(hr[j]) * hr[f + j];
+                ar[j].write(silu(hr[j]) * hr[f + j]);
             }
         }
     }
@@ -374,13 +427,13 @@ simd_fn! {
 
 simd_fn! {
     /// One block of rows of [`swiglu_backward`].
-    fn swiglu_backward_block(hb: &[f32], dab: &[f32], dhb: &mut [f32], f: usize) {
+    fn swiglu_backward_block(hb: &[f32], dab: &[f32], dhb: &mut [MaybeUninit<f32>], f: usize) {
         for ((hr, dar), dhr) in hb.chunks(2 * f).zip(dab.chunks(f)).zip(dhb.chunks_mut(2 * f)) {
             for j in 0..f {
                 let (g, u) = (hr[j], hr[f + j]);
                 let s = 1.0 / (1.0 + exp(-g));
-                dhr[j] = dar[j] * u * (s * (1.0 + g * (1.0 - s)));
-                dhr[f + j] = dar[j] * g * s;
+                dhr[j].write(dar[j] * u * (s * (1.0 + g * (1.0 - s))));
+                dhr[f + j].write(dar[j] * g * s);
             }
         }
     }
@@ -388,19 +441,15 @@ simd_fn! {
 
 /// `a[r, j] = silu(h[r, j]) * h[r, F + j]` for `h [rows, 2F]`.
 pub fn swiglu(h: &[f32], f: usize) -> Vec<f32> {
-    let mut a = vec![0.0; h.len() / 2];
-    a.par_chunks_mut(ROWS * f).zip(h.par_chunks(ROWS * 2 * f)).for_each(|(ab, hb)| swiglu_block(hb, ab, f));
-    a
+    par_new(h.len() / 2, ROWS * f, |i, ab| swiglu_block(&h[i * ROWS * 2 * f..][..2 * ab.len()], ab, f))
 }
 
 /// Gradient of [`swiglu`] w.r.t. `h` from `da [rows, F]`.
 pub fn swiglu_backward(h: &[f32], da: &[f32], f: usize) -> Vec<f32> {
-    let mut dh = vec![0.0; h.len()];
-    dh.par_chunks_mut(ROWS * 2 * f)
-        .zip(h.par_chunks(ROWS * 2 * f))
-        .zip(da.par_chunks(ROWS * f))
-        .for_each(|((dhb, hb), dab)| swiglu_backward_block(hb, dab, dhb, f));
-    dh
+    par_new(h.len(), ROWS * 2 * f, |i, dhb| {
+        let n = dhb.len();
+        swiglu_backward_block(&h[i * ROWS * 2 * f..][..n], &da[i * ROWS * f..][..n / 2], dhb, f)
+    })
 }
 
 /// What the FFN backward needs.

@@ -396,7 +396,7 @@ fn host_backward(
         for (j, o) in dw.iter_mut().enumerate() {
             let row = c.layout.row_map[t * k + j];
             if row >= 0 {
-                *o = g.iter().zip(&c.y[row as usize * d..][..d]).fold(0.0f32, |acc, (a, b)| acc + a * b);
+                *o = crate::layers::dot(g, &c.y[row as usize * d..][..d]);
             }
         }
     });
