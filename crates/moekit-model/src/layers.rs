@@ -93,7 +93,7 @@ fn par_new_with<R: Send>(
 }
 
 /// [`par_new_with`] without a side result.
-fn par_new(len: usize, chunk: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+pub(crate) fn par_new(len: usize, chunk: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
     par_new_with(len, chunk, fill).0
 }
 
@@ -136,10 +136,20 @@ simd_fn! {
         dgb: &mut [f32],
     ) {
         for (((xr, dyr), dxr), &iv) in xb.chunks(d).zip(dyb.chunks(d)).zip(dxb.chunks_mut(d)).zip(ib) {
-            let mut lanes = [0.0f64; 8];
             for j in 0..d {
                 dgb[j] += dyr[j] * xr[j] * iv;
-                lanes[j % 8] += (dyr[j] * g[j]) as f64 * xr[j] as f64;
+            }
+            let mut lanes = [0.0f64; 8];
+            let (xc, dc, gc) = (xr.chunks_exact(8), dyr.chunks_exact(8), g.chunks_exact(8));
+            let tail = xc.remainder().len();
+            for ((xs, ds), gs) in xc.zip(dc).zip(gc) {
+                for l in 0..8 {
+                    lanes[l] += (ds[l] * gs[l]) as f64 * xs[l] as f64;
+                }
+            }
+            for (l, lane) in lanes.iter_mut().enumerate().take(tail) {
+                let j = d - tail + l;
+                *lane += (dyr[j] * g[j]) as f64 * xr[j] as f64;
             }
             let total = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
             let c = (total / d as f64) as f32 * iv * iv * iv;
@@ -383,10 +393,14 @@ simd_fn! {
                 }
                 for j in 0..=i {
                     let sc = p[j] * (ds[j] - pdp) * scale;
+                    // dq_i += sc k_j and dk_j += sc q_i: disjoint columns of the 3D-wide rows.
                     for c in 0..hd {
-                        let (kj, qi) = (rows[j * 3 * d + kc + c], rows[i * 3 * d + qc + c]);
+                        let kj = rows[j * 3 * d + kc + c];
                         g[i * 3 * d + qc + c] += sc * kj;
-                        g[j * 3 * d + kc + c] += sc * qi;
+                    }
+                    let qi = &rows[i * 3 * d + qc..][..hd];
+                    for (dkv, &qv) in g[j * 3 * d + kc..][..hd].iter_mut().zip(qi) {
+                        *dkv += sc * qv;
                     }
                 }
             }

@@ -48,19 +48,26 @@ pub use params::Params;
 pub use rng::Rng;
 
 /// Asks glibc's malloc to keep freed memory for reuse instead of returning it to the system
-/// (`M_TRIM_THRESHOLD` and `M_MMAP_THRESHOLD` at 1 GiB). A training step allocates and frees
-/// tens of MB of activations; by default glibc gives that memory back after each step and the
-/// next step page-faults it in again, which costs a quarter of the step on this model
-/// (measured 153 ms -> 111 ms per step on one thread, see kernels/NOTES.md). Process-wide, so
-/// only applications call it (the GRPO command line and the benchmarks do); a no-op on other
-/// platforms. Returns whether the settings were applied.
+/// (`M_TRIM_THRESHOLD` and `M_MMAP_THRESHOLD` at 1 GiB) and to serve every thread from one
+/// arena (`M_ARENA_MAX` 1: the per-thread arenas' heaps are unmapped when a step frees them,
+/// whatever the trim threshold). A training step allocates and frees tens of MB of
+/// activations; by default glibc gives that memory back after each step and the next step
+/// page-faults it in again, which costs a quarter of the step on this model (measured 126 ->
+/// 86 ms per step on one thread; on two threads runs alternated between 55 and 80-100 ms until
+/// the single arena; see kernels/NOTES.md). Process-wide, so only applications call it (the
+/// GRPO command line and the benchmarks do); a no-op on other platforms. Returns whether the
+/// settings were applied.
 pub fn tune_host_allocator() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         const GIB: libc::c_int = 1 << 30;
         // SAFETY: mallopt only changes malloc's tuning parameters; it is thread-safe and takes
         // plain integers.
-        unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, GIB) == 1 && libc::mallopt(libc::M_MMAP_THRESHOLD, GIB) == 1 }
+        unsafe {
+            libc::mallopt(libc::M_TRIM_THRESHOLD, GIB) == 1
+                && libc::mallopt(libc::M_MMAP_THRESHOLD, GIB) == 1
+                && libc::mallopt(libc::M_ARENA_MAX, 1) == 1
+        }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {

@@ -21,7 +21,7 @@
 //! none), plus the sequence-wise balance loss when enabled.
 
 use crate::config::{ModelConfig, Precision};
-use crate::layers::{ffn, ffn_backward, swiglu, swiglu_backward, FfnCache};
+use crate::layers::{ffn, ffn_backward, par_new, swiglu, swiglu_backward, FfnCache};
 use crate::linalg::{add_assign, matmul_nn, matmul_nt, matmul_tn, nn, nt};
 use crate::{Error, Result};
 use moekit_dispatch::{reference as dref, ActFormat, DispatchConfig, DispatchLayout, Padding};
@@ -331,10 +331,10 @@ fn host_forward(
     let layout = dref::layout(&routing.ids, &dcfg, moekit_dispatch::max_rows(n, k, e, dcfg.align))?;
     let rows = layout.offsets[e] as usize;
     let pairs = row_pairs(&layout.row_map, rows);
-    let mut xp = vec![0.0; rows * d];
-    xp.par_chunks_mut(d).zip(pairs.par_iter()).for_each(|(xr, &p)| {
-        if p >= 0 {
-            xr.copy_from_slice(&x[(p as usize / k) * d..][..d]);
+    let xp = par_new(rows * d, d, |row, xr| {
+        let p = pairs[row];
+        for (c, o) in xr.iter_mut().enumerate() {
+            o.write(if p >= 0 { x[(p as usize / k) * d + c] } else { 0.0 });
         }
     });
     let (mut h, mut a, mut y) = (vec![0.0; rows * 2 * i], vec![0.0; rows * i], vec![0.0; rows * d]);
@@ -354,16 +354,19 @@ fn host_forward(
             matmul_nt(&as_[..cnt * i], &w.w2[ex * d * i..][..d * i], cnt, d, i, ys, false);
         });
     // Combine: each token's slots in order (f32), tokens in parallel.
-    let mut out = vec![0.0; n * d];
-    out.par_chunks_mut(d).enumerate().for_each(|(t, o)| {
+    let out = par_new(n * d, d, |t, o| {
+        let mut acc = vec![0.0f32; d];
         for j in 0..k {
             let row = layout.row_map[t * k + j];
             if row >= 0 {
                 let wt = routing.weights[t * k + j];
-                for (ov, &yv) in o.iter_mut().zip(&y[row as usize * d..][..d]) {
-                    *ov += wt * yv;
+                for (a, &yv) in acc.iter_mut().zip(&y[row as usize * d..][..d]) {
+                    *a += wt * yv;
                 }
             }
+        }
+        for (ov, a) in o.iter_mut().zip(acc) {
+            ov.write(a);
         }
     });
     Ok((out, ExpertCache::Host(Box::new(HostCache { layout, pairs, xp, h, a, y }))))
@@ -381,13 +384,10 @@ fn host_backward(
     let Dims { n, d, e, k, i } = dm;
     let rows = c.layout.offsets[e] as usize;
     // dy[row] = w * dout[t] (rows in parallel); dw[t, j] = <dout[t], y[row]> (tokens in parallel).
-    let mut dy = vec![0.0; rows * d];
-    dy.par_chunks_mut(d).zip(c.pairs.par_iter()).for_each(|(o, &p)| {
-        if p >= 0 {
-            let (wt, g) = (routing.weights[p as usize], &dout[(p as usize / k) * d..][..d]);
-            for (ov, &gv) in o.iter_mut().zip(g) {
-                *ov = wt * gv;
-            }
+    let dy = par_new(rows * d, d, |row, o| {
+        let p = c.pairs[row];
+        for (col, ov) in o.iter_mut().enumerate() {
+            ov.write(if p >= 0 { routing.weights[p as usize] * dout[(p as usize / k) * d + col] } else { 0.0 });
         }
     });
     let mut dweights = vec![0.0; n * k];
