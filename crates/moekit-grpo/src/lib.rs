@@ -21,6 +21,8 @@
 pub mod advantages;
 pub mod loss;
 pub mod sampling;
+pub mod task;
+pub mod trainer;
 
 /// Errors of the GRPO core.
 #[derive(Debug, thiserror::Error, PartialEq)]
