@@ -2,7 +2,7 @@
 //! policy, CPU), one line of metrics per step. The command line with config files,
 //! checkpoints and plots is still to come; this is the library's loop as it is.
 //!
-//! `cargo run --release -p moekit-grpo --example train -- [steps] [seed]`
+//! `cargo run --release -p moekit-grpo --example train -- [steps] [seed] [config.toml]`
 
 use moekit_grpo::trainer::{TrainConfig, Trainer};
 
@@ -11,7 +11,20 @@ fn main() {
     let steps: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(200);
     let seed: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(0);
     moekit_model::tune_host_allocator();
-    let mut cfg = TrainConfig { steps, seed, ..TrainConfig::default() };
+    let base = match args.next() {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+                eprintln!("error: {path}: {e}");
+                std::process::exit(2)
+            });
+            toml::from_str::<TrainConfig>(&text).unwrap_or_else(|e| {
+                eprintln!("error: {path}: {e}");
+                std::process::exit(2)
+            })
+        }
+        None => TrainConfig::default(),
+    };
+    let mut cfg = TrainConfig { steps, seed, ..base };
     cfg.optim.total_steps = steps;
     let mut trainer = match Trainer::new(cfg) {
         Ok(t) => t,
