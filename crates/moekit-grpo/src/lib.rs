@@ -20,6 +20,7 @@
 
 pub mod advantages;
 pub mod loss;
+pub mod run;
 pub mod sampling;
 pub mod task;
 pub mod trainer;

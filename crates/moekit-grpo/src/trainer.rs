@@ -60,20 +60,23 @@ impl Default for TrainConfig {
         TrainConfig {
             task: TaskKind::Reverse { digits: 3 },
             seed: 0,
-            steps: 200,
+            steps: 600,
             prompts_per_step: 16,
             num_generations: 16,
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
             num_iterations: 1,
-            dynamic_sampling: false,
+            dynamic_sampling: true,
             max_sampling_rounds: 3,
             mask_truncated_completions: false,
             router_replay: true,
             advantage: AdvantageConfig::default(),
             loss: LossConfig::default(),
-            optim: AdamWConfig { lr: 2e-3, min_lr: 2e-4, warmup_steps: 10, total_steps: 200, ..AdamWConfig::default() },
+            // Measured on reverse-3: lr 2e-3 and 1e-3 collapse the entropy (every group's
+            // completions identical, zero advantage) at reward ~0.45; 5e-4 reaches 0.9 in ~370
+            // steps (kernels/NOTES.md).
+            optim: AdamWConfig { lr: 5e-4, min_lr: 2e-4, warmup_steps: 10, total_steps: 600, ..AdamWConfig::default() },
             model: ModelConfig::default(),
         }
     }
@@ -127,7 +130,8 @@ impl TrainConfig {
 pub struct StepMetrics {
     /// Step (1-based).
     pub step: usize,
-    /// Mean total reward.
+    /// Mean total reward of every completion sampled in the step (with dynamic sampling, the
+    /// dropped groups too: it describes the policy, not the filtered batch).
     pub reward: f64,
     /// Std of the total reward over the batch.
     pub reward_std: f64,
@@ -198,6 +202,17 @@ pub struct Trainer {
     /// Steps taken.
     pub step: usize,
     task: Box<dyn Task>,
+    /// The frozen reference policy for the KL term (only when `beta > 0`): the initial policy,
+    /// rebuilt from the seed, so checkpoints need not store it.
+    reference: Option<Model>,
+}
+
+fn reference_for(cfg: &TrainConfig) -> Result<Option<Model>> {
+    if cfg.loss.beta > 0.0 {
+        Ok(Some(Model::new(cfg.model.clone(), cfg.seed).map_err(|e| Error::InvalidInput(e.to_string()))?))
+    } else {
+        Ok(None)
+    }
 }
 
 impl Trainer {
@@ -209,14 +224,16 @@ impl Trainer {
         let opt = AdamW::new(cfg.optim.clone(), &model.params).map_err(err)?;
         let rng = Rng::new(cfg.seed ^ 0x6772_706f);
         let task = cfg.task.build();
-        Ok(Trainer { cfg, model, opt, rng, step: 0, task })
+        let reference = reference_for(&cfg)?;
+        Ok(Trainer { cfg, model, opt, rng, step: 0, task, reference })
     }
 
     /// A run from saved parts (see the CLI's checkpoints).
     pub fn from_parts(cfg: TrainConfig, model: Model, opt: AdamW, rng: Rng, step: usize) -> Result<Self> {
         cfg.validate()?;
         let task = cfg.task.build();
-        Ok(Trainer { cfg, model, opt, rng, step, task })
+        let reference = reference_for(&cfg)?;
+        Ok(Trainer { cfg, model, opt, rng, step, task, reference })
     }
 
     /// The task.
@@ -271,6 +288,9 @@ impl Trainer {
         let err = |e: moekit_model::Error| Error::InvalidInput(e.to_string());
         let (g, b) = (self.cfg.num_generations, self.cfg.prompts_per_step);
         let total = |rw: &[crate::task::Reward]| rw.iter().map(|r| r.weight * r.value).sum::<f64>();
+        // Every sampled completion's rewards (kept or dropped): the reward metrics describe the
+        // policy, not the filtered batch.
+        let mut sampled: Vec<Vec<crate::task::Reward>> = Vec::new();
         let (groups, dropped) = if self.cfg.dynamic_sampling {
             let rounds = self.cfg.max_sampling_rounds;
             let (kept, stats) = fill_batch(b, rounds, |_| {
@@ -278,6 +298,7 @@ impl Trainer {
                     .rollout(b)?
                     .into_iter()
                     .map(|gr| {
+                        sampled.extend(gr.rewards.iter().cloned());
                         let r: Vec<f64> = gr.rewards.iter().map(|x| total(x)).collect();
                         (gr, r)
                     })
@@ -285,7 +306,9 @@ impl Trainer {
             })?;
             (kept, stats.dropped)
         } else {
-            (self.rollout(b)?, 0)
+            let gs = self.rollout(b)?;
+            sampled.extend(gs.iter().flat_map(|gr| gr.rewards.iter().cloned()));
+            (gs, 0)
         };
         let p = self.task.prompt_len();
         let len = p + self.task.max_completion();
@@ -336,6 +359,10 @@ impl Trainer {
             }
             diff as f64 / all.max(1) as f64
         };
+        let logp_ref = match &self.reference {
+            Some(r) => Some(token_logprobs(&r.forward(&tokens, n, len, replay).map_err(err)?.logits, v, &targets).0),
+            None => None,
+        };
         let mut fwd = fwd_old;
         let (mut last, mut info) = (None, None);
         for it in 0..self.cfg.num_iterations {
@@ -348,7 +375,7 @@ impl Trainer {
                 len,
                 logp: &logp,
                 logp_old: &logp_old,
-                logp_ref: None,
+                logp_ref: logp_ref.as_deref(),
                 mask: &mask,
                 advantages: &adv.values,
             };
@@ -371,15 +398,16 @@ impl Trainer {
             let m = mean(v);
             (v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (v.len().max(2) - 1) as f64).sqrt()
         };
-        let names: Vec<&'static str> = groups[0].rewards[0].iter().map(|r| r.name).collect();
+        let names: Vec<&'static str> = sampled.first().map(|r| r.iter().map(|x| x.name).collect()).unwrap_or_default();
         let per_fn = names
             .iter()
             .enumerate()
             .map(|(fi, name)| {
-                let vals: Vec<f64> = groups.iter().flat_map(|gr| gr.rewards.iter().map(move |r| r[fi].value)).collect();
+                let vals: Vec<f64> = sampled.iter().map(|r| r[fi].value).collect();
                 (name.to_string(), mean(&vals), std(&vals))
             })
             .collect();
+        let sampled_total: Vec<f64> = sampled.iter().map(|r| total(r)).collect();
         let masked_entropy: f64 = entropy.iter().zip(&mask).map(|(&h, &m)| h as f64 * m as f64).sum::<f64>()
             / mask.iter().map(|&m| m as f64).sum::<f64>().max(1.0);
         let load = counts
@@ -393,8 +421,8 @@ impl Trainer {
         let comp_tokens: usize = lengths.iter().sum();
         Ok(StepMetrics {
             step: self.step,
-            reward: mean(&rewards),
-            reward_std: std(&rewards),
+            reward: mean(&sampled_total),
+            reward_std: std(&sampled_total),
             rewards: per_fn,
             frac_reward_zero_std: adv.frac_reward_zero_std,
             completion_mean_length: comp_tokens as f64 / n as f64,

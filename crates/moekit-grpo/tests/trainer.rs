@@ -63,6 +63,17 @@ fn same_seed_same_run() {
 }
 
 #[test]
+fn kl_to_the_reference_is_zero_at_first_and_grows() {
+    let mut cfg = tiny(TaskKind::Reverse { digits: 2 });
+    cfg.loss.beta = 0.04;
+    cfg.optim.lr = 1e-2;
+    let mut t = Trainer::new(cfg).unwrap();
+    assert_eq!(t.train_step().unwrap().kl, 0.0, "the policy starts as the reference");
+    let later: f64 = (0..3).map(|_| t.train_step().unwrap().kl).sum();
+    assert!(later > 0.0);
+}
+
+#[test]
 fn dynamic_sampling_keeps_a_full_batch() {
     let mut cfg = tiny(TaskKind::AddMod10);
     cfg.dynamic_sampling = true;
