@@ -3,36 +3,9 @@
 
 use moekit_grpo::run::{load_checkpoint, read_series, save_checkpoint, write_plots, JsonlLog};
 use moekit_grpo::task::TaskKind;
-use moekit_grpo::trainer::{TrainConfig, Trainer};
-use moekit_model::{ModelConfig, MoeConfig};
-
-fn tiny() -> TrainConfig {
-    let mut cfg = TrainConfig {
-        task: TaskKind::Reverse { digits: 2 },
-        prompts_per_step: 4,
-        num_generations: 4,
-        steps: 6,
-        model: ModelConfig {
-            d_model: 32,
-            n_layers: 2,
-            n_heads: 2,
-            dense_ffn_dim: 32,
-            max_seq_len: 12,
-            moe: MoeConfig {
-                experts: 4,
-                top_k: 2,
-                expert_dim: 16,
-                n_groups: 2,
-                topk_groups: 2,
-                ..MoeConfig::default()
-            },
-            ..ModelConfig::default()
-        },
-        ..TrainConfig::default()
-    };
-    cfg.optim.total_steps = 6;
-    cfg
-}
+use moekit_grpo::trainer::Trainer;
+mod common;
+use common::tiny;
 
 fn bits(t: &Trainer) -> Vec<u32> {
     t.model.params.data.iter().flatten().chain(t.model.router_bias.iter().flatten()).map(|x| x.to_bits()).collect()
@@ -43,7 +16,7 @@ fn resume_is_bit_identical_and_files_are_written() {
     let dir = std::env::temp_dir().join(format!("moekit-grpo-run-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ckpt = dir.join("checkpoint.safetensors");
-    let mut straight = Trainer::new(tiny()).unwrap();
+    let mut straight = Trainer::new(tiny(TaskKind::Reverse { digits: 2 }, 6)).unwrap();
     let mut log = JsonlLog::open(&dir.join("metrics.jsonl")).unwrap();
     let mut history = Vec::new();
     for step in 0..6 {

@@ -3,45 +3,18 @@
 //! batch, a short run that raises the reward, config errors naming the field.
 
 use moekit_grpo::task::TaskKind;
-use moekit_grpo::trainer::{TrainConfig, Trainer};
-use moekit_model::{ModelConfig, MoeConfig};
-
-fn tiny(task: TaskKind) -> TrainConfig {
-    let mut cfg = TrainConfig {
-        task,
-        prompts_per_step: 4,
-        num_generations: 4,
-        steps: 10,
-        model: ModelConfig {
-            d_model: 32,
-            n_layers: 2,
-            n_heads: 2,
-            dense_ffn_dim: 32,
-            max_seq_len: 12,
-            moe: MoeConfig {
-                experts: 4,
-                top_k: 2,
-                expert_dim: 16,
-                n_groups: 2,
-                topk_groups: 2,
-                ..MoeConfig::default()
-            },
-            ..ModelConfig::default()
-        },
-        ..TrainConfig::default()
-    };
-    cfg.optim.total_steps = 10;
-    cfg
-}
+use moekit_grpo::trainer::Trainer;
+mod common;
+use common::tiny;
 
 #[test]
 fn clipping_needs_more_than_one_iteration() {
-    let mut one = Trainer::new(tiny(TaskKind::Reverse { digits: 2 })).unwrap();
+    let mut one = Trainer::new(tiny(TaskKind::Reverse { digits: 2 }, 10)).unwrap();
     for _ in 0..2 {
         let m = one.train_step().unwrap();
         assert_eq!(m.clip_ratio_region, 0.0, "num_iterations = 1: the ratio is exactly 1");
     }
-    let mut cfg = tiny(TaskKind::Reverse { digits: 2 });
+    let mut cfg = tiny(TaskKind::Reverse { digits: 2 }, 10);
     cfg.num_iterations = 4;
     cfg.optim.lr = 2e-2;
     cfg.loss.epsilon = 0.02;
@@ -54,7 +27,7 @@ fn clipping_needs_more_than_one_iteration() {
 #[test]
 fn same_seed_same_run() {
     let run = || {
-        let mut t = Trainer::new(tiny(TaskKind::AddMod10)).unwrap();
+        let mut t = Trainer::new(tiny(TaskKind::AddMod10, 10)).unwrap();
         let r: Vec<f64> = (0..3).map(|_| t.train_step().unwrap().reward).collect();
         let bits: Vec<u32> = t.model.params.data.iter().flatten().map(|x| x.to_bits()).collect();
         (r, bits, t.rng.state())
@@ -64,7 +37,7 @@ fn same_seed_same_run() {
 
 #[test]
 fn kl_to_the_reference_is_zero_at_first_and_grows() {
-    let mut cfg = tiny(TaskKind::Reverse { digits: 2 });
+    let mut cfg = tiny(TaskKind::Reverse { digits: 2 }, 10);
     cfg.loss.beta = 0.04;
     cfg.optim.lr = 1e-2;
     let mut t = Trainer::new(cfg).unwrap();
@@ -75,7 +48,7 @@ fn kl_to_the_reference_is_zero_at_first_and_grows() {
 
 #[test]
 fn dynamic_sampling_keeps_a_full_batch() {
-    let mut cfg = tiny(TaskKind::AddMod10);
+    let mut cfg = tiny(TaskKind::AddMod10, 10);
     cfg.dynamic_sampling = true;
     let mut t = Trainer::new(cfg).unwrap();
     let m = t.train_step().unwrap();
@@ -86,7 +59,7 @@ fn dynamic_sampling_keeps_a_full_batch() {
 
 #[test]
 fn a_short_run_raises_the_reward() {
-    let mut cfg = tiny(TaskKind::Reverse { digits: 2 });
+    let mut cfg = tiny(TaskKind::Reverse { digits: 2 }, 10);
     cfg.prompts_per_step = 8;
     cfg.optim.lr = 5e-3;
     let mut t = Trainer::new(cfg).unwrap();
@@ -100,7 +73,7 @@ fn a_short_run_raises_the_reward() {
 
 #[test]
 fn config_errors_name_the_field() {
-    let mut cfg = tiny(TaskKind::Reverse { digits: 9 });
+    let mut cfg = tiny(TaskKind::Reverse { digits: 9 }, 10);
     let e = Trainer::new(cfg.clone()).err().unwrap().to_string();
     assert!(e.contains("max_seq_len"), "{e}");
     cfg.task = TaskKind::Reverse { digits: 2 };

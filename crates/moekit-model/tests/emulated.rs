@@ -10,19 +10,8 @@ use moekit_model::moe::{self, Experts, MoeGrads, MoeWeights};
 use moekit_model::{loss, Model, ModelConfig, MoeConfig, Params, Precision, Rng, Score};
 use moekit_tensor::Device;
 
-/// DeepGEMM's accuracy metric in f64: `1 - 2 sum(xy) / sum(x^2 + y^2)`.
-fn diff(x: &[f32], y: &[f32]) -> f64 {
-    let (mut xy, mut sq) = (0.0f64, 0.0f64);
-    for (&a, &b) in x.iter().zip(y) {
-        xy += a as f64 * b as f64;
-        sq += a as f64 * a as f64 + b as f64 * b as f64;
-    }
-    if sq == 0.0 {
-        0.0
-    } else {
-        1.0 - 2.0 * xy / sq
-    }
-}
+/// DeepGEMM's accuracy metric (`1 - 2 sum(xy) / sum(x^2 + y^2)`, f64).
+use moekit_gemm::reference::diff;
 
 fn tiny_bf16() -> ModelConfig {
     ModelConfig {
