@@ -21,6 +21,14 @@ pub fn gpu_bundle() -> Result<(), String> {
     let (tests, examples): (Vec<_>, Vec<_>) = built.into_iter().partition(|(_, test)| *test);
     // Only test binaries with GPU tests travel: the others ran in CI already.
     let tests: Vec<_> = tests.into_iter().filter(|(exe, _)| has_gpu_tests(exe)).collect();
+    // Of the other executables, the ones run.sh knows how to call on a GPU: the FP8 cast
+    // example (`--device cuda`) and the GRPO command line (a short `train --device cuda`).
+    let examples: Vec<_> = examples
+        .into_iter()
+        .filter(|(exe, _)| {
+            exe.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("fp8_cast") || n == "moekit-grpo")
+        })
+        .collect();
     let benches = executables(cargo(Some(&tc.nvcc)).args(["bench", "-p", "moekit-benches", "--no-run"]))?;
     let mut total = 0;
     for (sub, exes) in [("tests", &tests), ("benches", &benches), ("examples", &examples)] {
@@ -128,11 +136,16 @@ for t in tests/*; do
     summary+=("| test | $name | $p passed, $f failed | $status |")
   fi
 done
-# The main job's example on the GPU: kernel output must equal the CPU reference bit for bit.
+# The examples on the GPU: the FP8 cast (kernel output must equal the CPU reference bit for
+# bit) and the main job, a short GRPO run with the routed experts on the GPU kernels.
 for e in examples/*; do
   [ -x "$e" ] || continue
   name=$(basename "$e")
-  out=$("$e" --device cuda 2>&1)
+  if [ "$name" = moekit-grpo ]; then
+    out=$("$e" train --device cuda --steps 20 --log-every 5 --out "$(mktemp -d)" 2>&1)
+  else
+    out=$("$e" --device cuda 2>&1)
+  fi
   rc=$?
   echo "$out" | sed "s|^|[$name] |"
   status=ok; [ $rc -ne 0 ] && { status=FAILED; failed=1; }
