@@ -28,7 +28,8 @@ struct Cli {
 enum Cmd {
     /// Train a policy (defaults: reverse-3, the ~1M-parameter MoE model, 16 prompts x 16).
     Train(TrainArgs),
-    /// Greedy and sampled accuracy of a checkpoint on held-out prompts.
+    /// Greedy and sampled accuracy of a checkpoint on held-out prompts (a tenth of the
+    /// prompts, chosen by a hash of their digits, that training never samples).
     Eval {
         /// The checkpoint.
         #[arg(long)]
@@ -273,7 +274,7 @@ fn eval(checkpoint: &Path, prompts: usize, seed: u64) -> Result<(), String> {
     let t = load_checkpoint(checkpoint).map_err(|e| e.to_string())?;
     let task = t.task();
     let mut rng = Rng::new(seed);
-    let ps: Vec<Vec<u32>> = (0..prompts.max(1)).map(|_| task.prompt(&mut rng)).collect();
+    let ps: Vec<Vec<u32>> = (0..prompts.max(1)).map(|_| task.heldout_prompt(&mut rng)).collect();
     let flat: Vec<u32> = ps.concat();
     let p = task.prompt_len();
     for (label, temperature) in [("greedy", 0.0f32), ("sampled", 1.0)] {

@@ -36,8 +36,13 @@ pub trait Task: Send + Sync {
     fn prompt_len(&self) -> usize;
     /// Completion tokens to sample at most (the target's length, EOS included, or more).
     fn max_completion(&self) -> usize;
-    /// A random prompt.
+    /// A random training prompt (never a held-out one).
     fn prompt(&self, rng: &mut Rng) -> Vec<u32>;
+    /// A random held-out prompt, for evaluation (default: a training prompt, for tasks that
+    /// keep no held-out set).
+    fn heldout_prompt(&self, rng: &mut Rng) -> Vec<u32> {
+        self.prompt(rng)
+    }
     /// The reward functions' values for `completion` (sampled tokens, EOS and after included).
     fn rewards(&self, prompt: &[u32], completion: &[u32]) -> Vec<Reward>;
 }
@@ -83,6 +88,26 @@ impl DigitTask {
         }
     }
 
+    /// Whether a prompt's digits belong to the held-out tenth (a hash of the digits), which
+    /// training never samples.
+    pub fn is_heldout(digits: &[u32]) -> bool {
+        let h = digits.iter().fold(17u32, |h, &d| (h * 31 + d) % 1009);
+        h % 10 == 3
+    }
+
+    /// A random prompt from the held-out or the training part.
+    fn draw(&self, rng: &mut Rng, heldout: bool) -> Vec<u32> {
+        loop {
+            let d: Vec<u32> = (0..self.digits()).map(|_| rng.below(10) as u32).collect();
+            if Self::is_heldout(&d) == heldout {
+                let mut p = vec![BOS];
+                p.extend(d);
+                p.push(SEP);
+                return p;
+            }
+        }
+    }
+
     /// The target completion for `prompt` (`BOS digits SEP`), EOS included.
     pub fn target(&self, prompt: &[u32]) -> Vec<u32> {
         let d: Vec<u32> = prompt.iter().copied().filter(|&t| t < 10).collect();
@@ -115,10 +140,10 @@ impl Task for DigitTask {
         self.target(&vec![0; self.prompt_len()]).len() + 1
     }
     fn prompt(&self, rng: &mut Rng) -> Vec<u32> {
-        let mut p = vec![BOS];
-        p.extend((0..self.digits()).map(|_| rng.below(10) as u32));
-        p.push(SEP);
-        p
+        self.draw(rng, false)
+    }
+    fn heldout_prompt(&self, rng: &mut Rng) -> Vec<u32> {
+        self.draw(rng, true)
     }
     fn rewards(&self, prompt: &[u32], completion: &[u32]) -> Vec<Reward> {
         let target = self.target(prompt);

@@ -82,4 +82,12 @@ fn config_errors_name_the_field() {
     assert!(e.contains("num_generations") && e.contains("must be"), "{e}");
     let task = TaskKind::Sort { digits: 3 }.build();
     assert_eq!(task.name(), "sort-3");
+    // Training never draws a held-out prompt; evaluation draws only those (about a tenth).
+    use moekit_grpo::task::DigitTask;
+    let mut rng = moekit_model::Rng::new(9);
+    let digits = |p: &[u32]| p[1..p.len() - 1].to_vec();
+    assert!((0..2000).all(|_| !DigitTask::is_heldout(&digits(&task.prompt(&mut rng)))));
+    assert!((0..200).all(|_| DigitTask::is_heldout(&digits(&task.heldout_prompt(&mut rng)))));
+    let share = (0..1000u32).filter(|i| DigitTask::is_heldout(&[i / 100, i / 10 % 10, i % 10])).count();
+    assert!((60..=140).contains(&share), "{share} of 1000 prompts held out");
 }
