@@ -27,6 +27,31 @@
 //! assert!(loss.is_finite());
 //! ```
 
+/// Compiles `$name` twice, for AVX2 + FMA and portable, and picks one at run time: the
+/// elementwise loops (and moekit's polynomial `exp`) then vectorise. The bits are the same on
+/// both paths: `mul_add` is fused either way and nothing else differs.
+macro_rules! simd_fn {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn fast($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports the two features `fast` is compiled for.
+                    return unsafe { fast($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
 pub mod checkpoint;
 pub mod config;
 pub mod generate;

@@ -109,18 +109,9 @@ pub struct StepInfo {
     pub lr: f32,
 }
 
-/// One chunk of the AdamW update (elementwise), compiled for AVX2 + FMA when available: the
-/// same operations in the same order on both paths (no `mul_add` here), so the same bits.
-fn adamw_chunk(
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    betas: (f32, f32, f32),
-    step: (f32, f32, f32, f32, f32),
-) {
-    #[inline(always)]
-    fn body(
+simd_fn! {
+    /// One chunk of the AdamW update (elementwise, no `mul_add`: the same bits on both paths).
+    fn adamw_chunk(
         p: &mut [f32],
         g: &[f32],
         m: &mut [f32],
@@ -137,25 +128,6 @@ fn adamw_chunk(
             *p -= lr * (update + decay * *p);
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2")]
-        unsafe fn fast(
-            p: &mut [f32],
-            g: &[f32],
-            m: &mut [f32],
-            v: &mut [f32],
-            betas: (f32, f32, f32),
-            step: (f32, f32, f32, f32, f32),
-        ) {
-            body(p, g, m, v, betas, step)
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, the only feature `fast` is compiled for.
-            return unsafe { fast(p, g, m, v, betas, step) };
-        }
-    }
-    body(p, g, m, v, betas, step)
 }
 
 /// Global L2 norm of `grads`, summed in f64 in parameter order.
