@@ -1,7 +1,15 @@
-//! Launches on device buffers + a stream (or the host emulator). Every function checks the
-//! shape constraints ([`Shape::check`]), every buffer length, matching operand dtypes and
-//! where each buffer lives before it launches; ids read from device memory (`m_indices`,
-//! `masked_m`, `offsets`) are clamped or skipped by the kernel, never used unchecked.
+//! Launches on device buffers + a stream (or the host emulator). Every function checks, before
+//! it launches and in this order: matching operand dtypes (`Dtype`), the shape constraints
+//! ([`Shape::check`]), every buffer's length (`Shape`), every pointer's alignment
+//! ([`OPERAND_ALIGN`] for A and B, [`OUTPUT_ALIGN`] for the output, 4 for scales and ids:
+//! `Alignment`) and where each buffer lives (`InvalidArgument`).
+//!
+//! Values in device memory (`m_indices`, `masked_m`, `offsets`) cannot be seen here without a
+//! host round trip, so the kernels defend themselves: an `m_indices` id outside `[0, G)` marks
+//! a padding row (skipped: never read, never written), `masked_m[g]` is clamped to `[0, m]`,
+//! each k-grouped range to `[0, m]` (and empty when `offsets[g+1] < offsets[g]`); no value
+//! makes a kernel access memory out of bounds. The tensor ops validate `masked_m` and
+//! `offsets` strictly (a readback) and give the same outcome on every device.
 
 use crate::kernels::GEMM_PORTABLE;
 use crate::{Error, Op, Result, ScaleLayout, Shape, SCALE_BLOCK};
@@ -94,12 +102,38 @@ impl Operand<'_> {
             Operand::Fp8 { data, scales } => vec![data.space(), scales.space()],
         }
     }
+    /// Lengths, then alignment (data [`OPERAND_ALIGN`], scales their element size).
     fn check(&self, what: &str, elems: usize, scales: usize) -> Result<()> {
         expect(what, self.len(), elems)?;
         if let Some(s) = self.scales() {
             expect(&format!("{what} scales"), s.len(), scales)?;
         }
+        check_aligned(what, self.addr(), self.len(), OPERAND_ALIGN)?;
+        if let Some(s) = self.scales() {
+            check_aligned(&format!("{what} scales"), s.addr(), s.len(), 4)?;
+        }
         Ok(())
+    }
+}
+
+/// Byte alignment the kernels need of the data of every non-empty operand (A and B, BF16 or
+/// FP8): the portable kernel copies 16-byte chunks with `cp.async`, the Hopper kernel's TMA
+/// needs 16-byte-aligned global addresses. Row pitches are multiples of 16 bytes by
+/// [`Shape::check`]; so every chunk is aligned when the operand's first element is.
+pub const OPERAND_ALIGN: usize = 16;
+/// Byte alignment of a BF16 output (the kernels store pairs of columns as one 32-bit word);
+/// f32 outputs, scales and ids need their element alignment (4).
+pub const OUTPUT_ALIGN: usize = 4;
+
+/// An `Alignment` error unless `addr` is a multiple of `required` (`len == 0`: nothing is
+/// accessed, any address is fine). On a GPU a misaligned vector access is a sticky error that
+/// kills the caller's whole context, so this runs before every launch.
+pub(crate) fn check_aligned(what: &str, addr: u64, len: usize, required: usize) -> Result<()> {
+    let got = (addr % required as u64) as usize;
+    if len == 0 || got == 0 {
+        Ok(())
+    } else {
+        Err(Error::Alignment { what: format!("{what} (address modulo {required} bytes)"), required, got })
     }
 }
 
@@ -111,19 +145,72 @@ fn expect(what: &str, got: usize, want: usize) -> Result<()> {
     }
 }
 
-fn same_dtype(a: &Operand<'_>, b: &Operand<'_>) -> Result<bool> {
-    if a.fp8() != b.fp8() {
+/// Whether the operands are FP8 (`Dtype` error unless both are BF16 or both FP8).
+pub(crate) fn same_dtype(a_fp8: bool, b_fp8: bool) -> Result<bool> {
+    let name = |fp8: bool| if fp8 { "FP8" } else { "BF16" };
+    if a_fp8 != b_fp8 {
         return Err(Error::Dtype {
             what: "grouped GEMM operands".into(),
             expected: "both BF16 or both FP8".into(),
-            got: format!("A {}, B {}", if a.fp8() { "FP8" } else { "BF16" }, if b.fp8() { "FP8" } else { "BF16" }),
+            got: format!("A {}, B {}", name(a_fp8), name(b_fp8)),
         });
     }
-    Ok(a.fp8())
+    Ok(a_fp8)
 }
 
-fn weight_scales(s: &Shape) -> usize {
-    s.groups * (s.n / SCALE_BLOCK) * (s.k / SCALE_BLOCK)
+/// Element counts of an op's buffers: the one definition both the raw and the tensor layer
+/// check against (the scale counts matter for FP8 only).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Lens {
+    pub a: usize,
+    pub a_scales: usize,
+    pub b: usize,
+    pub b_scales: usize,
+    /// `m_indices` (contiguous, dgrad), `masked_m` (masked, when given), offsets (k-grouped).
+    pub ids: usize,
+    pub d: usize,
+}
+
+impl Lens {
+    /// For `op` on `shape` (already checked) with A's 1x128 scales in `a_layout`.
+    pub fn of(op: Op, s: &Shape, a_layout: ScaleLayout) -> Lens {
+        let Shape { groups, m, n, k } = *s;
+        let weights = groups * (n / SCALE_BLOCK) * (k / SCALE_BLOCK);
+        match op {
+            Op::Contiguous => {
+                Lens { a: m * k, a_scales: a_layout.len(m, k), b: groups * n * k, b_scales: weights, ids: m, d: m * n }
+            }
+            Op::Dgrad => {
+                Lens { a: m * n, a_scales: a_layout.len(m, n), b: groups * n * k, b_scales: weights, ids: m, d: m * k }
+            }
+            Op::Masked => Lens {
+                a: groups * m * k,
+                a_scales: a_layout.len(groups * m, k),
+                b: groups * n * k,
+                b_scales: weights,
+                ids: groups,
+                d: groups * m * n,
+            },
+            Op::KGrouped => {
+                let blocks = m / SCALE_BLOCK;
+                Lens {
+                    a: m * n,
+                    a_scales: n * blocks,
+                    b: m * k,
+                    b_scales: k * blocks,
+                    ids: groups + 1,
+                    d: groups * n * k,
+                }
+            }
+        }
+    }
+}
+
+/// The output of a launch: address, elements, where it lives.
+struct Out {
+    addr: u64,
+    len: usize,
+    space: MemSpace,
 }
 
 struct Launch<'a> {
@@ -132,21 +219,39 @@ struct Launch<'a> {
     a: Operand<'a>,
     a_layout: ScaleLayout,
     b: Operand<'a>,
-    d: u64,
-    /// The op's row/group ids: `m_indices` (contiguous, dgrad), `masked_m` or 0 (masked),
-    /// group offsets (k-grouped).
-    ids: u64,
+    d: Out,
+    /// The op's row/group ids: `m_indices` (contiguous, dgrad), `masked_m` (masked; None: all
+    /// rows), group offsets (k-grouped).
+    ids: Option<DevPtr<'a, i32>>,
     /// k-grouped: add to `d`.
     accumulate: bool,
-    spaces: Vec<MemSpace>,
 }
 
+/// Every check of every op, then the launch: operand dtypes, [`Shape::check`], each buffer's
+/// length, each pointer's alignment, where each buffer lives.
 fn launch(on: &dyn Launcher, l: Launch<'_>) -> Result<()> {
-    let mut spaces = l.spaces;
+    let fp8 = same_dtype(l.a.fp8(), l.b.fp8())?;
+    let s = l.shape;
+    s.check(l.op, fp8)?;
+    let lens = Lens::of(l.op, &s, l.a_layout);
+    l.a.check("A", lens.a, lens.a_scales)?;
+    l.b.check("B", lens.b, lens.b_scales)?;
+    let ids_name = match l.op {
+        Op::Contiguous | Op::Dgrad => "m_indices",
+        Op::Masked => "masked_m",
+        Op::KGrouped => "offsets",
+    };
+    if let Some(ids) = &l.ids {
+        expect(ids_name, ids.len(), lens.ids)?;
+        check_aligned(ids_name, ids.addr(), ids.len(), 4)?;
+    }
+    expect("D", l.d.len, lens.d)?;
+    check_aligned("D", l.d.addr, l.d.len, OUTPUT_ALIGN)?;
+    let mut spaces = vec![l.d.space];
+    spaces.extend(l.ids.map(|p| p.space()));
     spaces.extend(l.a.spaces());
     spaces.extend(l.b.spaces());
     moekit_cuda::ensure_addressable(on, &spaces)?;
-    let s = l.shape;
     let (rows, cols, per_group) = match l.op {
         Op::Contiguous => (s.m, s.n, 1),
         Op::Dgrad => (s.m, s.k, 1),
@@ -159,21 +264,21 @@ fn launch(on: &dyn Launcher, l: Launch<'_>) -> Result<()> {
     }
     let blocks = tiles.min((on.multiprocessors() as usize * BLOCKS_PER_SM).max(1));
     let cfg = LaunchConfig { grid: (blocks as u32, 1, 1), block: (BLOCK, 1, 1), shared_mem_bytes: SMEM_BYTES };
-    let fp8 = l.a.fp8();
     // Rows of A's 1x128 scales (the MN-major stride follows from them).
     let a_scale_rows = match l.op {
         Op::Contiguous | Op::Dgrad => s.m,
         Op::Masked => s.groups * s.m,
         Op::KGrouped => s.n,
     };
-    let id = |op: Op| if l.op == op { l.ids } else { 0 };
+    let ids = l.ids.map_or(0, |p| p.addr());
+    let id = |op: Op| if l.op == op { ids } else { 0 };
     let params = moekit_abi::MoekitGemmParams {
         a: l.a.addr(),
         b: l.b.addr(),
-        d: l.d,
+        d: l.d.addr,
         a_scales: l.a.scales().map_or(0, |p| p.addr()),
         b_scales: l.b.scales().map_or(0, |p| p.addr()),
-        m_indices: if matches!(l.op, Op::Contiguous | Op::Dgrad) { l.ids } else { 0 },
+        m_indices: if matches!(l.op, Op::Contiguous | Op::Dgrad) { ids } else { 0 },
         masked_m: id(Op::Masked),
         group_offsets: id(Op::KGrouped),
         op: l.op.abi(),
@@ -191,16 +296,21 @@ fn launch(on: &dyn Launcher, l: Launch<'_>) -> Result<()> {
         return crate::sm90::launch(on, params);
     }
     let name = if fp8 { "moekit_gemm_portable_fp8" } else { "moekit_gemm_portable_bf16" };
-    // SAFETY: one MoekitGemmParams by value (layout checked by moekit-abi's tests). The callers
-    // checked the shape constraints and every buffer length against the sizes the kernel
-    // indexes (operands, scales, ids, output); ids read on the device are range-checked there;
-    // every buffer lives where `on` runs (checked above).
+    // SAFETY: one MoekitGemmParams by value (layout checked by moekit-abi's tests). Checked
+    // above: the shape constraints, every buffer length against the sizes the kernel indexes
+    // (operands, scales, ids, output), the alignment of every pointer the kernel accesses with
+    // vector or 32-bit-pair instructions, and that every buffer lives where `on` runs. Ids read
+    // on the device are range-checked there (see the module docs).
     unsafe { moekit_cuda::launch(on, &GEMM_PORTABLE, name, cfg, (params,)) }
 }
 
-/// m-grouped contiguous: `d [m, n]` BF16 rows `r` with a valid `m_indices[r]` get
-/// `a[r] . b[m_indices[r]]^T`; `a [m, k]` (FP8: 1x128 scales in `a_layout`), `b [G, n, k]`
-/// (FP8: 128x128 block scales).
+fn out<T>(d: &DevPtrMut<'_, T>) -> Out {
+    Out { addr: d.addr(), len: d.len(), space: d.space() }
+}
+
+/// m-grouped contiguous: `d [m, n]` BF16 rows `r` with `0 <= m_indices[r] < G` get
+/// `a[r] . b[m_indices[r]]^T`; other rows are not written. `a [m, k]` (FP8: 1x128 scales in
+/// `a_layout`), `b [G, n, k]` (FP8: 128x128 block scales).
 pub fn m_grouped_contiguous(
     on: &dyn Launcher,
     shape: Shape,
@@ -210,36 +320,14 @@ pub fn m_grouped_contiguous(
     m_indices: DevPtr<'_, i32>,
     d: DevPtrMut<'_, bf16>,
 ) -> Result<()> {
-    row_grouped(on, Op::Contiguous, shape, a, a_layout, b, m_indices, d)
-}
-
-/// Contiguous and dgrad: rows grouped by `m_indices`; A `[m, red]`, output `[m, cols]`.
-#[allow(clippy::too_many_arguments)]
-fn row_grouped(
-    on: &dyn Launcher,
-    op: Op,
-    shape: Shape,
-    a: Operand<'_>,
-    a_layout: ScaleLayout,
-    b: Operand<'_>,
-    m_indices: DevPtr<'_, i32>,
-    d: DevPtrMut<'_, bf16>,
-) -> Result<()> {
-    let fp8 = same_dtype(&a, &b)?;
-    shape.check(op, fp8)?;
-    let Shape { groups, m, n, k } = shape;
-    let (red, cols) = if op == Op::Dgrad { (n, k) } else { (k, n) };
-    a.check("A", m * red, a_layout.len(m, red))?;
-    b.check("B", groups * n * k, weight_scales(&shape))?;
-    expect("m_indices", m_indices.len(), m)?;
-    expect("D", d.len(), m * cols)?;
-    let spaces = vec![m_indices.space(), d.space()];
-    let l = Launch { op, shape, a, a_layout, b, d: d.addr(), ids: m_indices.addr(), accumulate: false, spaces };
-    launch(on, l)
+    let (ids, d) = (Some(m_indices), out(&d));
+    launch(on, Launch { op: Op::Contiguous, shape, a, a_layout, b, d, ids, accumulate: false })
 }
 
 /// m-grouped masked: `d [G, m, n]` BF16 rows `r < masked_m[g]` (all `m` rows when None) get
-/// `a[g, r] . b[g]^T`; `a [G, m, k]` (FP8: scales of its `G m` rows in `a_layout`).
+/// `a[g, r] . b[g]^T`; `a [G, m, k]` (FP8: scales of its `G m` rows in `a_layout`). The kernel
+/// clamps `masked_m[g]` to `[0, m]` (it lives in device memory; the tensor op
+/// [`crate::m_grouped_masked`] rejects values outside that range).
 #[allow(clippy::too_many_arguments)]
 pub fn m_grouped_masked(
     on: &dyn Launcher,
@@ -250,29 +338,8 @@ pub fn m_grouped_masked(
     masked_m: Option<DevPtr<'_, i32>>,
     d: DevPtrMut<'_, bf16>,
 ) -> Result<()> {
-    let fp8 = same_dtype(&a, &b)?;
-    shape.check(Op::Masked, fp8)?;
-    let Shape { groups, m, n, k } = shape;
-    a.check("A", groups * m * k, a_layout.len(groups * m, k))?;
-    b.check("B", groups * n * k, weight_scales(&shape))?;
-    expect("D", d.len(), groups * m * n)?;
-    let mut spaces = vec![d.space()];
-    if let Some(mm) = &masked_m {
-        expect("masked_m", mm.len(), groups)?;
-        spaces.push(mm.space());
-    }
-    let l = Launch {
-        op: Op::Masked,
-        shape,
-        a,
-        a_layout,
-        b,
-        d: d.addr(),
-        ids: masked_m.map_or(0, |p| p.addr()),
-        accumulate: false,
-        spaces,
-    };
-    launch(on, l)
+    let d = out(&d);
+    launch(on, Launch { op: Op::Masked, shape, a, a_layout, b, d, ids: masked_m, accumulate: false })
 }
 
 /// A dense `d [m, n] = a [m, k] . b [n, k]^T` (the masked op with one group, no mask).
@@ -292,8 +359,10 @@ pub fn dense(
 
 /// k-grouped weight gradient: `d [G, n, k]` f32 (`+=` when `accumulate`) with `d[g] = sum over
 /// tokens t in [offsets[g], offsets[g+1]) of dy[t]^T x[t]`. BF16: `a = dY [m, n]`, `b = X [m, k]`;
-/// FP8: `a = dY^T [n, m]`, `b = X^T [k, m]` with 1x128 scales along the tokens
-/// (`[n, m/128]`, `[k, m/128]`).
+/// FP8: `a = dY^T [n, m]`, `b = X^T [k, m]` with row-major 1x128 scales along the tokens
+/// (`[n, m/128]`, `[k, m/128]`). The kernel clamps each group to `offsets[g] <= t <
+/// offsets[g+1]` within `[0, m]` (offsets live in device memory; the tensor ops
+/// [`crate::k_grouped`] reject offsets that are not non-decreasing within `[0, m]`).
 pub fn k_grouped(
     on: &dyn Launcher,
     shape: Shape,
@@ -303,32 +372,14 @@ pub fn k_grouped(
     accumulate: bool,
     d: DevPtrMut<'_, f32>,
 ) -> Result<()> {
-    let fp8 = same_dtype(&a, &b)?;
-    shape.check(Op::KGrouped, fp8)?;
-    let Shape { groups, m, n, k } = shape;
-    let blocks = m / SCALE_BLOCK;
-    a.check("A", m * n, n * blocks)?;
-    b.check("B", m * k, k * blocks)?;
-    expect("offsets", offsets.len(), groups + 1)?;
-    expect("D", d.len(), groups * n * k)?;
-    let spaces = vec![offsets.space(), d.space()];
-    let l = Launch {
-        op: Op::KGrouped,
-        shape,
-        a,
-        a_layout: ScaleLayout::RowMajor,
-        b,
-        d: d.addr(),
-        ids: offsets.addr(),
-        accumulate,
-        spaces,
-    };
-    launch(on, l)
+    let (a_layout, ids, d) = (ScaleLayout::RowMajor, Some(offsets), out(&d));
+    launch(on, Launch { op: Op::KGrouped, shape, a, a_layout, b, d, ids, accumulate })
 }
 
-/// Activation gradient: `dx [m, k]` BF16 rows with a valid `m_indices[r]` get
+/// Activation gradient: `dx [m, k]` BF16 rows with `0 <= m_indices[r] < G` get
 /// `dy[r] . w[m_indices[r]]` from `dy [m, n]` (FP8: 1x128 scales along n in `a_layout`) and the
-/// forward weights `w [G, n, k]` (FP8: the forward's 128x128 block scales), read along n.
+/// forward weights `w [G, n, k]` (FP8: the forward's 128x128 block scales), read along n; other
+/// rows are not written.
 pub fn dgrad(
     on: &dyn Launcher,
     shape: Shape,
@@ -338,5 +389,6 @@ pub fn dgrad(
     m_indices: DevPtr<'_, i32>,
     dx: DevPtrMut<'_, bf16>,
 ) -> Result<()> {
-    row_grouped(on, Op::Dgrad, shape, dy, a_layout, w, m_indices, dx)
+    let (ids, d) = (Some(m_indices), out(&dx));
+    launch(on, Launch { op: Op::Dgrad, shape, a: dy, a_layout, b: w, d, ids, accumulate: false })
 }

@@ -1,10 +1,17 @@
 //! CPU reference: f64 accumulation on f32 (dequantized) inputs, plus the FP8 helpers and the
 //! accuracy metric. Written for clarity, not speed: tests use small shapes.
+//!
+//! The grouped functions return a `Shape` error for slices of the wrong length and never
+//! panic. On ids they are as lenient as the raw kernels (they skip `m_indices` ids outside
+//! `[0, groups)`, clamp `masked_m` and k-grouped ranges to the rows there are), so they model
+//! the kernels on any input; the tensor ops reject out-of-range `masked_m` and offsets before
+//! either runs.
 
 use crate::{Error, Result, ScaleLayout, SCALE_BLOCK};
 use moekit_dtype::F8E4M3;
 
-/// `C [m, n] = A [m, k] . B [n, k]^T`, accumulated in f64.
+/// `C [m, n] = A [m, k] . B [n, k]^T`, accumulated in f64 (a test helper: panics when `a` or
+/// `b` is shorter than `m k` or `n k`).
 pub fn gemm_nt(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     let mut c = vec![0.0f32; m * n];
     for i in 0..m {
@@ -49,7 +56,8 @@ pub fn m_grouped_contiguous(
     Ok(())
 }
 
-/// m-grouped masked: `d[g, r] = a[g, r] . b[g]^T` for `r < masked_m[g]`; other rows untouched.
+/// m-grouped masked: `d[g, r] = a[g, r] . b[g]^T` for `r < masked_m[g]` (clamped to
+/// `[0, m_max]`, as the kernel does); other rows untouched.
 pub fn m_grouped_masked(
     a: &[f32],
     b: &[f32],
@@ -72,7 +80,8 @@ pub fn m_grouped_masked(
 }
 
 /// k-grouped weight gradient: `dw[g] [n, k] = sum_{t in [offsets[g], offsets[g+1])} dy[t]^T x[t]`
-/// from `dy [m, n]` and `x [m, k]` (natural layouts), added to `dw` when `accumulate`.
+/// from `dy [m, n]` and `x [m, k]` (natural layouts), added to `dw` when `accumulate`. Each range
+/// is clamped to `[0, m]` (empty when `offsets[g + 1] < offsets[g]`), as the kernel does.
 pub fn k_grouped(
     dy: &[f32],
     x: &[f32],
@@ -83,6 +92,9 @@ pub fn k_grouped(
     dw: &mut [f32],
 ) -> Result<()> {
     let groups = offsets.len().saturating_sub(1);
+    if n == 0 {
+        return Err(Error::Shape("k-grouped reference with n = 0".into()));
+    }
     let m = dy.len() / n;
     check("dy", dy.len(), m * n)?;
     check("x", x.len(), m * k)?;
@@ -143,7 +155,9 @@ pub fn diff(x: &[f32], y: &[f32]) -> f64 {
 }
 
 /// Quantizes `w [groups, n, k]` to E4M3 with one f32 scale per 128x128 block
-/// (`[groups, n/128, k/128]`, `scale = max(amax, 1e-4) / 448`).
+/// (`[groups, n/128, k/128]`, `scale = max(amax, 1e-4) / 448`). A test and model helper:
+/// `n` and `k` are multiples of 128 (codes past the last whole block stay 0); panics when `w`
+/// holds fewer than `groups n k` values.
 pub fn quantize_blocks(w: &[f32], groups: usize, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
     let (nb, kb) = (n / SCALE_BLOCK, k / SCALE_BLOCK);
     let mut codes = vec![0u8; w.len()];
@@ -172,23 +186,47 @@ pub fn quantize_blocks(w: &[f32], groups: usize, n: usize, k: usize) -> (Vec<u8>
     (codes, scales)
 }
 
-/// Dequantizes `[groups, n, k]` E4M3 codes with 128x128 block scales.
-pub fn dequantize_blocks(codes: &[u8], scales: &[f32], groups: usize, n: usize, k: usize) -> Vec<f32> {
+/// Dequantizes `[groups, n, k]` E4M3 codes with 128x128 block scales
+/// (`[groups, n/128, k/128]`). Errors unless `n` and `k` are multiples of 128 (`Alignment`)
+/// and the lengths match (`Shape`).
+pub fn dequantize_blocks(codes: &[u8], scales: &[f32], groups: usize, n: usize, k: usize) -> Result<Vec<f32>> {
+    block_multiple("weight rows", n)?;
+    block_multiple("weight columns", k)?;
     let (nb, kb) = (n / SCALE_BLOCK, k / SCALE_BLOCK);
-    (0..groups * n * k)
+    check("codes", codes.len(), groups * n * k)?;
+    check("block scales", scales.len(), groups * nb * kb)?;
+    Ok((0..groups * n * k)
         .map(|i| {
             let (g, r, c) = (i / (n * k), (i / k) % n, i % k);
             F8E4M3::from_bits(codes[i]).to_f32() * scales[(g * nb + r / SCALE_BLOCK) * kb + c / SCALE_BLOCK]
         })
-        .collect()
+        .collect())
 }
 
-/// Dequantizes `[rows, cols]` E4M3 codes with 1x128 scales in `layout`.
-pub fn dequantize_tokens(codes: &[u8], scales: &[f32], rows: usize, cols: usize, layout: ScaleLayout) -> Vec<f32> {
-    (0..rows * cols)
+/// Dequantizes `[rows, cols]` E4M3 codes with 1x128 scales in `layout`. Errors unless `cols`
+/// is a multiple of 128 (`Alignment`) and the lengths match (`Shape`).
+pub fn dequantize_tokens(
+    codes: &[u8],
+    scales: &[f32],
+    rows: usize,
+    cols: usize,
+    layout: ScaleLayout,
+) -> Result<Vec<f32>> {
+    block_multiple("1x128-scaled columns", cols)?;
+    check("codes", codes.len(), rows * cols)?;
+    check("1x128 scales", scales.len(), layout.len(rows, cols))?;
+    Ok((0..rows * cols)
         .map(|i| {
             let (r, c) = (i / cols, i % cols);
             F8E4M3::from_bits(codes[i]).to_f32() * scales[layout.index(rows, cols, r, c / SCALE_BLOCK)]
         })
-        .collect()
+        .collect())
+}
+
+fn block_multiple(what: &str, v: usize) -> Result<()> {
+    if v % SCALE_BLOCK == 0 {
+        Ok(())
+    } else {
+        Err(Error::Alignment { what: what.into(), required: SCALE_BLOCK, got: v })
+    }
 }
