@@ -90,10 +90,18 @@ pub mod raw {
     /// Elements per thread per step (one 16-byte load).
     pub const VEC: usize = 8;
 
+    /// Byte alignment the kernel needs of `src` (its scalar path loads one BF16 at a time);
+    /// `dst` may start at any byte. Buffers that are both 16-byte aligned take the vector path
+    /// (16-byte loads, 8-byte stores), chosen by the kernel itself.
+    pub const SRC_ALIGN: usize = 2;
+
     /// Runs the cast on `on` (a GPU stream, where it is enqueued, or the host emulator, where
-    /// it completes before returning). `src` and `dst` must have equal lengths (a `Shape`
-    /// error otherwise, before any launch); an empty cast launches nothing. Any alignment is
-    /// accepted (16-byte aligned buffers take the vectorised path).
+    /// it completes before returning). Checked before any launch: `src` and `dst` have equal
+    /// lengths (`Shape`), `src` is [`SRC_ALIGN`]-aligned (`Alignment`: only a `from_raw`
+    /// pointer can break it, the safe API gives element-aligned pointers), both live where
+    /// `on` runs (`InvalidArgument`). Any other alignment is accepted: views at any element
+    /// offset give the same bits (the kernel takes a scalar path); an empty cast launches
+    /// nothing.
     pub fn cast_bf16_to_fp8(
         on: &dyn Launcher,
         src: DevPtr<'_, bf16>,
@@ -102,6 +110,14 @@ pub mod raw {
         format: Fp8Format,
     ) -> Result<()> {
         check_len(src.len(), dst.len())?;
+        let misaligned = (src.addr() % SRC_ALIGN as u64) as usize;
+        if misaligned != 0 && !src.is_empty() {
+            return Err(moekit_cuda::Error::Alignment {
+                what: "cast source (address modulo 2 bytes)".into(),
+                required: SRC_ALIGN,
+                got: misaligned,
+            });
+        }
         moekit_cuda::ensure_addressable(on, &[src.space(), dst.space()])?;
         if src.is_empty() {
             return Ok(());
@@ -119,15 +135,20 @@ pub mod raw {
         };
         // SAFETY: the kernel takes one MoekitCastParams by value (layout checked by
         // moekit-abi's tests) and touches exactly `n` elements of `src` and `dst`, whose
-        // lengths are equal and equal to `n`.
+        // lengths are equal and equal to `n`; its vector accesses run only when both
+        // addresses are 16-byte aligned (checked on the device), its scalar BF16 loads need
+        // the 2-byte alignment of `src` checked above; both buffers live where `on` runs.
         unsafe { moekit_cuda::launch(on, &kernels::CAST, "moekit_cast_bf16_to_fp8", cfg, (params,)) }
     }
 }
 
-/// Casts a BF16 tensor to FP8 (`format`) on its device; the result has the same shape.
+/// Casts a BF16 tensor to FP8 (`format`) on its device; the result has the same shape. The
+/// same outcome on every device: a `Dtype` error unless `x` is BF16, else the same bits (a
+/// view at any element offset included).
 pub fn cast_bf16_to_fp8(x: &Tensor, scale: f32, format: Fp8Format) -> Result<Tensor> {
     x.expect_dtype("cast input", DType::BF16)?;
-    let mut y = Tensor::zeros(x.dims(), format.dtype(), x.device())?;
+    // Written in full (no memset; the emulation poisons it, so a missed element fails the tests).
+    let mut y = Tensor::empty(x.dims(), format.dtype(), x.device())?;
     match x.device().launcher() {
         None => {
             let src = x.cpu_slice::<bf16>()?;

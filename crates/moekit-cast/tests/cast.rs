@@ -167,3 +167,115 @@ fn emu_rejects_pointers_to_device_memory() {
     let r = raw::cast_bf16_to_fp8(&emu, src, dst.view_mut(), 1.0, Fp8Format::E4M3);
     assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
 }
+
+/// A source pointer off its 2-byte BF16 alignment (only `from_raw` can make one) is an
+/// `Alignment` error before any launch; nothing is written.
+#[test]
+fn emu_raw_rejects_a_misaligned_source_before_launch() {
+    let Some(emu) =
+        emulator_or_skip("emu_raw_rejects_a_misaligned_source_before_launch", &[&CAST], BlockOrder::InOrder)
+    else {
+        return;
+    };
+    let bytes = EmuBuffer::<u8>::zeros(&emu, 64).unwrap();
+    let mut dst = EmuBuffer::<u8>::zeros(&emu, 16).unwrap();
+    // SAFETY: 16 BF16 at byte 1 lie inside the 64-byte buffer, which outlives the call; the
+    // launch must refuse the odd address before anything reads it.
+    let src =
+        unsafe { moekit_cuda::DevPtr::<bf16>::from_raw_in(bytes.view().addr() + 1, 16, moekit_cuda::MemSpace::Host) };
+    let r = raw::cast_bf16_to_fp8(&emu, src, dst.view_mut(), 1.0, Fp8Format::E4M3);
+    assert!(matches!(r, Err(Error::Alignment { required: 2, got: 1, .. })), "{r:?}");
+    assert_eq!(dst.as_slice(), &[0u8; 16], "nothing was written");
+}
+
+mod same_outcome {
+    //! Random inputs, good and bad, through the tensor op and the raw launcher on the CPU and
+    //! the emulator: the same `Result` variant, and the same bits when both succeed.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn kind<T>(r: &moekit_cuda::Result<T>) -> String {
+        match r {
+            Ok(_) => "Ok".into(),
+            Err(e) => format!("{e:?}").split(['(', ' ', '{']).next().unwrap_or_default().to_string(),
+        }
+    }
+
+    fn bits(y: &Tensor) -> Vec<u8> {
+        match y.dtype() {
+            DType::F8E4M3 => y.to_vec::<F8E4M3>().unwrap().iter().map(|v| v.to_bits()).collect(),
+            _ => y.to_vec::<F8E5M2>().unwrap().iter().map(|v| v.to_bits()).collect(),
+        }
+    }
+
+    /// `n` values of `dtype` on `dev`, `shift` elements into a bigger tensor (misaligned views).
+    fn input(dtype: DType, n: usize, shift: usize, seed: u64, dev: &Device) -> Tensor {
+        let x = random_bf16(n + shift, seed);
+        let t = match dtype {
+            DType::BF16 => Tensor::from_slice(&x, &[n + shift], dev),
+            DType::F32 => Tensor::from_slice(&x.iter().map(|v| v.to_f32()).collect::<Vec<_>>(), &[n + shift], dev),
+            _ => Tensor::from_slice(&x.iter().map(|v| v.to_bits() as i32).collect::<Vec<_>>(), &[n + shift], dev),
+        };
+        t.unwrap().narrow(0, shift, n).unwrap()
+    }
+
+    fn emu() -> Option<Device> {
+        emulator_or_skip("emu_cast_same_outcome_on_every_device", &[&CAST], BlockOrder::Shuffled(3))
+            .map(Device::Emulated)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn emu_cast_same_outcome_on_every_device(
+            dtype in prop::sample::select(vec![DType::BF16, DType::BF16, DType::F32, DType::I32]),
+            n in 0usize..300,
+            shift in 0usize..17,
+            e5m2 in any::<bool>(),
+            scale in prop::sample::select(vec![1.0f32, 0.37, 3.5, 0.0, f32::INFINITY, f32::NAN]),
+            seed in any::<u64>(),
+        ) {
+            let Some(dev) = emu() else { return Ok(()) };
+            let format = if e5m2 { Fp8Format::E5M2 } else { Fp8Format::E4M3 };
+            let cpu = cast_bf16_to_fp8(&input(dtype, n, shift, seed, &Device::Cpu), scale, format);
+            let got = cast_bf16_to_fp8(&input(dtype, n, shift, seed, &dev), scale, format);
+            prop_assert_eq!(kind(&cpu), kind(&got), "CPU {:?}, emulator {:?}", cpu, got);
+            if let (Ok(c), Ok(g)) = (&cpu, &got) {
+                prop_assert_eq!(c.dims(), g.dims());
+                prop_assert_eq!(bits(c), bits(g));
+            }
+        }
+
+        /// The raw launcher at any source/destination element offset and any pair of lengths:
+        /// the reference's outcome (`Shape` error or the same bits).
+        #[test]
+        fn emu_raw_cast_same_outcome_as_the_reference(
+            n in 0usize..200,
+            dst_extra in prop::sample::select(vec![0usize, 0, 0, 1, 5]),
+            src_shift in 0usize..9,
+            dst_shift in 0usize..17,
+            seed in any::<u64>(),
+        ) {
+            let Some(Device::Emulated(emu)) = emu() else { return Ok(()) };
+            let x = random_bf16(n + src_shift, seed);
+            let m = n + dst_extra;
+            let mut want = vec![0u8; m];
+            let r = reference::cast_bf16_to_fp8(&x[src_shift..], 0.5, Fp8Format::E4M3, &mut want);
+            let src = EmuBuffer::from_host(&emu, &x).unwrap();
+            let mut dst = EmuBuffer::<u8>::zeros(&emu, m + dst_shift).unwrap();
+            let got = raw::cast_bf16_to_fp8(
+                &emu,
+                src.slice(src_shift, n).unwrap(),
+                dst.slice_mut(dst_shift, m).unwrap(),
+                0.5,
+                Fp8Format::E4M3,
+            );
+            prop_assert_eq!(kind(&r), kind(&got), "reference {:?}, emulator {:?}", r, got);
+            if got.is_ok() {
+                prop_assert_eq!(&dst.as_slice()[dst_shift..], &want[..]);
+            }
+            prop_assert!(dst.as_slice()[..dst_shift].iter().all(|&b| b == 0), "wrote before the view");
+        }
+    }
+}
