@@ -7,9 +7,19 @@
 // order that the reference spells out (see `warp_sum`). So the same logits give the same
 // expert ids and weights on the CPU, in the emulation and on any GPU.
 //
-// Thread mapping (routing, both directions): one warp per token, lane l owning experts
-// l, l + 32, ..., l + 32 (EPL - 1): logit loads are coalesced and E needs no power of two.
-// EPL = 1, 2, 4, 8, 16 are separate kernels (E up to 32, 64, 128, 256, 512).
+// Team layout (the routing forward, `moekit_route_fwd_team_e*`): a team of L lanes routes one
+// token, lane r of the team owning the C consecutive experts r C .. r C + C - 1 (slots past E
+// are empty), so a warp routes 32 / L tokens at once: L = 8 and C = 1, 2, 4, ..., 32 for
+// E <= 8 C (variants e8 .. e256), L = 16 and C = 32 for E <= 512 (e512). Each lane loads its
+// chunk with 16-byte loads, keeps its scores in registers, and for DeepSeek-V3's group limit
+// (group size = C: one group per lane) computes its group's top two with integer max/min;
+// team reductions are log2(L) shuffles. The softmax sum of every routing kernel follows this
+// layout (chunk in order, then the team butterfly; `team_order_sum`), so the reference has one
+// order (moekit-gating `reference::row_sum`).
+//
+// Warp layout (the routing backward, and the forward when the groups do not match the team
+// layout: `moekit_route_fwd_e*`, `moekit_route_bwd_e*`): one warp per token, lane l owning
+// experts l, l + 32, ..., l + 32 (EPL - 1); EPL = 1, 2, 4, 8, 16 (E up to 32 ... 512).
 //
 // moekit-arch: portable
 // moekit-sass: * forbid LDL STL
@@ -17,6 +27,11 @@
 // (IEEE division brings MUFU.RCP with its correction steps, which is fine).
 // moekit-sass: * forbid MUFU.EX2 MUFU.LG2
 // moekit-sass: moekit_route_fwd_e8 require SHFL
+// moekit-sass: moekit_route_fwd_team_e256 require LDG.E.128.CONSTANT VIMNMX
+// The host sizes routing grids from the driver's occupancy; these are the floors it may assume.
+// moekit-budget: moekit_route_fwd_team_e256 threads=256 blocks_per_sm>=3
+// moekit-budget: moekit_route_fwd_team_e512 threads=256 blocks_per_sm>=3
+// moekit-budget: moekit_route_fwd_team_e128 threads=256 blocks_per_sm>=4
 
 #include "moekit/abi.h"
 #include "moekit/convert.cuh"
@@ -65,6 +80,61 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// ---- team layout -----------------------------------------------------------------------------
+
+// Lanes per token (L) and experts per lane (C) of the team layout for `experts` experts: the
+// host's `moekit_gating::team_layout` (and the reference's `row_sum`) spell the same rule.
+__device__ __forceinline__ int team_lanes(int experts) { return experts > 256 ? 16 : 8; }
+__device__ __forceinline__ int team_chunk(int experts) {
+  const int per_lane = (experts + team_lanes(experts) - 1) / team_lanes(experts);
+  int c = 1;
+  while (c < per_lane) c <<= 1;
+  return c;
+}
+
+// Max over the L lanes of a team (aligned groups of L lanes; every lane gets it). NaN ignored.
+template <int L, typename T>
+__device__ __forceinline__ T team_max(T v) {
+#pragma unroll
+  for (int off = L / 2; off > 0; off >>= 1) {
+    const T o = __shfl_xor_sync(kFull, v, off);
+    v = o > v ? o : v;
+  }
+  return v;
+}
+
+// The team butterfly sum: partner L / 2 apart first, then halving (reference: butterfly_sum).
+template <int L>
+__device__ __forceinline__ float team_sum(float v) {
+#pragma unroll
+  for (int off = L / 2; off > 0; off >>= 1) v = moekit::fm::add(v, __shfl_xor_sync(kFull, v, off));
+  return v;
+}
+
+// The team-layout sum of one row of E values held in this warp's shared `row` (any lane
+// layout wrote it): lanes r < L sum their chunk in order, then the team butterfly; every lane
+// gets the total. Ends with a warp barrier, so the caller may overwrite `row` afterwards.
+__device__ __forceinline__ float team_order_sum(const float* row, int experts, int lane) {
+  __syncwarp();
+  const int lanes = team_lanes(experts), chunk = team_chunk(experts);
+  float part = 0.0f;
+  if (lane < lanes) {
+    for (int i = 0; i < chunk && lane * chunk + i < experts; ++i) part = moekit::fm::add(part, row[lane * chunk + i]);
+  }
+  for (int off = lanes / 2; off > 0; off >>= 1) part = moekit::fm::add(part, __shfl_xor_sync(kFull, part, off));
+  const float total = __shfl_sync(kFull, part, 0);
+  __syncwarp();
+  return total;
+}
+
+// The float an order key came from (+0 for the key of -0; NaN for key 1). Exact: the group
+// score of two selection scores is the same from their keys (a NaN stays NaN, and -0 + x and
+// +0 + x have the same key).
+__device__ __forceinline__ float from_order_key(uint32_t k) {
+  if (k == 1u) return __uint_as_float(0x7fc00000u);
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
 __device__ __forceinline__ float load_logit(uint64_t base, int32_t dtype, uint64_t index) {
   if (dtype == MOEKIT_LOGITS_BF16) {
     return moekit::bf16_bits_to_f32(__ldg(reinterpret_cast<const uint16_t*>(base) + index));
@@ -72,11 +142,13 @@ __device__ __forceinline__ float load_logit(uint64_t base, int32_t dtype, uint64
   return __ldg(reinterpret_cast<const float*>(base) + index);
 }
 
-// Scores of token t for this lane's experts (0 in slots past E). Softmax: max, then
-// exp(u - max) summed per lane in slot order then by `warp_sum`, then divided by the sum.
+// Scores of token t for this lane's experts (warp layout; 0 in slots past E). Softmax: max,
+// then exp(u - max) summed in the team-layout order through the warp's shared `row` (routing:
+// the reference's order), or per lane in slot order then by `warp_sum` when `row` is null
+// (the balance loss, which is held to an f64 reference), then divided by the sum.
 template <int EPL>
 __device__ __forceinline__ void token_scores(uint64_t logits, int32_t dtype, int32_t score_func, int experts,
-                                             uint64_t t, int lane, float (&s)[EPL]) {
+                                             uint64_t t, int lane, float (&s)[EPL], float* row = nullptr) {
   float u[EPL];
 #pragma unroll
   for (int i = 0; i < EPL; ++i) {
@@ -101,9 +173,10 @@ __device__ __forceinline__ void token_scores(uint64_t logits, int32_t dtype, int
     if (lane + 32 * i < experts) {
       s[i] = moekit::fm::exp(moekit::fm::sub(u[i], m));
       part = moekit::fm::add(part, s[i]);
+      if (row != nullptr) row[lane + 32 * i] = s[i];
     }
   }
-  const float total = warp_sum(part);
+  const float total = row != nullptr ? team_order_sum(row, experts, lane) : warp_sum(part);
 #pragma unroll
   for (int i = 0; i < EPL; ++i) s[i] = moekit::fm::div(s[i], total);
 }
@@ -136,7 +209,7 @@ __device__ __forceinline__ void route_forward(const MoekitRouteParams& p) {
   const uint64_t stride = static_cast<uint64_t>(gridDim.x) * kWarps;
   for (uint64_t t = static_cast<uint64_t>(blockIdx.x) * kWarps + warp; t < p.tokens; t += stride) {
     float s[EPL];
-    token_scores<EPL>(p.logits, p.logits_dtype, p.score_func, experts, t, lane, s);
+    token_scores<EPL>(p.logits, p.logits_dtype, p.score_func, experts, t, lane, s, sel_smem[warp]);
 
     // Selection keys (the bias moves the choice, never the weights).
     uint32_t key[EPL];
@@ -213,13 +286,207 @@ __device__ __forceinline__ void route_forward(const MoekitRouteParams& p) {
       if (lane == j) my_id = valid ? e : -1, my_w = w;
     }
     if (p.renormalize && sum > 0.0f) my_w = moekit::fm::div(my_w, sum);
-    my_w = moekit::fm::mul(my_w, p.route_scale);
+    my_w = moekit::fm::canon(moekit::fm::mul(my_w, p.route_scale));
     if (lane < k) {
       const uint64_t o = t * static_cast<uint64_t>(k) + lane;
       reinterpret_cast<int*>(p.topk_ids)[o] = my_id;
       reinterpret_cast<float*>(p.topk_weights)[o] = my_w;
       if (counts != nullptr && my_id >= 0) atomicAdd(&count_smem[my_id], 1);
     }
+  }
+
+  if (counts != nullptr) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < experts; e += kBlock) {
+      if (count_smem[e] != 0) atomicAdd(&counts[e], count_smem[e]);
+    }
+  }
+}
+
+// ---- forward, team layout ----------------------------------------------------------------------
+
+// This lane's C logits of row `row` (experts e0 .. e0 + C - 1; 0 past E), as f32. Whole chunks
+// at a 16-byte-aligned address are read with 16-byte loads, anything else element by element.
+template <int C>
+__device__ __forceinline__ void load_chunk(uint64_t base, int32_t dtype, uint64_t row, int e0, int experts,
+                                           float (&u)[C]) {
+  const uint64_t first = row + static_cast<uint64_t>(e0);
+  const bool whole = e0 + C <= experts;
+  if (dtype == MOEKIT_LOGITS_BF16) {
+    const uint64_t addr = base + 2 * first;
+    if (C % 8 == 0 && whole && (addr & 15u) == 0) {
+      const uint4* v = reinterpret_cast<const uint4*>(addr);
+#pragma unroll
+      for (int q = 0; q < C / 8; ++q) {
+        const uint4 w = __ldg(&v[q]);
+        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          u[8 * q + 2 * h] = __uint_as_float(words[h] << 16);
+          u[8 * q + 2 * h + 1] = __uint_as_float(words[h] & 0xffff0000u);
+        }
+      }
+      return;
+    }
+  } else {
+    const uint64_t addr = base + 4 * first;
+    if (C % 4 == 0 && whole && (addr & 15u) == 0) {
+      const float4* v = reinterpret_cast<const float4*>(addr);
+#pragma unroll
+      for (int q = 0; q < C / 4; ++q) {
+        const float4 w = __ldg(&v[q]);
+        u[4 * q] = w.x, u[4 * q + 1] = w.y, u[4 * q + 2] = w.z, u[4 * q + 3] = w.w;
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < C; ++i) u[i] = e0 + i < experts ? load_logit(base, dtype, first + i) : 0.0f;
+}
+
+// This lane's and its team's experts of the largest remaining key: `bk` (0: none left) and
+// `bi`, the lowest slot holding it (ties go to the lower expert, as `rank_key` orders them).
+template <int C>
+__device__ __forceinline__ void best_slot(const uint32_t (&key)[C], uint32_t& bk, int& bi) {
+  bk = 0u;
+#pragma unroll
+  for (int i = 0; i < C; ++i) bk = key[i] > bk ? key[i] : bk;
+  bi = 0;
+#pragma unroll
+  for (int i = C - 1; i >= 0; --i) bi = key[i] == bk ? i : bi;
+}
+
+// Routes 32 / L tokens per warp at a time (see "Team layout" at the top). Grouped routing
+// needs group size == C (one group per lane); the host sends other group sizes to the warp
+// layout's `route_forward`.
+template <int C, int L>
+__device__ __forceinline__ void route_forward_team(const MoekitRouteParams& p) {
+  constexpr int kTeams = 32 / L;
+  constexpr int kMaxExperts = C * L;
+  // Each token's scores, for the weights of the winners (one row per team).
+  __shared__ __align__(16) float s_smem[kWarps][kTeams][kMaxExperts];
+  __shared__ int count_smem[kMaxExperts];
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int team = lane / L;
+  const int r = lane % L;
+  const int e0 = r * C;
+  const int experts = p.experts;
+  const int k = p.top_k;
+  const bool grouped = p.n_groups > 1;
+  const bool has_bias = p.bias != 0;
+  const float* bias = reinterpret_cast<const float*>(p.bias);
+  int* counts = reinterpret_cast<int*>(p.counts);
+  float* s_row = s_smem[warp][team];
+
+  if (counts != nullptr) {
+    for (int e = threadIdx.x; e < experts; e += kBlock) count_smem[e] = 0;
+    __syncthreads();
+  }
+
+  const uint64_t step = static_cast<uint64_t>(gridDim.x) * kWarps * kTeams;
+  for (uint64_t t0 = (static_cast<uint64_t>(blockIdx.x) * kWarps + warp) * kTeams; t0 < p.tokens; t0 += step) {
+    const uint64_t t = t0 + team;
+    const bool active = t < p.tokens;  // team-uniform; every lane still takes part in the shuffles
+    float s[C];
+    load_chunk<C>(p.logits, p.logits_dtype, active ? t * static_cast<uint64_t>(experts) : 0, e0, experts, s);
+    // Every slot is computed (slots past E hold logit 0 and are masked afterwards): no branch.
+    if (p.score_func == MOEKIT_SCORE_SIGMOID) {
+#pragma unroll
+      for (int i = 0; i < C; ++i) s[i] = moekit::fm::sigmoid(s[i]);
+    } else {
+      float m = -__uint_as_float(0x7f800000u);
+#pragma unroll
+      for (int i = 0; i < C; ++i) m = e0 + i < experts && s[i] > m ? s[i] : m;
+      m = team_max<L>(m);
+      float part = 0.0f;
+#pragma unroll
+      for (int i = 0; i < C; ++i) {
+        s[i] = moekit::fm::exp(moekit::fm::sub(s[i], m));
+        part = moekit::fm::add(part, e0 + i < experts ? s[i] : 0.0f);  // + 0 leaves a sum >= +0 exact
+      }
+      const float total = team_sum<L>(part);
+#pragma unroll
+      for (int i = 0; i < C; ++i) s[i] = moekit::fm::div(s[i], total);
+    }
+
+    // Selection keys (the bias moves the choice, never the weights); scores to this team's row.
+    uint32_t key[C];
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+      const int e = e0 + i;
+      const float sel = has_bias && e < experts ? moekit::fm::add(s[i], __ldg(&bias[e])) : s[i];
+      key[i] = e < experts ? order_key(sel) : 0u;
+      if (e < experts) s_row[e] = s[i];
+    }
+    __syncwarp();
+
+    uint32_t bk;
+    int bi;
+    best_slot<C>(key, bk, bi);
+    if (grouped) {
+      // This lane's group: its top two keys as a multiset (integer max/min), then its score.
+      uint32_t k1 = 0u, k2 = 0u;
+#pragma unroll
+      for (int i = 0; i < C; ++i) {
+        const uint32_t lo = key[i] < k1 ? key[i] : k1;
+        k2 = lo > k2 ? lo : k2;
+        k1 = key[i] > k1 ? key[i] : k1;
+      }
+      const float v1 = from_order_key(k1);
+      const uint32_t gk = r < p.n_groups
+                              ? order_key(has_bias && C >= 2 ? moekit::fm::add(v1, from_order_key(k2)) : v1)
+                              : 0u;
+      // Keep the topk_groups best groups of the team (ties to the lower group).
+      const uint64_t mine = rank_key(gk, r);
+      int better = 0;
+#pragma unroll
+      for (int h = 0; h < L; ++h) better += rank_key(__shfl_sync(kFull, gk, team * L + h), h) > mine;
+      if (better >= p.topk_groups) bk = 0u;  // a dropped group never wins, so never rescans
+    }
+
+    // Top-k: k rounds of a team max over each lane's best remaining candidate; the owner of
+    // the winner drops it and finds its next best.
+    float sum = 0.0f;
+    int id_lo = -1, id_hi = -1;
+    float w_lo = 0.0f, w_hi = 0.0f;
+    for (int j = 0; j < k; ++j) {
+      const uint64_t win = team_max<L>(rank_key(bk, e0 + bi));
+      const bool valid = win != 0ull;
+      const int e = static_cast<int>(~static_cast<uint32_t>(win));
+      const float w = valid ? s_row[e] : 0.0f;
+      if (valid && e >= e0 && e < e0 + C) {
+#pragma unroll
+        for (int i = 0; i < C; ++i) key[i] = i == bi ? 0u : key[i];
+        best_slot<C>(key, bk, bi);
+      }
+      sum = moekit::fm::add(sum, w);
+      if (j % L == r) {
+        if (j < L) {
+          id_lo = valid ? e : -1, w_lo = w;
+        } else {
+          id_hi = valid ? e : -1, w_hi = w;
+        }
+      }
+    }
+    const bool renorm = p.renormalize && sum > 0.0f;
+    if (active) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int slot = r + half * L;
+        if (slot >= k) continue;
+        const int id = half == 0 ? id_lo : id_hi;
+        float w = half == 0 ? w_lo : w_hi;
+        if (renorm) w = moekit::fm::div(w, sum);
+        w = moekit::fm::canon(moekit::fm::mul(w, p.route_scale));
+        const uint64_t o = t * static_cast<uint64_t>(k) + slot;
+        reinterpret_cast<int*>(p.topk_ids)[o] = id;
+        reinterpret_cast<float*>(p.topk_weights)[o] = w;
+        if (counts != nullptr && id >= 0) atomicAdd(&count_smem[id], 1);
+      }
+    }
+    __syncwarp();  // the next tokens reuse this team's row
   }
 
   if (counts != nullptr) {
@@ -247,7 +514,7 @@ __device__ __forceinline__ void route_backward(const MoekitRouteParams& p) {
   const uint64_t stride = static_cast<uint64_t>(gridDim.x) * kWarps;
   for (uint64_t t = static_cast<uint64_t>(blockIdx.x) * kWarps + warp; t < p.tokens; t += stride) {
     float s[EPL];
-    token_scores<EPL>(p.logits, p.logits_dtype, p.score_func, experts, t, lane, s);
+    token_scores<EPL>(p.logits, p.logits_dtype, p.score_func, experts, t, lane, s, s_smem[warp]);
 #pragma unroll
     for (int i = 0; i < EPL; ++i) {
       if (lane + 32 * i < experts) s_smem[warp][lane + 32 * i] = s[i];
@@ -294,7 +561,7 @@ __device__ __forceinline__ void route_backward(const MoekitRouteParams& p) {
       } else {
         du = moekit::fm::mul(s[i], moekit::fm::sub(gs[i], big_d));
       }
-      grad_u[t * static_cast<uint64_t>(experts) + e] = du;
+      grad_u[t * static_cast<uint64_t>(experts) + e] = moekit::fm::canon(du);
     }
     __syncwarp();
   }
@@ -468,3 +735,15 @@ extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_route_fwd_e16(con
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_route_bwd_e16(const MoekitRouteParams p) { route_backward<16>(p); }
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_balance_fwd_e16(const MoekitBalanceLossParams p) { balance_loss_forward<16>(p); }
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_balance_bwd_e16(const MoekitBalanceLossParams p) { balance_loss_backward<16>(p); }
+
+// Team-layout forward: e{C L} routes up to C L experts (written out: moekit-build finds entry
+// points by reading the source). The second launch bound is the occupancy its register budget
+// keeps: 3 x 8 warps for C = 32, each warp with 4 tokens' loads in flight (96 KiB per SM, three
+// times what 4.3 TB/s at ~1 us latency needs).
+extern "C" __global__ void __launch_bounds__(kBlock, 4) moekit_route_fwd_team_e8(const MoekitRouteParams p) { route_forward_team<1, 8>(p); }
+extern "C" __global__ void __launch_bounds__(kBlock, 4) moekit_route_fwd_team_e16(const MoekitRouteParams p) { route_forward_team<2, 8>(p); }
+extern "C" __global__ void __launch_bounds__(kBlock, 4) moekit_route_fwd_team_e32(const MoekitRouteParams p) { route_forward_team<4, 8>(p); }
+extern "C" __global__ void __launch_bounds__(kBlock, 4) moekit_route_fwd_team_e64(const MoekitRouteParams p) { route_forward_team<8, 8>(p); }
+extern "C" __global__ void __launch_bounds__(kBlock, 4) moekit_route_fwd_team_e128(const MoekitRouteParams p) { route_forward_team<16, 8>(p); }
+extern "C" __global__ void __launch_bounds__(kBlock, 3) moekit_route_fwd_team_e256(const MoekitRouteParams p) { route_forward_team<32, 8>(p); }
+extern "C" __global__ void __launch_bounds__(kBlock, 3) moekit_route_fwd_team_e512(const MoekitRouteParams p) { route_forward_team<32, 16>(p); }

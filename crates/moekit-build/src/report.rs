@@ -9,7 +9,9 @@
 //! ```
 //!
 //! A `@arch` suffix limits a check to one architecture. Resource budgets use
-//! `// moekit-budget: <kernel or *>[@arch] regs<=N smem<=BYTES` ([`parse_budgets`]).
+//! `// moekit-budget: <kernel, prefix* or *>[@arch] regs<=N smem<=BYTES threads=N blocks_per_sm>=N`
+//! ([`parse_budgets`]); `blocks_per_sm` is the occupancy the host sizes grids for, checked
+//! against what the ptxas report allows ([`resident_blocks`]).
 //!
 //! `forbid X` fails when any SASS instruction of the kernel starts with mnemonic `X`
 //! (so `LDL` matches `LDL.64`; a dotted `MUFU.EX2` matches that variant but not
@@ -148,9 +150,12 @@ pub fn parse_sass_checks(source: &str) -> Result<Vec<SassCheck>, String> {
 }
 
 /// A resource budget declared in a kernel source:
-/// `// moekit-budget: <kernel or *>[@arch] regs<=N smem<=BYTES` (either bound may be left out;
-/// `smem` is the static shared memory ptxas reports: dynamic shared memory is the host's
-/// launch constant).
+/// `// moekit-budget: <kernel, prefix* or *>[@arch] regs<=N smem<=BYTES threads=N blocks_per_sm>=N`
+/// (any bound may be left out; `smem` is the static shared memory ptxas reports: dynamic shared
+/// memory is the host's launch constant). `blocks_per_sm>=N` needs `threads=N` (the block size
+/// the host launches) and fails when the kernel's registers and shared memory let fewer than N
+/// such blocks be resident on one multiprocessor, so a register increase that silently halves
+/// occupancy fails the build.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Budget {
     /// Kernel name, or `*`.
@@ -161,6 +166,43 @@ pub struct Budget {
     pub max_regs: Option<u32>,
     /// Largest static shared memory allowed, bytes.
     pub max_smem: Option<u32>,
+    /// Threads per block the host launches the kernel with.
+    pub threads: Option<u32>,
+    /// Fewest resident blocks per multiprocessor the host's grid sizing assumes.
+    pub min_blocks_per_sm: Option<u32>,
+}
+
+impl Budget {
+    fn applies_to(&self, r: &KernelResources) -> bool {
+        let name = match self.kernel.strip_suffix('*') {
+            Some(prefix) => r.kernel.starts_with(prefix),
+            None => self.kernel == r.kernel,
+        };
+        name && self.arch.as_deref().is_none_or(|a| a == r.arch)
+    }
+}
+
+/// Blocks of `threads` threads that fit on one multiprocessor of `arch` at once with the
+/// kernel's registers and static shared memory (plus `dynamic_smem`), by the occupancy rules
+/// of the CUDA occupancy calculator: registers are allocated per warp in units of 256 (each
+/// thread's count rounded up to 8), from four 16K-register sub-partitions; 1 KiB of shared
+/// memory is reserved per block; at most 64 warps and 32 blocks per SM. Shared memory per SM:
+/// 228 KiB on sm_90, 164 KiB on sm_80. `None` for an architecture without a table here.
+pub fn resident_blocks(r: &KernelResources, threads: u32, dynamic_smem: u32) -> Option<u32> {
+    let cc: u32 = r.arch.trim_start_matches("sm_").trim_end_matches('a').parse().ok()?;
+    let smem_per_sm: u32 = match cc {
+        90 => 228 << 10,
+        80 => 164 << 10,
+        _ => return None,
+    };
+    let warps = threads.div_ceil(32).max(1);
+    let by_warps = 64 / warps;
+    let per_warp_regs = (r.registers.max(1).div_ceil(8) * 8 * 32).div_ceil(256) * 256;
+    let warps_by_regs = 4 * ((64 << 10) / 4 / per_warp_regs);
+    let by_regs = warps_by_regs / warps;
+    let smem = r.smem_bytes + dynamic_smem + 1024;
+    let by_smem = smem_per_sm / smem;
+    Some(by_warps.min(by_regs).min(by_smem).min(32))
 }
 
 /// Reads `// moekit-budget:` directives from a kernel source.
@@ -178,19 +220,27 @@ pub fn parse_budgets(source: &str) -> Result<Vec<Budget>, String> {
             Some((k, a)) => (k.to_string(), Some(a.to_string())),
             None => (target.to_string(), None),
         };
-        let mut b = Budget { kernel, arch, max_regs: None, max_smem: None };
+        let mut b = Budget { kernel, arch, max_regs: None, max_smem: None, threads: None, min_blocks_per_sm: None };
         for w in words {
-            let (key, value) =
-                w.split_once("<=").ok_or_else(|| format!("line {}: expected KEY<=N, got {w:?}", i + 1))?;
+            let (key, op, value) =
+                ["<=", ">=", "="]
+                    .iter()
+                    .find_map(|op| w.split_once(op).map(|(k, v)| (k, *op, v)))
+                    .ok_or_else(|| format!("line {}: expected KEY<=N, KEY>=N or KEY=N, got {w:?}", i + 1))?;
             let v: u32 = value.parse().map_err(|_| format!("line {}: bad number in {w:?}", i + 1))?;
-            match key {
-                "regs" => b.max_regs = Some(v),
-                "smem" => b.max_smem = Some(v),
-                other => return Err(format!("line {}: unknown budget {other:?}", i + 1)),
+            match (key, op) {
+                ("regs", "<=") => b.max_regs = Some(v),
+                ("smem", "<=") => b.max_smem = Some(v),
+                ("threads", "=") => b.threads = Some(v),
+                ("blocks_per_sm", ">=") => b.min_blocks_per_sm = Some(v),
+                _ => return Err(format!("line {}: unknown budget {w:?}", i + 1)),
             }
         }
-        if b.max_regs.is_none() && b.max_smem.is_none() {
-            return Err(format!("line {}: a budget needs regs<=N or smem<=N", i + 1));
+        if b.max_regs.is_none() && b.max_smem.is_none() && b.min_blocks_per_sm.is_none() {
+            return Err(format!("line {}: a budget needs regs<=N, smem<=N or blocks_per_sm>=N", i + 1));
+        }
+        if b.min_blocks_per_sm.is_some() != b.threads.is_some() {
+            return Err(format!("line {}: blocks_per_sm>=N and threads=N go together", i + 1));
         }
         out.push(b);
     }
@@ -200,15 +250,21 @@ pub fn parse_budgets(source: &str) -> Result<Vec<Budget>, String> {
 /// The budgets `r` exceeds, described (`regs 170 > 168`).
 pub fn budget_failures(r: &KernelResources, budgets: &[Budget]) -> Vec<String> {
     let mut out = Vec::new();
-    for b in budgets
-        .iter()
-        .filter(|b| (b.kernel == "*" || b.kernel == r.kernel) && b.arch.as_deref().is_none_or(|a| a == r.arch))
-    {
+    for b in budgets.iter().filter(|b| b.applies_to(r)) {
         if let Some(m) = b.max_regs.filter(|&m| r.registers > m) {
             out.push(format!("regs {} > {m}", r.registers));
         }
         if let Some(m) = b.max_smem.filter(|&m| r.smem_bytes > m) {
             out.push(format!("smem {} > {m}", r.smem_bytes));
+        }
+        if let (Some(want), Some(threads)) = (b.min_blocks_per_sm, b.threads) {
+            match resident_blocks(r, threads, 0) {
+                Some(got) if got < want => out.push(format!(
+                    "blocks_per_sm {got} < {want} ({} regs x {threads} threads, {} B smem)",
+                    r.registers, r.smem_bytes
+                )),
+                _ => {}
+            }
         }
     }
     out
@@ -344,6 +400,36 @@ ptxas info    : Used 12 registers, used 0 barriers, 372 bytes cmem[0]
         r.arch = "sm_80".into();
         assert!(budget_failures(&r, &budgets).is_empty());
         assert!(parse_budgets("// moekit-budget: k regs=3").is_err());
+        assert!(parse_budgets("// moekit-budget: k blocks_per_sm>=3").is_err(), "needs threads=N");
+    }
+
+    #[test]
+    fn occupancy_follows_the_register_and_shared_memory_rules() {
+        let k = |regs, smem, arch: &str| KernelResources {
+            kernel: "moekit_route_fwd_e8".into(),
+            arch: arch.into(),
+            registers: regs,
+            smem_bytes: smem,
+            ..Default::default()
+        };
+        // 76 registers round to 80: 2560 per warp, 6 warps per sub-partition, 24 per SM: 3 blocks
+        // of 8 warps (the gating review's finding); 64 registers allow 4.
+        assert_eq!(resident_blocks(&k(76, 0, "sm_90a"), 256, 0), Some(3));
+        assert_eq!(resident_blocks(&k(64, 0, "sm_90a"), 256, 0), Some(4));
+        assert_eq!(resident_blocks(&k(32, 0, "sm_90"), 256, 0), Some(8), "the 64-warp limit");
+        assert_eq!(resident_blocks(&k(16, 0, "sm_90"), 32, 0), Some(32), "the 32-block limit");
+        // Shared memory: (100 KiB + 1 KiB reserved) per block, 228 KiB per SM (164 on sm_80).
+        assert_eq!(resident_blocks(&k(32, 100 << 10, "sm_90a"), 128, 0), Some(2));
+        assert_eq!(resident_blocks(&k(32, 100 << 10, "sm_80"), 128, 0), Some(1));
+        assert_eq!(resident_blocks(&k(32, 0, "sm_75"), 128, 0), None);
+        let budgets = parse_budgets("// moekit-budget: moekit_route_fwd_* threads=256 blocks_per_sm>=4\n").unwrap();
+        assert_eq!(budget_failures(&k(64, 0, "sm_90a"), &budgets), Vec::<String>::new());
+        assert_eq!(
+            budget_failures(&k(76, 0, "sm_90a"), &budgets),
+            vec!["blocks_per_sm 3 < 4 (76 regs x 256 threads, 0 B smem)".to_string()]
+        );
+        let other = KernelResources { kernel: "moekit_route_bwd_e8".into(), ..k(76, 0, "sm_90a") };
+        assert!(budget_failures(&other, &budgets).is_empty(), "the prefix selects kernels");
         let dotted = parse_sass_checks("// moekit-sass: * forbid MUFU.EX2").unwrap();
         let rcp = vec!["MUFU.RCP".to_string(), "FFMA".into()];
         assert!(failed_checks("k", "sm_90", &rcp, &dotted).is_empty());

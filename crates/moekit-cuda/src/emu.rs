@@ -139,18 +139,7 @@ impl Launcher for Emulator {
                 cfg.shared_mem_bytes
             )));
         }
-        let entry = image
-            .emulation()
-            .iter()
-            .find(|k| k.name == kernel)
-            .ok_or_else(|| {
-                if image.emulation().is_empty() {
-                    Error::EmulationNotBuilt { module: image.name() }
-                } else {
-                    Error::InvalidArgument(format!("no kernel `{kernel}` in image `{}`", image.name()))
-                }
-            })?
-            .entry;
+        let entry = emulated_kernel(image, kernel)?.entry;
         let (order, seed) = match self.order {
             BlockOrder::InOrder => (moekit_abi::MOEKIT_EMU_ORDER_IN_ORDER, 0),
             BlockOrder::Reversed => (moekit_abi::MOEKIT_EMU_ORDER_REVERSED, 0),
@@ -193,7 +182,35 @@ impl Launcher for Emulator {
     fn can_address(&self, space: MemSpace) -> bool {
         !matches!(space, MemSpace::Device(_))
     }
+
+    /// The emulation has no occupancy limit to report: it answers [`EMULATED_BLOCKS_PER_SM`],
+    /// so persistent grids are small (4 x 2 blocks) and their grid-stride loops run several
+    /// rounds at test sizes. It still checks that `kernel` exists.
+    fn max_active_blocks_per_sm(
+        &self,
+        image: &'static KernelImage,
+        kernel: &str,
+        _block_threads: u32,
+        _dynamic_smem: u32,
+    ) -> Result<u32> {
+        emulated_kernel(image, kernel)?;
+        Ok(EMULATED_BLOCKS_PER_SM)
+    }
 }
+
+/// The host build of `kernel` in `image`.
+fn emulated_kernel(image: &'static KernelImage, kernel: &str) -> Result<&'static EmuKernel> {
+    image.emulation().iter().find(|k| k.name == kernel).ok_or_else(|| {
+        if image.emulation().is_empty() {
+            Error::EmulationNotBuilt { module: image.name() }
+        } else {
+            Error::InvalidArgument(format!("no kernel `{kernel}` in image `{}`", image.name()))
+        }
+    })
+}
+
+/// What [`Emulator`] reports as resident blocks per multiprocessor.
+pub const EMULATED_BLOCKS_PER_SM: u32 = 2;
 
 /// AddressSanitizer's (un)poisoning entry points, when the process has the ASan runtime
 /// (kernels built with `MOEKIT_EMU_SANITIZE=address`): guard zones are then poisoned, so an

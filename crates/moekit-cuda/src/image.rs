@@ -76,6 +76,9 @@ pub(crate) struct LoadedModule {
     functions: Mutex<HashMap<String, sys::CUfunction>>,
     /// Dynamic shared memory each function has been allowed (above the default 48 KiB).
     smem_allowed: Mutex<HashMap<String, u32>>,
+    /// Resident blocks per multiprocessor by (function, threads per block, dynamic shared
+    /// memory): grids are sized from it without a driver call per launch.
+    occupancy: Mutex<HashMap<(String, u32, u32), u32>>,
 }
 
 // SAFETY: a CUmodule handle is valid from any thread of the process while its context lives.
@@ -92,7 +95,12 @@ impl LoadedModule {
         // SAFETY: `aligned` holds a complete fatbin (embedded by moekit-build) and outlives the
         // call; cuModuleLoadData copies what it needs.
         let raw = unsafe { result::module::load_data(aligned.as_ptr().cast()) }?;
-        Ok(LoadedModule { raw, functions: Mutex::new(HashMap::new()), smem_allowed: Mutex::new(HashMap::new()) })
+        Ok(LoadedModule {
+            raw,
+            functions: Mutex::new(HashMap::new()),
+            smem_allowed: Mutex::new(HashMap::new()),
+            occupancy: Mutex::new(HashMap::new()),
+        })
     }
 }
 
@@ -187,6 +195,29 @@ impl Function {
         self.set_max_dynamic_shared_memory(bytes)?;
         allowed.insert(self.name.clone(), bytes);
         Ok(())
+    }
+
+    /// Blocks of `block_threads` threads with `dynamic_smem` bytes of dynamic shared memory
+    /// that fit on one multiprocessor at once (`cuOccupancyMaxActiveBlocksPerMultiprocessor`,
+    /// asked once per function and configuration, then cached with the module). At least 1
+    /// for any launchable configuration; 0 means the configuration cannot launch at all.
+    pub fn max_active_blocks_per_sm(&self, block_threads: u32, dynamic_smem: u32) -> Result<u32> {
+        let key = (self.name.clone(), block_threads, dynamic_smem);
+        let mut cache = self._module.occupancy.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&n) = cache.get(&key) {
+            return Ok(n);
+        }
+        self.ensure_dynamic_shared_memory(dynamic_smem)?;
+        self.gpu.bind()?;
+        let threads = i32::try_from(block_threads)
+            .map_err(|_| Error::InvalidArgument(format!("{block_threads} threads per block")))?;
+        // SAFETY: valid function handle of a loaded module; plain value arguments.
+        let n =
+            unsafe { result::occupancy::max_active_block_per_multiprocessor(self.raw, threads, dynamic_smem as usize) }
+                .during("cuOccupancyMaxActiveBlocksPerMultiprocessor")?;
+        let n = n.max(0) as u32;
+        cache.insert(key, n);
+        Ok(n)
     }
 
     fn attribute(&self, a: sys::CUfunction_attribute) -> Result<i32> {

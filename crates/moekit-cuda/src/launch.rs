@@ -162,6 +162,41 @@ pub trait Launcher {
 
     /// Whether kernels launched here may address memory in `space`.
     fn can_address(&self, space: MemSpace) -> bool;
+
+    /// Blocks of `kernel` (launched with `block_threads` threads and `dynamic_smem` bytes of
+    /// dynamic shared memory) resident on one multiprocessor at once: the driver's occupancy
+    /// answer on a GPU (cached per function), a fixed small number in the emulation. Persistent
+    /// grids are sized from it with [`persistent_grid`], never from a constant.
+    fn max_active_blocks_per_sm(
+        &self,
+        image: &'static KernelImage,
+        kernel: &str,
+        block_threads: u32,
+        dynamic_smem: u32,
+    ) -> Result<u32>;
+}
+
+/// Blocks of a persistent (grid-stride) launch of `kernel`: as many as fit on the device at
+/// once ([`Launcher::max_active_blocks_per_sm`] x multiprocessors), but no more than
+/// `work_blocks` (the blocks that would have work) and at least 1. Errors when the
+/// configuration cannot be resident at all (too many registers or too much shared memory).
+pub fn persistent_grid(
+    on: &dyn Launcher,
+    image: &'static KernelImage,
+    kernel: &str,
+    block_threads: u32,
+    dynamic_smem: u32,
+    work_blocks: usize,
+) -> Result<u32> {
+    let per_sm = on.max_active_blocks_per_sm(image, kernel, block_threads, dynamic_smem)?;
+    if per_sm == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "`{kernel}` cannot run {block_threads} threads per block with {dynamic_smem} bytes of dynamic shared memory on {}",
+            on.describe()
+        )));
+    }
+    let resident = per_sm as usize * on.multiprocessors().max(1) as usize;
+    Ok(work_blocks.clamp(1, resident).min(u32::MAX as usize) as u32)
 }
 
 /// Errors unless kernels on `on` may address memory in every one of `spaces`. Raw layers that
@@ -223,6 +258,16 @@ impl Launcher for Stream {
 
     fn compute_capability(&self) -> Option<(u32, u32)> {
         Some(self.gpu().compute_capability())
+    }
+
+    fn max_active_blocks_per_sm(
+        &self,
+        image: &'static KernelImage,
+        kernel: &str,
+        block_threads: u32,
+        dynamic_smem: u32,
+    ) -> Result<u32> {
+        self.gpu().function(image, kernel)?.max_active_blocks_per_sm(block_threads, dynamic_smem)
     }
 
     fn can_address(&self, space: MemSpace) -> bool {

@@ -89,15 +89,34 @@ pub fn map<F: Fn(f32) -> f32>(xs: &[f32], f: F) -> Vec<f32> {
 pub fn warp_sum(values: &[f32]) -> f32 {
     let mut p = [0.0f32; 32];
     p[..values.len()].copy_from_slice(values);
-    let mut off = 16;
+    butterfly_sum(&mut p)
+}
+
+/// The butterfly sum over a team of `p.len()` lanes (a power of two, at most 32): partner
+/// `len / 2` apart first, then halving; what every lane of the team ends with. Consumes `p`.
+pub fn butterfly_sum(p: &mut [f32]) -> f32 {
+    debug_assert!(p.len().is_power_of_two() && p.len() <= 32);
+    let mut off = p.len() / 2;
     while off > 0 {
-        let prev = p;
+        let mut prev = [0.0f32; 32];
+        prev[..p.len()].copy_from_slice(p);
         for (l, v) in p.iter_mut().enumerate() {
             *v = prev[l] + prev[l ^ off];
         }
         off >>= 1;
     }
     p[0]
+}
+
+/// Every NaN as the canonical quiet NaN `0x7fc00000` (IEEE leaves a NaN result's sign and
+/// payload to the hardware: x86 makes `0xffc00000`, NVIDIA GPUs `0x7fffffff`); kernels that
+/// promise the same bits on every device pass their float outputs through it.
+pub fn canon(x: f32) -> f32 {
+    if x.is_nan() {
+        f32::from_bits(0x7fc0_0000)
+    } else {
+        x
+    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 //! The kernels and the reference compute the **same bits**: scores use moekit's own `exp`
 //! ([`fmath`]) instead of the device's or the host's, every operation is an IEEE-754
 //! correctly rounded add, sub, mul, div or fma (never contracted by a compiler), and every sum
-//! has one documented order ([`reference::warp_sum`]). So ids are identical and weights
+//! has one documented order ([`reference::row_sum`]). So ids are identical and weights
 //! bit-identical on the CPU and on any GPU, near-ties included; the tests check exactly that.
 //!
 //! # Contract
@@ -176,7 +176,16 @@ impl RouterConfig {
     }
 }
 
-/// Experts per lane of the kernels (1, 2, 4, 8 or 16): the kernel variant for `experts`.
+/// Experts per lane of the warp-layout kernels (1, 2, 4, 8 or 16): the variant for `experts`.
 pub(crate) fn experts_per_lane(experts: usize) -> usize {
     experts.div_ceil(32).next_power_of_two()
+}
+
+/// The team layout of the routing kernels for `experts` experts: `(C, L)`, a team of `L` lanes
+/// per token (8, or 16 above 256 experts) with lane `r` owning the `C` consecutive experts
+/// `r C .. r C + C - 1` (`C` a power of two, at most 32). The softmax sum follows it (see
+/// [`reference::row_sum`]), and the forward kernel `moekit_route_fwd_team_e{C L}` uses it.
+pub fn team_layout(experts: usize) -> (usize, usize) {
+    let lanes = if experts > 256 { 16 } else { 8 };
+    (experts.div_ceil(lanes).next_power_of_two(), lanes)
 }

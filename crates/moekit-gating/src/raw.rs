@@ -9,15 +9,14 @@
 //! [`Emulator`]: moekit_cuda::Emulator
 
 use crate::kernels::GATING;
-use crate::{experts_per_lane, Error, Result, RouterConfig};
+use crate::{experts_per_lane, team_layout, Error, Result, RouterConfig};
 use moekit_cuda::{DevPtr, DevPtrMut, LaunchConfig, Launcher, MemSpace};
 use moekit_dtype::bf16;
 
-/// Threads per block of the routing kernels (8 warps, one token per warp at a time).
+/// Threads per block of the routing kernels (8 warps; a warp routes 32 / L tokens at a time in
+/// the team layout, one in the warp layout).
 pub const BLOCK: u32 = 256;
 const WARPS: usize = BLOCK as usize / 32;
-/// Resident blocks per multiprocessor the routing grid is sized for.
-pub const BLOCKS_PER_SM: usize = 4;
 /// Tokens per block of the balance-loss backward (its grid is chunks x sequences).
 pub const BALANCE_BWD_TOKENS_PER_BLOCK: usize = 256;
 
@@ -71,10 +70,22 @@ fn expect_len(what: &str, got: usize, want: usize) -> Result<()> {
     Ok(())
 }
 
-fn routing_grid(on: &dyn Launcher, tokens: usize) -> LaunchConfig {
-    let max_blocks = (on.multiprocessors() as usize * BLOCKS_PER_SM).max(1);
-    let blocks = tokens.div_ceil(WARPS).clamp(1, max_blocks);
-    LaunchConfig { grid: (blocks as u32, 1, 1), block: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+/// A persistent routing grid for `kernel`: one block per `tokens_per_block` tokens, at most
+/// what the device keeps resident (its occupancy for this kernel, asked once and cached).
+fn routing_grid(on: &dyn Launcher, kernel: &str, tokens: usize, tokens_per_block: usize) -> Result<LaunchConfig> {
+    let blocks = moekit_cuda::persistent_grid(on, &GATING, kernel, BLOCK, 0, tokens.div_ceil(tokens_per_block))?;
+    Ok(LaunchConfig { grid: (blocks, 1, 1), block: (BLOCK, 1, 1), shared_mem_bytes: 0 })
+}
+
+/// The forward kernel for `cfg` and the tokens one of its blocks routes at a time: the team
+/// layout when the groups fit it (no groups, or one group per lane), else the warp layout.
+pub fn forward_kernel(cfg: &RouterConfig) -> (String, usize) {
+    let (chunk, lanes) = team_layout(cfg.experts);
+    if cfg.n_groups == 1 || cfg.group_size() == chunk {
+        (format!("moekit_route_fwd_team_e{}", chunk * lanes), WARPS * 32 / lanes)
+    } else {
+        (format!("moekit_route_fwd_e{}", experts_per_lane(cfg.experts)), WARPS)
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -150,12 +161,14 @@ pub fn route(
         0,
         0,
     );
-    let name = format!("moekit_route_fwd_e{}", experts_per_lane(cfg.experts));
+    let (name, per_block) = forward_kernel(cfg);
+    let grid = routing_grid(on, &name, tokens, per_block)?;
     // SAFETY: the kernel takes one MoekitRouteParams by value (layout checked by moekit-abi's
-    // tests); it reads T * E logits and E bias values, writes T * k ids and weights and
-    // counts only at ids in [0, E). All lengths were checked above, the config is valid, and
-    // every pointer lives where `on` runs (ensure_addressable).
-    unsafe { moekit_cuda::launch(on, &GATING, &name, routing_grid(on, tokens), (params,)) }
+    // tests); it reads T * E logits (16-byte loads only at 16-byte-aligned addresses, which it
+    // checks) and E bias values, writes T * k ids and weights and counts only at ids in
+    // [0, E). All lengths were checked above, the config is valid, and every pointer lives
+    // where `on` runs (ensure_addressable).
+    unsafe { moekit_cuda::launch(on, &GATING, &name, grid, (params,)) }
 }
 
 /// Gradient w.r.t. the logits: writes `grad_logits [T, E]` (every element) from
@@ -183,9 +196,10 @@ pub fn route_backward(
     }
     let params = route_params(cfg, &logits, tokens, 0, topk_ids.addr(), 0, 0, grad_weights.addr(), grad_logits.addr());
     let name = format!("moekit_route_bwd_e{}", experts_per_lane(cfg.experts));
+    let grid = routing_grid(on, &name, tokens, WARPS)?;
     // SAFETY: as in `route`: lengths checked, ids are bounds-checked by the kernel before use
     // as indices, writes go to the T * E elements of grad_logits.
-    unsafe { moekit_cuda::launch(on, &GATING, &name, routing_grid(on, tokens), (params,)) }
+    unsafe { moekit_cuda::launch(on, &GATING, &name, grid, (params,)) }
 }
 
 /// Auxiliary-loss-free bias update in place: `bias[e] += gamma * sign(mean - counts[e])`.

@@ -2,7 +2,8 @@
 //!
 //! Routing and its backward are the kernels' arithmetic spelled out one token at a time:
 //! the same f32 operations in the same order (the kernels' lane structure appears only in
-//! [`warp_sum`]), so they agree with the kernels bit for bit. The balance loss, a training
+//! [`row_sum`]), so they agree with the kernels bit for bit. Every NaN they output is the
+//! canonical `0x7fc00000` ([`canon`]) on every device. The balance loss, a training
 //! scalar, is computed here in f64 and the kernels are held to it with a tolerance.
 //!
 //! Shapes: logits `[T, E]` row-major as f32 (BF16 logits are widened exactly first), bias
@@ -11,16 +12,18 @@
 use crate::fmath;
 use crate::{Error, Result, RouterConfig, ScoreFunc};
 
-pub use moekit_fmath::warp_sum;
+pub use moekit_fmath::{butterfly_sum, canon, warp_sum};
 
-/// Sums one row of per-expert values as the kernels do: lane `l` adds experts `l, l + 32,
-/// ...` in order (starting from `+0`), then [`warp_sum`].
+/// Sums one row of per-expert values as the kernels do, in their team layout
+/// ([`crate::team_layout`]`(E) = (C, L)`): lane `r` adds experts `r C .. r C + C - 1` in order
+/// (starting from `+0`), then the butterfly over the `L` lanes ([`butterfly_sum`]).
 pub fn row_sum(row: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 32];
+    let (chunk, lanes) = crate::team_layout(row.len());
+    let mut part = [0.0f32; 32];
     for (e, &v) in row.iter().enumerate() {
-        lanes[e % 32] += v;
+        part[e / chunk] += v;
     }
-    warp_sum(&lanes)
+    butterfly_sum(&mut part[..lanes])
 }
 
 /// Scores of one token's logits: `sigmoid(u)`, or `softmax(u)` as `exp(u - max) / sum`
@@ -122,7 +125,7 @@ pub fn weights_for_ids(scores: &[f32], ids: &[i32], cfg: &RouterConfig) -> Vec<f
         if cfg.renormalize && sum > 0.0 {
             *x /= sum;
         }
-        *x *= cfg.route_scale;
+        *x = canon(*x * cfg.route_scale);
     }
     w
 }
@@ -231,10 +234,10 @@ pub fn route_backward(logits: &[f32], ids: &[i32], grad_weights: &[f32], cfg: &R
             gs[e] += da;
         }
         for e in 0..e_n {
-            grad[t * e_n + e] = match cfg.score {
+            grad[t * e_n + e] = canon(match cfg.score {
                 ScoreFunc::Sigmoid => gs[e] * (s[e] * (1.0 - s[e])),
                 ScoreFunc::Softmax => s[e] * (gs[e] - big_d),
-            };
+            });
         }
     }
     Ok(grad)

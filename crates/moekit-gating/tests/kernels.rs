@@ -31,6 +31,9 @@ fn cases() -> Vec<(&'static str, RouterConfig, bool)> {
         ("E=33 top-5 softmax", RouterConfig::new(33, 5, Softmax).with_renormalize(true), false),
         ("E=1 top-1 sigmoid", RouterConfig::new(1, 1, Sigmoid), false),
         ("E=64 groups of 1, 64/16", RouterConfig::new(64, 6, Sigmoid).with_groups(64, 16), true),
+        // Team layout with one group of C = 16 per lane, and a softmax with groups of C = 32.
+        ("E=128 top-8 sigmoid+bias 8/3", RouterConfig::new(128, 8, Sigmoid).with_groups(8, 3), true),
+        ("E=256 top-6 softmax 8/3", RouterConfig::new(256, 6, Softmax).with_groups(8, 3), false),
     ]
 }
 
@@ -48,10 +51,11 @@ fn bias(experts: usize, seed: u64) -> Vec<f32> {
     (0..experts).map(|_| rng.gen_range(-0.05f32..0.05)).collect()
 }
 
-/// Bit patterns, every NaN as one (IEEE leaves a NaN's sign and payload to the hardware:
-/// x86 makes 0xffc00000, NVIDIA GPUs 0x7fffffff).
+/// Bit patterns, exactly: every NaN the kernels and the reference output is the canonical
+/// 0x7fc00000 (IEEE leaves a NaN's sign and payload to the hardware: x86 makes 0xffc00000,
+/// NVIDIA GPUs 0x7fffffff; both sides pass outputs through `canon`).
 fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| if x.is_nan() { 0x7fc0_0000 } else { x.to_bits() }).collect()
+    v.iter().map(|x| x.to_bits()).collect()
 }
 
 /// Routing (forward and backward) on `dev` equals the reference bit for bit, twice.
@@ -204,6 +208,49 @@ fn emu_routing_matches_reference_bitwise() {
         let Some(emu) = emulator_or_skip("emu_routing_matches_reference_bitwise", &[&GATING], order) else { return };
         routing_matches_reference(&Device::Emulated(emu), 37);
     }
+}
+
+/// Which forward kernel each configuration gets: the team layout unless the groups do not
+/// match one group per lane.
+#[test]
+fn forward_kernel_follows_the_team_layout() {
+    let name = |cfg: RouterConfig| raw::forward_kernel(&cfg).0;
+    assert_eq!(name(RouterConfig::deepseek_v3()), "moekit_route_fwd_team_e256");
+    assert_eq!(name(RouterConfig::qwen3_moe()), "moekit_route_fwd_team_e128");
+    assert_eq!(name(RouterConfig::mixtral()), "moekit_route_fwd_team_e8");
+    assert_eq!(name(RouterConfig::new(512, 16, ScoreFunc::Sigmoid).with_groups(16, 8)), "moekit_route_fwd_team_e512");
+    assert_eq!(name(RouterConfig::deepseek_v2()), "moekit_route_fwd_e8", "groups of 20 do not fit C = 32");
+    assert_eq!(moekit_gating::team_layout(33), (8, 8));
+    assert_eq!(moekit_gating::team_layout(300), (32, 16));
+}
+
+/// A grid-stride pass of the team kernel (300 tokens > 8 emulated blocks x 32 tokens), logits
+/// at an odd address (a view one element into a buffer: the kernel takes its element path),
+/// and an all-NaN row whose weights are the canonical NaN on both sides.
+#[test]
+fn emu_team_kernel_strides_and_takes_unaligned_logits() {
+    let Some(emu) =
+        emulator_or_skip("emu_team_kernel_strides_and_takes_unaligned_logits", &[&GATING], BlockOrder::Reversed)
+    else {
+        return;
+    };
+    let dev = Device::Emulated(emu);
+    let cfg = RouterConfig::deepseek_v3();
+    let tokens = 300;
+    let mut u = logits(tokens, 256, false, 77);
+    u[5 * 256..6 * 256].iter_mut().for_each(|x| *x = f32::from_bits(0xffc0_0001));
+    let b = bias(256, 78);
+    let want = reference::route(&u, Some(&b), &cfg).unwrap();
+    assert_eq!(want.weights[5 * 8].to_bits(), 0x7fc0_0000, "the reference's NaN is canonical");
+    let mut padded = vec![0.5f32];
+    padded.extend(&u);
+    let whole = Tensor::from_slice(&padded, &[padded.len()], &dev).unwrap();
+    let lt = whole.narrow(0, 1, u.len()).unwrap().reshape(&[tokens, 256]).unwrap();
+    let bt = Tensor::from_slice(&b, &[256], &dev).unwrap();
+    let got = route(&lt, Some(&bt), &cfg).unwrap();
+    assert_eq!(got.topk_ids.to_vec::<i32>().unwrap(), want.ids);
+    assert_eq!(bits(&got.topk_weights.to_vec::<f32>().unwrap()), bits(&want.weights));
+    assert_eq!(got.counts.to_vec::<i32>().unwrap(), want.counts);
 }
 
 #[test]
