@@ -15,6 +15,7 @@ use moekit_gemm::{
     Result, ScaleLayout, Shape,
 };
 use moekit_tensor::{DType, Device, Tensor};
+use proptest::prelude::*;
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(6364136223846793005) | 1;
@@ -134,7 +135,17 @@ enum Call {
 
 impl Call {
     fn run(&self, dev: &Device) -> Result<Tensor> {
-        let ids = |v: &[i32]| tensor(v, &[v.len()], 0, dev);
+        self.run_with(dev, false)
+    }
+    /// Runs on `dev`; `ids_f32`: the ids tensor has the wrong dtype (F32).
+    fn run_with(&self, dev: &Device, ids_f32: bool) -> Result<Tensor> {
+        let ids = |v: &[i32]| {
+            if ids_f32 {
+                tensor(&v.iter().map(|&x| x as f32).collect::<Vec<_>>(), &[v.len()], 0, dev)
+            } else {
+                tensor(v, &[v.len()], 0, dev)
+            }
+        };
         match self {
             Call::Contiguous { a, b, ids: mi } => {
                 let (ta, tb) = (a.build(dev), b.build(dev));
@@ -334,4 +345,225 @@ fn emu_raw_rejects_misaligned_pointers_before_launch() {
         d.slice_mut(8, m * n).unwrap(),
     );
     assert!(r.is_ok(), "{r:?}");
+}
+
+/// Tensors on two devices are an `InvalidArgument` error whichever device A is on.
+#[test]
+fn emu_operands_on_different_devices_are_rejected() {
+    let Some(dev) = emu("emu_operands_on_different_devices_are_rejected") else { return };
+    let (a, b) = (Input::bf16(&[4, 16], 1), Input::bf16(&[1, 8, 16], 2));
+    for (da, db) in [(&Device::Cpu, &dev), (&dev, &Device::Cpu)] {
+        let (ta, tb) = (a.build(da), b.build(db));
+        let ids = tensor(&[0i32; 4], &[4], 0, da);
+        let r = m_grouped_contiguous(GemmInput::Bf16(&ta.0), GemmInput::Bf16(&tb.0), &ids);
+        assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+        let ids = tensor(&[0i32; 4], &[4], 0, db);
+        let tb = b.build(da);
+        let r = m_grouped_contiguous(GemmInput::Bf16(&ta.0), GemmInput::Bf16(&tb.0), &ids);
+        assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+    }
+}
+
+/// What a random case perturbs (each mostly off, so that about half the cases are valid).
+#[derive(Debug, Clone)]
+struct Knobs {
+    op: u8,
+    fp8: bool,
+    mixed: bool,
+    groups: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    mn_major: bool,
+    /// 0: A's last dimension + 8, 1: A's rank + 1, 2: B's first dimension + 1, else none.
+    bad_dim: u8,
+    /// Added to A's scale count (FP8).
+    scale_delta: i8,
+    shift_a: usize,
+    shift_b: usize,
+    /// 0: valid ids, 1..: a kind of bad ids (per op).
+    ids_mode: u8,
+    ids_len_delta: i8,
+    ids_f32: bool,
+    accumulate: bool,
+    seed: u64,
+}
+
+fn knobs() -> impl Strategy<Value = Knobs> {
+    let pick = |v: Vec<usize>| prop::sample::select(v);
+    // Indices into the size tables below: 3 and 4 are sizes the kernels do not take.
+    let size = || pick(vec![0, 0, 0, 1, 1, 2, 2, 3, 4]);
+    (
+        (0u8..4, any::<bool>(), prop::bool::weighted(0.07), 1usize..4, pick(vec![0, 1, 5, 33, 64, 70, 128])),
+        (
+            size(),
+            size(),
+            prop::bool::weighted(0.2),
+            0u8..24,
+            prop::sample::select(vec![0i8, 0, 0, 0, 0, 0, 0, 0, 0, 0, -1, 1]),
+        ),
+        (pick(vec![0, 0, 0, 0, 0, 0, 0, 0, 1, 8, 16]), pick(vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 16])),
+        (0u8..8, prop::sample::select(vec![0i8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -1, 1]), prop::bool::weighted(0.03)),
+        (any::<bool>(), any::<u64>()),
+    )
+        .prop_map(
+            |((op, fp8, mixed, groups, m), (ni, ki, mn_major, bad_dim, scale_delta), (sa, sb), ids, (acc, seed))| {
+                // Mostly sizes the kernels take, some they do not.
+                let (n, k) = if fp8 {
+                    let s = [128, 128, 256, 64, 136];
+                    (s[ni], s[ki])
+                } else {
+                    let s = [8, 16, 24, 12, 0];
+                    (s[ni], s[ki])
+                };
+                let (ids_mode, ids_len_delta, ids_f32) = ids;
+                Knobs {
+                    op,
+                    fp8,
+                    mixed,
+                    groups,
+                    m,
+                    n,
+                    k,
+                    mn_major,
+                    bad_dim,
+                    scale_delta,
+                    shift_a: sa,
+                    shift_b: sb,
+                    ids_mode,
+                    ids_len_delta,
+                    ids_f32,
+                    accumulate: acc,
+                    seed,
+                }
+            },
+        )
+}
+
+/// Values in `[lo, hi]` from `seed`.
+fn ints(len: usize, lo: i64, hi: i64, seed: u64) -> Vec<i32> {
+    let mut s = seed | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (lo + (s % (hi - lo + 1) as u64) as i64) as i32
+        })
+        .collect()
+}
+
+fn resize(mut v: Vec<i32>, delta: i8) -> Vec<i32> {
+    match delta {
+        1 => v.push(0),
+        -1 => {
+            v.pop();
+        }
+        _ => {}
+    }
+    v
+}
+
+impl Knobs {
+    fn call(&self) -> Call {
+        let Knobs { groups: g, n, k, .. } = *self;
+        let layout = if self.mn_major { ScaleLayout::MnMajor } else { ScaleLayout::RowMajor };
+        let kgrouped_fp8 = self.op == 2 && self.fp8;
+        // k-grouped FP8 needs a token count that is a multiple of 128.
+        let m = if kgrouped_fp8 && self.m % 128 != 0 && self.seed % 4 != 0 { 128 } else { self.m };
+        let a_fp8 = self.fp8;
+        let b_fp8 = self.fp8 ^ self.mixed;
+        let operand = |dims: Vec<usize>, fp8: bool, scales: usize, seed: u64, shift: usize| Input {
+            dims,
+            fp8,
+            scales: if fp8 { scales } else { 0 },
+            layout,
+            seed,
+            shift,
+        };
+        let weights = g * (n / 128) * (k / 128);
+        let (mut a, mut b) = match self.op {
+            0 => (
+                operand(vec![m, k], a_fp8, layout.len(m, k), 1, self.shift_a),
+                operand(vec![g, n, k], b_fp8, weights, 2, self.shift_b),
+            ),
+            1 => (
+                operand(vec![g, m, k], a_fp8, layout.len(g * m, k), 1, self.shift_a),
+                operand(vec![g, n, k], b_fp8, weights, 2, self.shift_b),
+            ),
+            2 if self.fp8 => (
+                operand(vec![n, m], a_fp8, n * (m / 128), 1, self.shift_a),
+                operand(vec![k, m], b_fp8, k * (m / 128), 2, self.shift_b),
+            ),
+            2 => (operand(vec![m, n], a_fp8, 0, 1, self.shift_a), operand(vec![m, k], b_fp8, 0, 2, self.shift_b)),
+            _ => (
+                operand(vec![m, n], a_fp8, layout.len(m, n), 1, self.shift_a),
+                operand(vec![g, n, k], b_fp8, weights, 2, self.shift_b),
+            ),
+        };
+        if a.fp8 {
+            a.scales = a.scales.saturating_add_signed(self.scale_delta as isize);
+        }
+        match self.bad_dim {
+            0 => *a.dims.last_mut().unwrap() += 8,
+            1 => a.dims.insert(0, 1),
+            2 => b.dims[0] += 1,
+            _ => {}
+        }
+        let (mode, seed, delta) = (self.ids_mode, self.seed, self.ids_len_delta);
+        let (mi, gi) = (m as i64, g as i64);
+        match self.op {
+            0 | 3 => {
+                // Ids in [-1, G) or, for bad modes, anywhere in [-3, G + 2].
+                let ids = if mode < 5 { ints(m, -1, gi - 1, seed) } else { ints(m, -3, gi + 2, seed) };
+                let ids = resize(ids, delta);
+                if self.op == 0 {
+                    Call::Contiguous { a, b, ids }
+                } else {
+                    Call::Dgrad { dy: a, w: b, ids }
+                }
+            }
+            1 => {
+                let masked_m = match mode {
+                    0 => None,
+                    1..=4 => Some(ints(g, 0, mi, seed)),
+                    5 => Some(ints(g, mi + 1, mi + 3, seed)),
+                    _ => Some(ints(g, -2, mi + 1, seed)),
+                };
+                Call::Masked { a, b, masked_m: masked_m.map(|v| resize(v, delta)) }
+            }
+            _ => {
+                let mut offsets = ints(g + 1, 0, mi, seed);
+                offsets.sort();
+                match mode {
+                    5 => offsets.reverse(), // overlapping (unless all equal)
+                    6 => offsets[g] = m as i32 + 1,
+                    7 => offsets[0] = -1,
+                    _ => {}
+                }
+                let offsets = resize(offsets, delta);
+                let (n_out, k_out) = if self.fp8 { (a.dims[0], b.dims[0]) } else { (a.dims[1], b.dims[1]) };
+                let accumulate = self.accumulate.then(|| vec![offsets.len().saturating_sub(1), n_out, k_out]);
+                Call::KGrouped { a, b, offsets, accumulate }
+            }
+        }
+    }
+}
+
+proptest! {
+    // 160 cases: about a quarter succeed (their numbers compared), the rest spread over every
+    // error variant; ~5 s in a debug build.
+    #![proptest_config(ProptestConfig { cases: 160, ..ProptestConfig::default() })]
+
+    /// Random inputs, good and bad (wrong shapes, dtypes, scale counts, misaligned views,
+    /// `masked_m` past `M_max`, overlapping or out-of-range offsets, ids out of range), through
+    /// every op on the CPU and the emulator: the same `Result` variant, the same numbers when
+    /// both succeed, never a panic or a fault.
+    #[test]
+    fn emu_every_op_same_outcome_on_cpu_and_emulator(knobs in knobs()) {
+        let Some(dev) = emu("emu_every_op_same_outcome_on_cpu_and_emulator") else { return Ok(()) };
+        let call = knobs.call();
+        let what = format!("{call:?}");
+        agree(&what, call.run_with(&Device::Cpu, knobs.ids_f32), call.run_with(&dev, knobs.ids_f32));
+    }
 }
