@@ -8,7 +8,8 @@
 // a fixed order, and the arithmetic is explicitly rounded (moekit/fmath.cuh).
 //
 // Memory-bound kernels use one warp per token (or row), 16-byte accesses, and read each
-// token once however many experts it goes to.
+// token once however many experts it goes to. Vector accesses need 16-byte aligned buffers
+// (checked by moekit-dispatch's raw layer before every launch).
 //
 // moekit-arch: portable
 // moekit-sass: * forbid LDL STL
@@ -16,6 +17,8 @@
 // moekit-sass: moekit_dispatch_permute@sm_90a require F2FP
 // moekit-sass: moekit_act_swiglu@sm_90a require F2FP
 // moekit-sass: moekit_dispatch_rows require MATCH
+// moekit-budget: moekit_combine_k1 regs<=64
+// moekit-budget: moekit_combine_k8 regs<=96
 
 #include "moekit/abi.h"
 #include "moekit/convert.cuh"
@@ -28,6 +31,8 @@ constexpr int kBlock = 32 * kWarps;
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kMaxExperts = 1024;  // dispatch layout limit (host-checked)
 constexpr int kMaxTopK = 16;       // host-checked
+constexpr int kScanWarps = 32;     // dispatch_offsets: one warp per range of chunks
+constexpr int kScanBlock = 32 * kScanWarps;
 
 // ---- layout --------------------------------------------------------------------------------
 
@@ -59,6 +64,17 @@ __device__ __forceinline__ void load_segments(const int* offsets, const int* cou
     if (e < experts) cnt[e] = counts[e];
   }
   __syncthreads();
+}
+
+// Rows [32 g, 32 g + 32) of a layout (segments in shared memory): bit i is set when row 32 g + i
+// is padding inside a segment (below offsets[E] and max_rows, not among its segment's first
+// counts[e] rows); with `tail`, also when it lies at or past offsets[E] (below max_rows).
+// Warp-wide (a ballot): each lane searches its own row.
+__device__ __forceinline__ unsigned padding_mask(const int* seg, const int* cnt, int experts, int max_rows, uint64_t g,
+                                                 bool tail) {
+  const uint64_t r = g * 32u + (threadIdx.x & 31);
+  const bool in_range = r < static_cast<uint64_t>(max_rows) && (tail || r < static_cast<uint64_t>(seg[experts]));
+  return __ballot_sync(kFull, in_range && !is_routed_row(seg, cnt, experts, static_cast<int>(r)));
 }
 
 // ---- FP8 tiles -----------------------------------------------------------------------------
@@ -181,15 +197,18 @@ __device__ __forceinline__ void emit_row(const Load& load, int cols, const Desti
   }
 }
 
-// The content of a padding row: the quantization of a zero row (BF16 zeros; FP8 zeros with
-// the scale of a zero tile).
-__device__ __forceinline__ void emit_zero_row(int cols, int row, int32_t quant, uint64_t out, uint64_t scales,
-                                              int32_t layout, int32_t stride) {
-  const Destinations dst{(threadIdx.x & 31) == 0 ? row : -1, 1};
-  emit_row([](int, float (&v)[8]) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = 0.0f;
-  }, cols, dst, quant, out, scales, layout, stride);
+// Writes a padding row: `words` zero 16-byte words (BF16 zeros; FP8 E4M3 zeros) and, for FP8,
+// `zero_scale` (the scale of an all-zero tile) for each of its `groups` tiles. Warp-wide.
+__device__ __forceinline__ void zero_row(uint64_t out, int words, uint64_t row, float* scales, float zero_scale,
+                                         int groups, int32_t layout, int32_t stride) {
+  const int lane = threadIdx.x & 31;
+  uint4* o = reinterpret_cast<uint4*>(out) + row * words;
+  for (int c = lane; c < words; c += 32) o[c] = make_uint4(0u, 0u, 0u, 0u);
+  if (scales != nullptr) {
+    for (int g = lane; g < groups; g += 32) {
+      scales[scale_index(layout, stride, groups, static_cast<int>(row), g)] = zero_scale;
+    }
+  }
 }
 
 }  // namespace
@@ -215,35 +234,64 @@ extern "C" __global__ void __launch_bounds__(kBlock) moekit_dispatch_count(const
   for (int e = threadIdx.x; e <= experts; e += kBlock) out[e] = hist[e];
 }
 
-// One block: chunk_counts -> per-chunk starts within each expert (in place), counts, aligned
-// offsets (block-wide exclusive scan), status.
-extern "C" __global__ void __launch_bounds__(kBlock) moekit_dispatch_offsets(const MoekitDispatchLayoutParams p) {
-  __shared__ int sizes[kMaxExperts];
-  __shared__ int partial[kBlock];
+// Block b owns columns e = 32 b + lane (e <= E; column E counts invalid ids) of chunk_counts
+// [chunks, E + 1]; warp w owns the chunks [w per, (w + 1) per). Each warp sums its range per
+// column, an exclusive scan over the 32 warps (shared memory) gives the range's start, and the
+// warp rewrites its range in place with the running starts within the expert. Totals: counts[e],
+// status[0] (invalid ids). Grid: ceil((E + 1) / 32) blocks of kScanBlock threads.
+extern "C" __global__ void __launch_bounds__(kScanBlock) moekit_dispatch_offsets(const MoekitDispatchLayoutParams p) {
+  __shared__ int part[kScanWarps][32];
+  constexpr int kBatch = 8;  // loads in flight per lane
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
   const int experts = p.experts;
+  const int e = static_cast<int>(blockIdx.x) * 32 + lane;
+  const bool column = e <= experts;
+  const uint64_t stride = static_cast<uint64_t>(experts) + 1;
+  const int per = (p.chunks + kScanWarps - 1) / kScanWarps;
+  const int c0 = warp * per < p.chunks ? warp * per : p.chunks;
+  const int c1 = c0 + per < p.chunks ? c0 + per : p.chunks;
   int* cc = reinterpret_cast<int*>(p.chunk_counts);
-  int* counts = reinterpret_cast<int*>(p.counts);
-  for (int e = threadIdx.x; e <= experts; e += kBlock) {
-    int run = 0;
-    for (int c = 0; c < p.chunks; ++c) {
-      int* slot = &cc[static_cast<uint64_t>(c) * (experts + 1) + e];
-      const int v = *slot;
-      *slot = run;
-      run += v;
-    }
-    if (e < experts) {
-      counts[e] = run;
-      sizes[e] = (run + p.align - 1) / p.align * p.align;
-    } else {
-      reinterpret_cast<int*>(p.status)[0] = run;  // invalid ids
+  int sum = 0;
+  if (column) {
+    for (int c = c0; c < c1; c += kBatch) {
+      int v[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) v[u] = c + u < c1 ? cc[static_cast<uint64_t>(c + u) * stride + e] : 0;
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) sum += v[u];
     }
   }
+  part[warp][lane] = sum;
   __syncthreads();
-  // Exclusive scan of sizes: each thread a contiguous run, then a scan of the run totals.
+  int run = 0;
+  for (int w = 0; w < warp; ++w) run += part[w][lane];
+  if (!column) return;
+  for (int c = c0; c < c1; c += kBatch) {
+    int v[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) v[u] = c + u < c1 ? cc[static_cast<uint64_t>(c + u) * stride + e] : 0;
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (c + u < c1) cc[static_cast<uint64_t>(c + u) * stride + e] = run;
+      run += v[u];
+    }
+  }
+  if (warp == kScanWarps - 1) {  // the last range ends at the column's total
+    if (e < experts) reinterpret_cast<int*>(p.counts)[e] = run;
+    else reinterpret_cast<int*>(p.status)[0] = run;  // invalid ids
+  }
+}
+
+// Block-wide: seg[e] = sum over e' < e of cnt[e'] rounded up to `align` (an exclusive scan: each
+// thread a contiguous run of experts, then a Hillis-Steele scan of the run totals), seg[E] = the
+// total. `cnt` in shared memory; ends with a barrier.
+__device__ __forceinline__ void aligned_starts(const int* cnt, int experts, int align, int* seg, int* partial) {
   const int per = (experts + kBlock - 1) / kBlock;
-  const int first = threadIdx.x * per;
+  const int first = static_cast<int>(threadIdx.x) * per;
+  const auto size = [&](int e) { return (cnt[e] + align - 1) / align * align; };
   int local = 0;
-  for (int e = first; e < first + per && e < experts; ++e) local += sizes[e];
+  for (int e = first; e < first + per && e < experts; ++e) local += size(e);
   partial[threadIdx.x] = local;
   __syncthreads();
   for (int off = 1; off < kBlock; off <<= 1) {
@@ -253,38 +301,38 @@ extern "C" __global__ void __launch_bounds__(kBlock) moekit_dispatch_offsets(con
     __syncthreads();
   }
   int run = partial[threadIdx.x] - local;
-  int* offsets = reinterpret_cast<int*>(p.offsets);
   for (int e = first; e < first + per && e < experts; ++e) {
-    offsets[e] = run;
-    run += sizes[e];
+    seg[e] = run;
+    run += size(e);
   }
-  if (threadIdx.x == kBlock - 1) {
-    offsets[experts] = partial[kBlock - 1];
-    reinterpret_cast<int*>(p.status)[1] = partial[kBlock - 1];
-  }
+  if (threadIdx.x == kBlock - 1) seg[experts] = partial[kBlock - 1];
+  __syncthreads();
 }
 
 // Per chunk, in pair order: row = offsets[e] + (pairs of e in earlier chunks) + (pairs of e
-// earlier in this chunk). Tiles of 256 pairs; within a warp the rank comes from
+// earlier in this chunk). Every block first derives the aligned offsets from the counts (block 0
+// writes them and status[1]). Tiles of 256 pairs; within a warp the rank comes from
 // __match_any_sync, across warps the warps take turns on the per-expert running counters.
 // Then every row below max_rows that is padding gets m_indices = -1.
 extern "C" __global__ void __launch_bounds__(kBlock) moekit_dispatch_rows(const MoekitDispatchLayoutParams p) {
   __shared__ int running[kMaxExperts];
   __shared__ int seg[kMaxExperts + 1];
   __shared__ int cnt[kMaxExperts];
+  __shared__ int partial[kBlock];
   const int experts = p.experts;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int* cc = reinterpret_cast<const int*>(p.chunk_counts) + static_cast<uint64_t>(blockIdx.x) * (experts + 1);
-  const int* offsets = reinterpret_cast<const int*>(p.offsets);
   const int* counts = reinterpret_cast<const int*>(p.counts);
-  for (int e = threadIdx.x; e <= experts; e += kBlock) {
-    seg[e] = offsets[e];
-    if (e < experts) {
-      running[e] = offsets[e] + cc[e];
-      cnt[e] = counts[e];
-    }
+  for (int e = threadIdx.x; e < experts; e += kBlock) cnt[e] = counts[e];
+  __syncthreads();
+  aligned_starts(cnt, experts, p.align, seg, partial);
+  if (blockIdx.x == 0) {
+    int* offsets = reinterpret_cast<int*>(p.offsets);
+    for (int e = threadIdx.x; e <= experts; e += kBlock) offsets[e] = seg[e];
+    if (threadIdx.x == 0) reinterpret_cast<int*>(p.status)[1] = seg[experts];
   }
+  for (int e = threadIdx.x; e < experts; e += kBlock) running[e] = seg[e] + cc[e];
   __syncthreads();
   uint64_t begin, end;
   chunk_range(p, blockIdx.x, begin, end);
@@ -322,8 +370,10 @@ extern "C" __global__ void __launch_bounds__(kBlock) moekit_dispatch_rows(const 
 
 // ---- permute -------------------------------------------------------------------------------
 
-// Items [0, tokens): token t to its rows (read once, written top_k times); items
-// [tokens, tokens + max_rows): row r - tokens zeroed if it is padding (when zero_padding).
+// Items [0, tokens): token t to its rows (read once, written top_k times). With zero_padding,
+// items [tokens, tokens + ceil(max_rows / 32)): a group of 32 rows, whose padding rows inside a
+// segment (found by one ballot) become zero rows: plain 16-byte stores of zeros, plus the scale of
+// a zero tile for FP8. Rows at or past offsets[E] are never written.
 extern "C" __global__ void __launch_bounds__(kBlock) moekit_dispatch_permute(const MoekitPermuteParams p) {
   __shared__ int seg[kMaxExperts + 1];
   __shared__ int cnt[kMaxExperts];
@@ -332,55 +382,79 @@ extern "C" __global__ void __launch_bounds__(kBlock) moekit_dispatch_permute(con
   }
   const int lane = threadIdx.x & 31;
   const uint64_t warps = static_cast<uint64_t>(gridDim.x) * kWarps;
-  const uint64_t items = p.tokens + (p.zero_padding ? static_cast<uint64_t>(p.max_rows) : 0u);
+  const uint64_t groups32 = (static_cast<uint64_t>(p.max_rows) + 31u) / 32u;
+  const uint64_t items = p.tokens + (p.zero_padding ? groups32 : 0u);
   const int* row_map = reinterpret_cast<const int*>(p.row_map);
   const int chunks = p.hidden / 8;
+  const bool fp8 = p.quant != MOEKIT_QUANT_BF16;
   for (uint64_t item = static_cast<uint64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); item < items; item += warps) {
-    if (item < p.tokens) {
-      const uint64_t t = item;
-      int r = lane < p.top_k ? __ldg(&row_map[t * p.top_k + lane]) : -1;
-      if (r >= p.max_rows) r = -1;  // never write past the output, whatever the map says
-      const Destinations dst{r, p.top_k};
-      const uint4* src = reinterpret_cast<const uint4*>(p.x) + t * static_cast<uint64_t>(chunks);
-      if (p.quant == MOEKIT_QUANT_BF16) {
-        // A pure copy: move the 16-byte words untouched (NaN payloads included).
-        auto* o = reinterpret_cast<uint4*>(p.out);
-        for (int c0 = 0; c0 < chunks; c0 += 4 * 32) {
-          uint4 w[4];
+    if (item >= p.tokens) {
+      unsigned pad = padding_mask(seg, cnt, p.experts, p.max_rows, item - p.tokens, false);
+      const float zero_scale = tile_scale(0.0f, p.quant).scale;
+      while (pad != 0u) {
+        const int i = __ffs(static_cast<int>(pad)) - 1;
+        pad &= pad - 1u;
+        zero_row(p.out, fp8 ? p.hidden / 16 : chunks, (item - p.tokens) * 32u + i,
+                 fp8 ? reinterpret_cast<float*>(p.scales) : nullptr, zero_scale, p.hidden / 128, p.scale_layout,
+                 p.scale_stride);
+      }
+      continue;
+    }
+    const uint64_t t = item;
+    int r = lane < p.top_k ? __ldg(&row_map[t * p.top_k + lane]) : -1;
+    if (r >= p.max_rows) r = -1;  // never write past the output, whatever the map says
+    const Destinations dst{r, p.top_k};
+    const uint4* src = reinterpret_cast<const uint4*>(p.x) + t * static_cast<uint64_t>(chunks);
+    if (p.quant == MOEKIT_QUANT_BF16) {
+      // A pure copy: move the 16-byte words untouched (NaN payloads included).
+      auto* o = reinterpret_cast<uint4*>(p.out);
+      for (int c0 = 0; c0 < chunks; c0 += 4 * 32) {
+        uint4 w[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int c = c0 + u * 32 + lane;
+          if (c < chunks) w[u] = __ldg(&src[c]);
+        }
+        for (int j = 0; j < p.top_k; ++j) {
+          const int row = dst.row(j);
+          if (row < 0) continue;
 #pragma unroll
           for (int u = 0; u < 4; ++u) {
             const int c = c0 + u * 32 + lane;
-            if (c < chunks) w[u] = __ldg(&src[c]);
-          }
-          for (int j = 0; j < p.top_k; ++j) {
-            const int row = dst.row(j);
-            if (row < 0) continue;
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-              const int c = c0 + u * 32 + lane;
-              if (c < chunks) o[static_cast<uint64_t>(row) * chunks + c] = w[u];
-            }
+            if (c < chunks) o[static_cast<uint64_t>(row) * chunks + c] = w[u];
           }
         }
-      } else {
-        emit_row([src](int c, float (&v)[8]) { unpack_bf16x8(__ldg(&src[c]), v); }, p.hidden, dst, p.quant, p.out,
-                 p.scales, p.scale_layout, p.scale_stride);
       }
     } else {
-      const int row = static_cast<int>(item - p.tokens);
-      if (!is_routed_row(seg, cnt, p.experts, row)) {
-        emit_zero_row(p.hidden, row, p.quant, p.out, p.scales, p.scale_layout, p.scale_stride);
-      }
+      emit_row([src](int c, float (&v)[8]) { unpack_bf16x8(__ldg(&src[c]), v); }, p.hidden, dst, p.quant, p.out,
+               p.scales, p.scale_layout, p.scale_stride);
     }
   }
 }
 
 // ---- activations between the GEMMs ---------------------------------------------------------
 
+namespace {
+
+// MN-major scales have their rows rounded up to 4: the warp of the last row sets the scales of
+// the (at most 3) rows past it to zero, so that every element of the output is defined.
+__device__ __forceinline__ void zero_scale_tail(const MoekitActParams& p, uint64_t r) {
+  if (p.quant == MOEKIT_QUANT_BF16 || p.scale_layout != MOEKIT_SCALES_MN_MAJOR || r + 1 != p.rows) return;
+  const int extra = p.scale_stride - static_cast<int>(p.rows);
+  const int groups = p.cols / 128;
+  float* sc = reinterpret_cast<float*>(p.scales);
+  for (int i = threadIdx.x & 31; i < extra * groups; i += 32) {
+    sc[static_cast<uint64_t>(i / extra) * p.scale_stride + p.rows + i % extra] = 0.0f;
+  }
+}
+
+}  // namespace
+
 // One warp per row: x [rows, cols] -> BF16/FP8 (quantization), or SwiGLU of x [rows, 2 cols].
 extern "C" __global__ void __launch_bounds__(kBlock) moekit_act_quant(const MoekitActParams p) {
   const uint64_t warps = static_cast<uint64_t>(gridDim.x) * kWarps;
   for (uint64_t r = static_cast<uint64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); r < p.rows; r += warps) {
+    zero_scale_tail(p, r);
     const uint4* src = reinterpret_cast<const uint4*>(p.x) + r * static_cast<uint64_t>(p.cols / 8);
     const Destinations dst{(threadIdx.x & 31) == 0 ? static_cast<int>(r) : -1, 1};
     emit_row([src](int c, float (&v)[8]) { unpack_bf16x8(__ldg(&src[c]), v); }, p.cols, dst, p.quant, p.out, p.scales,
@@ -393,6 +467,7 @@ extern "C" __global__ void __launch_bounds__(kBlock) moekit_act_swiglu(const Moe
   const uint64_t warps = static_cast<uint64_t>(gridDim.x) * kWarps;
   const int chunks = p.cols / 8;
   for (uint64_t r = static_cast<uint64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); r < p.rows; r += warps) {
+    zero_scale_tail(p, r);
     const uint4* gate = reinterpret_cast<const uint4*>(p.x) + r * static_cast<uint64_t>(2 * chunks);
     const uint4* up = gate + chunks;
     const Destinations dst{(threadIdx.x & 31) == 0 ? static_cast<int>(r) : -1, 1};
@@ -441,8 +516,16 @@ extern "C" __global__ void __launch_bounds__(kBlock) moekit_act_swiglu_backward(
 
 // ---- combine -------------------------------------------------------------------------------
 
-// out[t] = sum_j w[t, j] * y[row(t, j)]: f32, j order, rows outside [0, rows) skipped.
-extern "C" __global__ void __launch_bounds__(kBlock) moekit_combine(const MoekitCombineParams p) {
+namespace {
+
+// out[t] = sum_j w[t, j] * y[row(t, j)] for up to K slots (slots j >= top_k and rows outside
+// [0, rows) are skipped): f32 in slot order, BF16 out. One warp per token; the row ids and weights
+// are shuffled into registers once per token. Per step a lane takes U 8-column chunks and issues
+// all U * K 16-byte row loads before the in-order accumulation (U * K <= 8 except K = 16), so
+// the loads of a lane are in flight together instead of each waiting for the previous FMA.
+template <int K>
+__device__ __forceinline__ void combine_tokens(const MoekitCombineParams& p) {
+  constexpr int U = K >= 8 ? 1 : 8 / K;
   const int lane = threadIdx.x & 31;
   const uint64_t warps = static_cast<uint64_t>(gridDim.x) * kWarps;
   const int chunks = p.hidden / 8;
@@ -452,24 +535,56 @@ extern "C" __global__ void __launch_bounds__(kBlock) moekit_combine(const Moekit
     int my_row = lane < p.top_k ? __ldg(reinterpret_cast<const int*>(p.row_map) + t * p.top_k + lane) : -1;
     if (my_row >= p.rows) my_row = -1;
     const float my_w = (lane < p.top_k && weights != nullptr) ? __ldg(&weights[t * p.top_k + lane]) : 1.0f;
+    int rows[K];
+    float ws[K];
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      rows[j] = __shfl_sync(kFull, my_row, j);
+      ws[j] = __shfl_sync(kFull, my_w, j);
+    }
     uint4* out = reinterpret_cast<uint4*>(p.out) + t * static_cast<uint64_t>(chunks);
-    for (int c = lane; c - lane < chunks; c += 32) {
-      float acc[8];
+    for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
+      uint4 v[U][K];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-      for (int j = 0; j < p.top_k; ++j) {
-        const int r = __shfl_sync(kFull, my_row, j);
-        const float w = __shfl_sync(kFull, my_w, j);
-        if (r < 0 || c >= chunks) continue;
-        float v[8];
-        unpack_bf16x8(__ldg(&y[static_cast<uint64_t>(r) * chunks + c]), v);
+      for (int u = 0; u < U; ++u) {
+        const int c = c0 + 32 * u;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i] = moekit::fm::add(acc[i], moekit::fm::mul(w, v[i]));
+        for (int j = 0; j < K; ++j) {
+          v[u][j] = rows[j] >= 0 && c < chunks ? __ldg(&y[static_cast<uint64_t>(rows[j]) * chunks + c])
+                                               : make_uint4(0u, 0u, 0u, 0u);
+        }
       }
-      if (c < chunks) out[c] = pack_bf16x8(acc);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int c = c0 + 32 * u;
+        float acc[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < K; ++j) {
+          if (rows[j] < 0) continue;
+          float f[8];
+          unpack_bf16x8(v[u][j], f);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[i] = moekit::fm::add(acc[i], moekit::fm::mul(ws[j], f[i]));
+        }
+        if (c < chunks) out[c] = pack_bf16x8(acc);
+      }
     }
   }
 }
+
+}  // namespace
+
+// Combine with compile-time slot counts: the host picks the smallest K >= top_k (1, 2, 4, 6, 8,
+// 16); the slots past top_k are masked (row -1). One entry point per variant.
+using CombineP = MoekitCombineParams;
+extern "C" __global__ void __launch_bounds__(kBlock) moekit_combine_k1(const CombineP p) { combine_tokens<1>(p); }
+extern "C" __global__ void __launch_bounds__(kBlock) moekit_combine_k2(const CombineP p) { combine_tokens<2>(p); }
+extern "C" __global__ void __launch_bounds__(kBlock) moekit_combine_k4(const CombineP p) { combine_tokens<4>(p); }
+extern "C" __global__ void __launch_bounds__(kBlock) moekit_combine_k6(const CombineP p) { combine_tokens<6>(p); }
+extern "C" __global__ void __launch_bounds__(kBlock) moekit_combine_k8(const CombineP p) { combine_tokens<8>(p); }
+extern "C" __global__ void __launch_bounds__(kBlock) moekit_combine_k16(const CombineP p) { combine_tokens<16>(p); }
 
 // grad_y[row(t, j)] = w * grad_out[t] (BF16), grad_w[t, j] = <grad_out[t], y[row(t, j)]> (f32:
 // per lane over its chunks in order, then the warp butterfly); padding rows of grad_y zeroed.

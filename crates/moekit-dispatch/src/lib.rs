@@ -20,13 +20,30 @@
 //! # Row count without a synchronisation
 //! The rows used depend on the ids, which live on the device. Every output is sized by an
 //! upper bound the host knows, [`max_rows`]`(T, k, E, align)` (or a smaller one the caller
-//! gives); rows past the used ones are padding. `offsets[E]` (on the device) is the exact
-//! count; [`DispatchLayout::check`] reads it (one small copy) when the caller wants it.
+//! gives to [`dispatch_layout`]); rows past the used ones are padding. `offsets[E]` (on the
+//! device) is the exact count; [`DispatchLayout::check`] reads it (one small copy) when the
+//! caller wants it.
 //!
 //! # Padding rows
-//! With [`Padding::Zero`] (the default) every padding row is the quantization of a zero row:
-//! BF16 zeros, or FP8 zeros whose scale is that of a zero tile (amax clamped to 1e-4). With
-//! [`Padding::Skip`] they are not written (the grouped GEMM skips them by `m_indices`).
+//! A segment's rows past its `counts[e]` routed rows, up to the next aligned start, are
+//! padding (`m_indices = -1`); so are the rows at and past `offsets[E]` (the tail up to the
+//! bound). What permute writes there:
+//! - [`Padding::Skip`] (the default): nothing. The m-grouped GEMMs skip `m_indices = -1` rows
+//!   and combine reads only routed rows, so the forward pass never reads them.
+//! - [`Padding::Zero`]: the in-segment padding rows become the quantization of a zero row (BF16
+//!   zeros, or FP8 zeros whose scale is that of a zero tile, amax clamped to 1e-4). Needed when
+//!   the permuted rows feed a k-grouped GEMM (the weight gradient), which sums every row of a
+//!   segment `[offsets[e], offsets[e + 1])`.
+//!
+//! In both cases the tail rows (at and past `offsets[E]`) are never written, and their content
+//! (as that of skipped rows, and of the MN-major scale rows past the bound) is unspecified:
+//! on the emulator it is the fill byte 0xA5, on a GPU whatever the memory held.
+//!
+//! # Alignment
+//! The kernels move 16-byte words: every activation buffer (`x`, `y`, outputs, gradients) must
+//! start at a multiple of 16 bytes. A misaligned view (for example a [`moekit_tensor::Tensor`]
+//! narrowed by one element and reshaped) is an [`Error::Alignment`] on every device, checked
+//! before the device is chosen; the raw layer checks the device addresses again.
 //!
 //! ```
 //! use moekit_dispatch::{combine, dispatch, ActFormat, DispatchConfig};
@@ -172,13 +189,16 @@ impl ActFormat {
     }
 }
 
-/// What padding rows get.
+/// What permute writes to the padding rows inside segments (see the crate docs; rows at and
+/// past `offsets[E]` are never written).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Padding {
-    /// The quantization of a zero row (BF16 zeros; FP8 zeros with a zero tile's scale).
-    #[default]
+    /// The quantization of a zero row (BF16 zeros; FP8 zeros with a zero tile's scale): for
+    /// inputs of a k-grouped GEMM, which reads whole segments.
     Zero,
-    /// Not written.
+    /// Not written (contents unspecified): enough for the m-grouped GEMMs (they skip
+    /// `m_indices = -1` rows) and combine.
+    #[default]
     Skip,
 }
 
@@ -196,9 +216,9 @@ pub struct DispatchConfig {
 }
 
 impl DispatchConfig {
-    /// `experts` experts, top-`top_k`, alignment 128, zeroed padding.
+    /// `experts` experts, top-`top_k`, alignment 128, skipped padding.
     pub fn new(experts: usize, top_k: usize) -> Self {
-        DispatchConfig { experts, top_k, align: 128, padding: Padding::Zero }
+        DispatchConfig { experts, top_k, align: 128, padding: Padding::Skip }
     }
     /// Segment alignment.
     pub fn with_align(mut self, align: usize) -> Self {
@@ -230,8 +250,12 @@ impl DispatchConfig {
     }
 }
 
-/// Upper bound of the rows a dispatch of `tokens` tokens can use: every pair routed, every
-/// segment padded by `align - 1`.
+/// Upper bound of the rows a dispatch of `tokens` tokens can use, known without reading the ids:
+/// `T k + min(E, T k) (align - 1)`. Every pair routed, and every expert that has a pair padded
+/// by at most `align - 1` rows; an expert without pairs has no rows at all, and at most `T k`
+/// experts have a pair. `T = 0` gives 0. (A caller that knows a tighter bound passes it to
+/// [`dispatch_layout`].)
 pub fn max_rows(tokens: usize, top_k: usize, experts: usize, align: usize) -> usize {
-    tokens * top_k + experts * (align.max(1) - 1)
+    let pairs = tokens * top_k;
+    pairs + experts.min(pairs) * (align.max(1) - 1)
 }

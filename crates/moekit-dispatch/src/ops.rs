@@ -83,10 +83,25 @@ fn same_device(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
     }
 }
 
-/// An output activation; `zeroed` when the kernel may leave rows unwritten (skipped padding).
-fn new_activation(rows: usize, cols: usize, format: ActFormat, dev: &Device, zeroed: bool) -> Result<Activation> {
-    let alloc =
-        |dims: &[usize], dtype| if zeroed { Tensor::zeros(dims, dtype, dev) } else { Tensor::empty(dims, dtype, dev) };
+/// Checks that a BF16 input's first element is 16-byte aligned where the kernels would read it
+/// (the vector loads; see the crate docs), on every device before the device is chosen, so that
+/// a misaligned view is the same `Error::Alignment` on the CPU as on a GPU or the emulator. On
+/// the CPU that is the host address: tensor storage there comes from the system allocator
+/// (malloc, 16-byte aligned), as device and emulator storage is 256-byte aligned, so the
+/// address's residue is the view's offset's on every device. Empty tensors pass.
+fn expect_aligned(what: &str, t: &Tensor) -> Result<()> {
+    let addr = match t.device().launcher() {
+        None => t.cpu_slice::<bf16>()?.as_ptr() as u64,
+        Some(_) => t.dev_ptr::<bf16>()?.addr(),
+    };
+    raw::expect_aligned(what, addr, t.numel())
+}
+
+/// An output activation `[rows, cols]` (and its scales), allocated without a fill: the kernels
+/// and the reference write every element the contract defines (rows the padding policy skips,
+/// the rows at and past `offsets[E]`, and the MN-major scale rows past `rows` of a permute are
+/// unspecified; the row-wise activation kernels write all of theirs).
+fn new_activation(rows: usize, cols: usize, format: ActFormat, dev: &Device) -> Result<Activation> {
     format.check_cols(cols)?;
     let (dtype, scales) = match format {
         ActFormat::Bf16 => (DType::BF16, None),
@@ -95,16 +110,10 @@ fn new_activation(rows: usize, cols: usize, format: ActFormat, dev: &Device, zer
                 ScaleLayout::RowMajor => vec![rows, cols / QUANT_GROUP],
                 ScaleLayout::MnMajor => vec![cols / QUANT_GROUP, ScaleLayout::mn_stride(rows)],
             };
-            // MN-major rows are padded to a multiple of 4 that no kernel writes: keep them zero.
-            let scales = if l == ScaleLayout::MnMajor {
-                Tensor::zeros(&dims, DType::F32, dev)?
-            } else {
-                alloc(&dims, DType::F32)?
-            };
-            (DType::F8E4M3, Some(scales))
+            (DType::F8E4M3, Some(Tensor::empty(&dims, DType::F32, dev)?))
         }
     };
-    Ok(Activation { data: alloc(&[rows, cols], dtype)?, scales, format })
+    Ok(Activation { data: Tensor::empty(&[rows, cols], dtype, dev)?, scales, format })
 }
 
 impl Activation {
@@ -133,9 +142,11 @@ fn bytemuck_bytes<T: bytemuck::Pod>(s: &mut [T]) -> &mut [u8] {
     bytemuck::cast_slice_mut(s)
 }
 
-/// Computes the dispatch layout of `topk_ids [T, k]` I32. Outputs have `max_rows` rows (None:
-/// the bound [`max_rows`]). On the CPU an id outside `[-1, E)` is an error here; on a device
-/// it is skipped and reported by [`DispatchLayout::check`].
+/// Computes the dispatch layout of `topk_ids [T, k]` I32. Outputs have `rows` rows (None: the
+/// bound [`max_rows`]; a caller that knows a tighter bound passes it, and rows needed past it
+/// are dropped and reported by [`DispatchLayout::check`]). An id outside `[-1, E)` is skipped
+/// (not routed) and reported by [`DispatchLayout::check`], on every device (a device cannot
+/// see the ids without a synchronisation).
 pub fn dispatch_layout(topk_ids: &Tensor, cfg: &DispatchConfig, rows: Option<usize>) -> Result<DispatchLayout> {
     cfg.validate()?;
     expect("topk_ids", topk_ids, DType::I32, 2)?;
@@ -144,6 +155,9 @@ pub fn dispatch_layout(topk_ids: &Tensor, cfg: &DispatchConfig, rows: Option<usi
     }
     let tokens = topk_ids.dims()[0];
     let max_rows = rows.unwrap_or_else(|| max_rows(tokens, cfg.top_k, cfg.experts, cfg.align));
+    if tokens * cfg.top_k > i32::MAX as usize / 2 || max_rows > i32::MAX as usize / 2 {
+        return Err(Error::Shape(format!("{} pairs / {max_rows} rows exceed the i32 row index", tokens * cfg.top_k)));
+    }
     let dev = topk_ids.device();
     // Every element of every layout output (and of the scratch) is written by the kernels.
     let zeros = |dims: &[usize]| Tensor::empty(dims, DType::I32, dev);
@@ -157,11 +171,7 @@ pub fn dispatch_layout(topk_ids: &Tensor, cfg: &DispatchConfig, rows: Option<usi
     };
     match dev.launcher() {
         None => {
-            let ids = topk_ids.cpu_slice::<i32>()?;
-            if let Some(&bad) = ids.iter().find(|&&id| id < -1 || id >= cfg.experts as i32) {
-                return Err(Error::InvalidArgument(format!("expert id {bad} outside [-1, {})", cfg.experts)));
-            }
-            let r = reference::layout(ids, cfg, max_rows)?;
+            let r = reference::layout(topk_ids.cpu_slice::<i32>()?, cfg, max_rows)?;
             let needed = r.offsets[cfg.experts];
             l.offsets.cpu_slice_mut::<i32>()?.copy_from_slice(&r.offsets);
             l.counts.cpu_slice_mut::<i32>()?.copy_from_slice(&r.counts);
@@ -188,12 +198,13 @@ pub fn dispatch_layout(topk_ids: &Tensor, cfg: &DispatchConfig, rows: Option<usi
 pub fn permute(x: &Tensor, layout: &DispatchLayout, format: ActFormat) -> Result<Activation> {
     expect("dispatch input", x, DType::BF16, 2)?;
     same_device(x, &layout.row_map, "the layout")?;
+    expect_aligned("the dispatch input", x)?;
     let (tokens, hidden) = (x.dims()[0], x.dims()[1]);
     if tokens != layout.tokens() {
         return Err(Error::Shape(format!("{tokens} tokens, the layout has {}", layout.tokens())));
     }
     let cfg = &layout.config;
-    let mut out = new_activation(layout.max_rows(), hidden, format, x.device(), cfg.padding == crate::Padding::Skip)?;
+    let mut out = new_activation(layout.max_rows(), hidden, format, x.device())?;
     match x.device().launcher() {
         None => {
             let l = reference::Layout {
@@ -235,6 +246,7 @@ pub fn dispatch(
     expect("dispatch input", x, DType::BF16, 2)?;
     format.check_cols(x.dims()[1])?;
     same_device(x, topk_ids, "topk_ids")?;
+    expect_aligned("the dispatch input", x)?;
     let layout = dispatch_layout(topk_ids, cfg, None)?;
     let out = permute(x, &layout, format)?;
     Ok((layout, out))
@@ -243,9 +255,10 @@ pub fn dispatch(
 /// 1x128 FP8 quantization of `x [rows, cols]` BF16 (`cols` a multiple of 128).
 pub fn quantize_fp8(x: &Tensor, kind: ScaleKind, layout: ScaleLayout) -> Result<Activation> {
     expect("quantization input", x, DType::BF16, 2)?;
+    expect_aligned("the quantization input", x)?;
     let (rows, cols) = (x.dims()[0], x.dims()[1]);
     let format = ActFormat::Fp8(kind, layout);
-    let mut out = new_activation(rows, cols, format, x.device(), false)?;
+    let mut out = new_activation(rows, cols, format, x.device())?;
     match x.device().launcher() {
         None => {
             let (data, scales) = out.cpu_parts()?;
@@ -262,12 +275,13 @@ pub fn quantize_fp8(x: &Tensor, kind: ScaleKind, layout: ScaleLayout) -> Result<
 /// SwiGLU of `x [rows, 2 I]` BF16 (gate columns first) to `[rows, I]` in `format`.
 pub fn swiglu(x: &Tensor, format: ActFormat) -> Result<Activation> {
     expect("SwiGLU input", x, DType::BF16, 2)?;
+    expect_aligned("the SwiGLU input", x)?;
     let (rows, two_i) = (x.dims()[0], x.dims()[1]);
     if two_i % 2 != 0 {
         return Err(Error::Shape(format!("SwiGLU input {:?}: odd column count", x.dims())));
     }
     let cols = two_i / 2;
-    let mut out = new_activation(rows, cols, format, x.device(), false)?;
+    let mut out = new_activation(rows, cols, format, x.device())?;
     match x.device().launcher() {
         None => {
             let (data, scales) = out.cpu_parts()?;
@@ -289,6 +303,8 @@ pub fn swiglu_backward(x: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
     if x.dims()[1] != 2 * grad_out.dims()[1] || x.dims()[0] != grad_out.dims()[0] {
         return Err(Error::Shape(format!("SwiGLU x {:?} vs grad {:?}", x.dims(), grad_out.dims())));
     }
+    expect_aligned("the SwiGLU input", x)?;
+    expect_aligned("the SwiGLU grad", grad_out)?;
     let cols = grad_out.dims()[1];
     let mut g = Tensor::empty(x.dims(), DType::BF16, x.device())?;
     match x.device().launcher() {
@@ -307,6 +323,7 @@ fn check_y(y: &Tensor, layout: &DispatchLayout, weights: Option<&Tensor>) -> Res
     if y.dims()[0] != layout.max_rows() {
         return Err(Error::Shape(format!("expert outputs {:?}: expected {} rows", y.dims(), layout.max_rows())));
     }
+    expect_aligned("the expert outputs", y)?;
     if let Some(w) = weights {
         expect("combine weights", w, DType::F32, 2)?;
         same_device(y, w, "combine weights")?;
@@ -349,6 +366,7 @@ pub fn combine_backward(
     check_y(y, layout, weights)?;
     expect("combine grad", grad_out, DType::BF16, 2)?;
     same_device(y, grad_out, "combine grad")?;
+    expect_aligned("the combine grad", grad_out)?;
     let hidden = y.dims()[1];
     if grad_out.dims() != [layout.tokens(), hidden] {
         return Err(Error::Shape(format!(

@@ -1,10 +1,13 @@
 //! Launches on device buffers: what other runtimes embed.
 //!
-//! Every function checks lengths, the configuration and where each buffer lives before it
-//! launches (a typed error and nothing written otherwise), enqueues on `on` (a GPU stream, or
-//! the host emulator, where it completes before returning) and does not synchronise. Row
-//! indices read from device memory (`row_map`, ids) are bounds-checked by the kernels: a bad
-//! value is skipped, never used as an address.
+//! Every function checks lengths, the configuration, the alignment of every buffer the kernels
+//! access in 16-byte words ([`VECTOR_ALIGN`]: activations, expert outputs, gradients; an
+//! [`Error::Alignment`] otherwise, since a misaligned vector access on a GPU is a sticky error
+//! that ends the whole context) and where each buffer lives before it launches (a typed error
+//! and nothing written otherwise), enqueues on `on` (a GPU stream, or the host emulator, where
+//! it completes before returning) and does not synchronise. Row indices read from device memory
+//! (`row_map`, ids) are bounds-checked by the kernels: a bad value is skipped, never used as an
+//! address.
 
 use crate::kernels::DISPATCH;
 use crate::{ActFormat, DispatchConfig, Error, Padding, Result, ScaleLayout};
@@ -16,8 +19,23 @@ pub const BLOCK: u32 = 256;
 const WARPS: usize = BLOCK as usize / 32;
 /// Pairs per chunk of the layout kernels.
 pub const CHUNK_PAIRS: usize = 1024;
+/// Threads per block of the layout's chunk scan (32 warps).
+const SCAN_BLOCK: u32 = 1024;
 /// Resident blocks per multiprocessor the memory-bound grids are sized for.
 pub const BLOCKS_PER_SM: usize = 8;
+
+/// Byte alignment of every buffer the kernels access in 16-byte words (`uint4`).
+pub const VECTOR_ALIGN: usize = 16;
+
+/// `Error::Alignment` unless `addr` is a multiple of [`VECTOR_ALIGN`] or the buffer is empty
+/// (`len = 0` elements: nothing is accessed, and an empty buffer's address means nothing).
+pub(crate) fn expect_aligned(what: &str, addr: u64, len: usize) -> Result<()> {
+    let got = (addr % VECTOR_ALIGN as u64) as usize;
+    if got != 0 && len != 0 {
+        return Err(Error::Alignment { what: format!("address of {what} (bytes)"), required: VECTOR_ALIGN, got });
+    }
+    Ok(())
+}
 
 fn expect_len(what: &str, got: usize, want: usize) -> Result<()> {
     if got != want {
@@ -106,15 +124,18 @@ pub fn layout(
         chunks: chunks as i32,
     };
     let per_chunk = LaunchConfig { grid: (chunks as u32, 1, 1), block: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    let single = LaunchConfig { grid: (1, 1, 1), block: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    // The chunk scan: one block of SCAN_BLOCK threads per 32 columns of the scratch.
+    let columns =
+        LaunchConfig { grid: ((e_n + 1).div_ceil(32) as u32, 1, 1), block: (SCAN_BLOCK, 1, 1), shared_mem_bytes: 0 };
     // SAFETY (all three): one MoekitDispatchLayoutParams by value (layout checked by
     // moekit-abi's tests). Every length was checked above against the sizes the kernels use:
     // ids [pairs], scratch [chunks, E + 1], offsets [E + 1], counts [E], row_map [pairs],
     // m_indices [max_rows], status [2]; rows are written only below max_rows and ids outside
-    // [0, E) are never used as indices; all buffers live where `on` runs.
+    // [0, E) are never used as indices; all buffers live where `on` runs. Every access is a
+    // 4-byte scalar (element alignment suffices).
     unsafe {
         moekit_cuda::launch(on, &DISPATCH, "moekit_dispatch_count", per_chunk, (params,))?;
-        moekit_cuda::launch(on, &DISPATCH, "moekit_dispatch_offsets", single, (params,))?;
+        moekit_cuda::launch(on, &DISPATCH, "moekit_dispatch_offsets", columns, (params,))?;
         moekit_cuda::launch(on, &DISPATCH, "moekit_dispatch_rows", per_chunk, (params,))
     }
 }
@@ -135,6 +156,7 @@ impl ActOut<'_> {
     fn check(&self, rows: usize, cols: usize) -> Result<(u64, Vec<MemSpace>)> {
         self.format.check_cols(cols)?;
         expect_len("activation bytes", self.data.len(), rows * cols * self.format.elem_bytes())?;
+        expect_aligned("the output activation", self.data.addr(), self.data.len())?;
         let mut spaces = vec![self.data.space()];
         let scales = match (self.format, &self.scales) {
             (ActFormat::Bf16, None) => 0,
@@ -154,8 +176,9 @@ impl ActOut<'_> {
 }
 
 /// Permutes `x [T, hidden]` BF16 to the rows of a layout (`row_map [T, k]`, `offsets`,
-/// `counts`): `out` has `max_rows` rows; padding rows per `cfg.padding`. Each token is read
-/// once and written to each of its rows.
+/// `counts`): `out` has `max_rows` rows; padding rows inside segments per `cfg.padding`; rows at
+/// and past `offsets[E]` are never written. Each token is read once and written to each of its
+/// rows. `x` and `out.data` must be 16-byte aligned.
 #[allow(clippy::too_many_arguments)]
 pub fn permute(
     on: &dyn Launcher,
@@ -178,10 +201,12 @@ pub fn permute(
     if max_rows > i32::MAX as usize / 2 {
         return Err(Error::Shape(format!("{max_rows} rows")));
     }
+    expect_aligned("x", x.addr(), x.len())?;
     spaces.extend([x.space(), row_map.space(), offsets.space(), counts.space()]);
     moekit_cuda::ensure_addressable(on, &spaces)?;
     let zero = cfg.padding == Padding::Zero;
-    let items = tokens + if zero { max_rows } else { 0 };
+    // Tokens, then (zeroed padding) groups of 32 rows.
+    let items = tokens + if zero { max_rows.div_ceil(32) } else { 0 };
     if items == 0 {
         return Ok(());
     }
@@ -203,8 +228,9 @@ pub fn permute(
         zero_padding: zero as i32,
     };
     // SAFETY: lengths checked above (x [T, hidden], row_map [T, k], offsets [E + 1], counts
-    // [E], out [max_rows, hidden], scales per layout); the kernel writes only rows below
-    // max_rows; every buffer lives where `on` runs.
+    // [E], out [max_rows, hidden], scales per layout); x and out 16-byte aligned (the 16-byte
+    // loads and stores); the kernel writes only rows below max_rows; every buffer lives where
+    // `on` runs.
     unsafe { moekit_cuda::launch(on, &DISPATCH, "moekit_dispatch_permute", grid(on, items), (params,)) }
 }
 
@@ -212,8 +238,9 @@ fn act_launch(on: &dyn Launcher, kernel: &str, params: moekit_abi::MoekitActPara
     if rows == 0 {
         return Ok(());
     }
-    // SAFETY: the callers checked every length against rows x cols (x, out, scales, grads)
-    // and where each buffer lives; the kernels touch exactly those elements.
+    // SAFETY: the callers checked every length against rows x cols (x, out, scales, grads),
+    // the 16-byte alignment of x, out, grad_out and grad_x, and where each buffer lives; the
+    // kernels touch exactly those elements.
     unsafe { moekit_cuda::launch(on, &DISPATCH, kernel, grid(on, rows), (params,)) }
 }
 
@@ -238,6 +265,7 @@ pub fn quantize(on: &dyn Launcher, x: DevPtr<'_, bf16>, cols: usize, out: ActOut
     let rows = x.len() / cols;
     expect_len("x", x.len(), rows * cols)?;
     let (scales, mut spaces) = out.check(rows, cols)?;
+    expect_aligned("x", x.addr(), x.len())?;
     spaces.push(x.space());
     moekit_cuda::ensure_addressable(on, &spaces)?;
     act_launch(on, "moekit_act_quant", act_params(x.addr(), rows, cols, &out, scales), rows)
@@ -249,6 +277,7 @@ pub fn swiglu(on: &dyn Launcher, x: DevPtr<'_, bf16>, cols: usize, out: ActOut<'
     let rows = x.len() / (2 * cols);
     expect_len("x", x.len(), rows * 2 * cols)?;
     let (scales, mut spaces) = out.check(rows, cols)?;
+    expect_aligned("x", x.addr(), x.len())?;
     spaces.push(x.space());
     moekit_cuda::ensure_addressable(on, &spaces)?;
     act_launch(on, "moekit_act_swiglu", act_params(x.addr(), rows, cols, &out, scales), rows)
@@ -267,6 +296,9 @@ pub fn swiglu_backward(
     expect_len("x", x.len(), rows * 2 * cols)?;
     expect_len("grad_out", grad_out.len(), rows * cols)?;
     expect_len("grad_x", grad_x.len(), rows * 2 * cols)?;
+    expect_aligned("x", x.addr(), x.len())?;
+    expect_aligned("grad_out", grad_out.addr(), grad_out.len())?;
+    expect_aligned("grad_x", grad_x.addr(), grad_x.len())?;
     moekit_cuda::ensure_addressable(on, &[x.space(), grad_out.space(), grad_x.space()])?;
     let params = moekit_abi::MoekitActParams {
         x: x.addr(),
@@ -284,7 +316,7 @@ pub fn swiglu_backward(
 }
 
 fn combine_check(
-    y_len: usize,
+    y: &DevPtr<'_, bf16>,
     hidden: usize,
     row_map: &DevPtr<'_, i32>,
     top_k: usize,
@@ -294,8 +326,9 @@ fn combine_check(
     if top_k == 0 || top_k > crate::MAX_TOP_K || row_map.len() % top_k != 0 {
         return Err(Error::Shape(format!("row_map of {} for top_k = {top_k}", row_map.len())));
     }
-    let rows = y_len / hidden;
-    expect_len("y", y_len, rows * hidden)?;
+    let rows = y.len() / hidden;
+    expect_len("y", y.len(), rows * hidden)?;
+    expect_aligned("y", y.addr(), y.len())?;
     if rows > i32::MAX as usize {
         return Err(Error::Shape(format!("{rows} rows")));
     }
@@ -305,7 +338,21 @@ fn combine_check(
     Ok((row_map.len() / top_k, rows))
 }
 
-/// `out [T, hidden] = sum_j w[t, j] * y[row_map[t, j]]` (unweighted when `weights` is None).
+/// The combine kernel for `top_k` slots: the compile-time variant with the smallest slot count
+/// `K >= top_k` of 1, 2, 4, 6, 8, 16 (the kernel masks slots `top_k..K`).
+pub fn combine_kernel(top_k: usize) -> &'static str {
+    match top_k {
+        0 | 1 => "moekit_combine_k1",
+        2 => "moekit_combine_k2",
+        3 | 4 => "moekit_combine_k4",
+        5 | 6 => "moekit_combine_k6",
+        7 | 8 => "moekit_combine_k8",
+        _ => "moekit_combine_k16",
+    }
+}
+
+/// `out [T, hidden] = sum_j w[t, j] * y[row_map[t, j]]` (unweighted when `weights` is None):
+/// f32 in slot order, BF16 out (the same bits as [`crate::reference::combine`]).
 pub fn combine(
     on: &dyn Launcher,
     y: DevPtr<'_, bf16>,
@@ -315,8 +362,9 @@ pub fn combine(
     weights: Option<DevPtr<'_, f32>>,
     out: DevPtrMut<'_, bf16>,
 ) -> Result<()> {
-    let (tokens, rows) = combine_check(y.len(), hidden, &row_map, top_k, &weights)?;
+    let (tokens, rows) = combine_check(&y, hidden, &row_map, top_k, &weights)?;
     expect_len("out", out.len(), tokens * hidden)?;
+    expect_aligned("out", out.addr(), out.len())?;
     let mut spaces = vec![y.space(), row_map.space(), out.space()];
     spaces.extend(weights.as_ref().map(|w| w.space()));
     moekit_cuda::ensure_addressable(on, &spaces)?;
@@ -340,8 +388,9 @@ pub fn combine(
         experts: 0,
     };
     // SAFETY: lengths checked (y [rows, hidden], row_map / weights [T, k], out [T, hidden]);
-    // rows outside [0, rows) are skipped by the kernel; buffers live where `on` runs.
-    unsafe { moekit_cuda::launch(on, &DISPATCH, "moekit_combine", grid(on, tokens), (params,)) }
+    // y and out 16-byte aligned; the variant handles top_k slots (slots past top_k masked); rows
+    // outside [0, rows) are skipped by the kernel; buffers live where `on` runs.
+    unsafe { moekit_cuda::launch(on, &DISPATCH, combine_kernel(top_k), grid(on, tokens), (params,)) }
 }
 
 /// Gradients of [`combine`]: `grad_y [rows, hidden]` (`w * grad_out[t]` at each pair's row;
@@ -361,7 +410,7 @@ pub fn combine_backward(
     grad_y: DevPtrMut<'_, bf16>,
     grad_weights: Option<DevPtrMut<'_, f32>>,
 ) -> Result<()> {
-    let (tokens, rows) = combine_check(y.len(), hidden, &row_map, top_k, &weights)?;
+    let (tokens, rows) = combine_check(&y, hidden, &row_map, top_k, &weights)?;
     let experts = counts.len();
     if experts == 0 || experts > crate::MAX_EXPERTS {
         return Err(Error::Shape(format!("{experts} expert counts")));
@@ -369,6 +418,8 @@ pub fn combine_backward(
     expect_len("offsets", offsets.len(), experts + 1)?;
     expect_len("grad_out", grad_out.len(), tokens * hidden)?;
     expect_len("grad_y", grad_y.len(), rows * hidden)?;
+    expect_aligned("grad_out", grad_out.addr(), grad_out.len())?;
+    expect_aligned("grad_y", grad_y.addr(), grad_y.len())?;
     let mut spaces =
         vec![y.space(), row_map.space(), offsets.space(), counts.space(), grad_out.space(), grad_y.space()];
     match (&weights, &grad_weights) {
@@ -399,7 +450,8 @@ pub fn combine_backward(
         rows: rows as i32,
         experts: experts as i32,
     };
-    // SAFETY: lengths checked above; the kernel writes grad_y rows in [0, rows) only (map
+    // SAFETY: lengths checked above; y, grad_out and grad_y 16-byte aligned (the kernel's
+    // 16-byte accesses); the kernel writes grad_y rows in [0, rows) only (map
     // values outside are skipped) and grad_weights [T, k]; buffers live where `on` runs.
     unsafe { moekit_cuda::launch(on, &DISPATCH, "moekit_combine_backward", grid(on, tokens + rows), (params,)) }
 }

@@ -109,8 +109,9 @@ fn check_out(format: ActFormat, rows: usize, cols: usize, out: &[u8], scales: &[
 }
 
 /// Permutes `x [T, hidden]` to the layout's rows (`out`: `[rows, hidden]` in `format`, as
-/// bytes; `scales` per the format's layout), padding rows per `padding`. BF16 rows are the
-/// input bits.
+/// bytes; `scales` per the format's layout), padding rows inside segments (below `offsets[E]`)
+/// per `padding`; rows at and past `offsets[E]`, and map entries outside `[0, rows)`, are left
+/// untouched. BF16 rows are the input bits.
 #[allow(clippy::too_many_arguments)]
 pub fn permute(
     x: &[bf16],
@@ -141,7 +142,7 @@ pub fn permute(
     for (t, tok) in x.chunks(hidden).enumerate() {
         let v: Vec<f32> = tok.iter().map(|b| b.to_f32()).collect();
         for &r in &layout.row_map[t * top_k..(t + 1) * top_k] {
-            if r < 0 {
+            if r < 0 || r as usize >= rows {
                 continue;
             }
             let r = r as usize;
@@ -159,7 +160,8 @@ pub fn permute(
         let mut zero_row = vec![0u8; row_bytes];
         let mut zero_scales = vec![0f32; hidden / QUANT_GROUP];
         emit_row(&vec![0.0f32; hidden], format, &mut zero_row, |g, s| zero_scales[g] = s);
-        for r in (0..rows).filter(|&r| layout.m_indices[r] < 0) {
+        let used = (layout.offsets.last().map_or(0, |&o| o.max(0)) as usize).min(rows);
+        for r in (0..used).filter(|&r| layout.m_indices[r] < 0) {
             out[r * row_bytes..(r + 1) * row_bytes].copy_from_slice(&zero_row);
             if format != ActFormat::Bf16 {
                 for (g, &s) in zero_scales.iter().enumerate() {

@@ -3,7 +3,7 @@
 //! error bound, UE8M0 scales are powers of two that never saturate.
 
 use moekit_dispatch::{
-    combine, dispatch, max_rows, reference, ActFormat, DispatchConfig, ScaleKind, ScaleLayout, ALIGNMENTS,
+    combine, dispatch, max_rows, reference, ActFormat, DispatchConfig, Padding, ScaleKind, ScaleLayout, ALIGNMENTS,
 };
 use moekit_dtype::{bf16, F8E4M3};
 use moekit_tensor::{Device, Error, Tensor};
@@ -67,7 +67,7 @@ proptest! {
             .collect();
         let xt = Tensor::from_slice(&x, &[tokens, hidden], &Device::Cpu).unwrap();
         let it = Tensor::from_slice(&ids, &[tokens, cfg.top_k], &Device::Cpu).unwrap();
-        let (layout, p) = dispatch(&xt, &it, &cfg, ActFormat::Bf16).unwrap();
+        let (layout, p) = dispatch(&xt, &it, &cfg.with_padding(Padding::Zero), ActFormat::Bf16).unwrap();
         // Identity experts: y = the permuted rows.
         let back = combine(&p.data, &layout, None).unwrap().to_vec::<bf16>().unwrap();
         for t in 0..tokens {
@@ -76,10 +76,12 @@ proptest! {
                 prop_assert_eq!(back[t * hidden + h], bf16::from_f32(n * x[t * hidden + h].to_f32()));
             }
         }
-        // Padding rows are zero.
+        // Padding rows inside the segments are zero (rows at and past offsets[E] are not written).
         let data = p.data.to_vec::<bf16>().unwrap();
         let m = layout.m_indices.to_vec::<i32>().unwrap();
-        for r in (0..m.len()).filter(|&r| m[r] < 0) {
+        let used = layout.rows_used().unwrap();
+        prop_assert!(used <= m.len(), "max_rows is a bound: {} rows used of {}", used, m.len());
+        for r in (0..used).filter(|&r| m[r] < 0) {
             prop_assert!(data[r * hidden..(r + 1) * hidden].iter().all(|v| v.to_bits() == 0));
         }
     }
@@ -112,6 +114,26 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn row_bound_counts_only_experts_that_can_have_pairs() {
+    // T k + min(E, T k) (align - 1): a decode token at E = 256, align 128 needs 8 + 8 x 127 rows.
+    assert_eq!(max_rows(1, 8, 256, 128), 8 + 8 * 127);
+    assert_eq!(max_rows(4096, 8, 256, 128), 4096 * 8 + 256 * 127);
+    assert_eq!(max_rows(0, 8, 256, 128), 0, "T = 0: no rows, no padding");
+    assert_eq!(max_rows(5, 2, 4, 1), 10, "align 1: no padding");
+    // Attained: every pair on its own expert.
+    let cfg = DispatchConfig::new(256, 8);
+    let ids: Vec<i32> = (0..8).collect();
+    let l = reference::layout(&ids, &cfg, max_rows(1, 8, 256, 128)).unwrap();
+    assert_eq!(l.offsets[256] as usize, max_rows(1, 8, 256, 128));
+    // T = 0 through the tensor op: empty outputs, nothing written.
+    let x = Tensor::from_slice::<bf16>(&[], &[0, 128], &Device::Cpu).unwrap();
+    let ids = Tensor::from_slice::<i32>(&[], &[0, 8], &Device::Cpu).unwrap();
+    let (l, p) = dispatch(&x, &ids, &cfg.with_padding(Padding::Zero), ActFormat::FP8).unwrap();
+    assert_eq!((l.max_rows(), p.data.dims()), (0, &[0usize, 128][..]));
+    l.check().unwrap();
 }
 
 #[test]
@@ -148,9 +170,12 @@ fn dropped_rows_past_the_bound_and_typed_errors() {
     let ids = Tensor::from_slice(&[0i32, 1], &[2, 1], &Device::Cpu).unwrap();
     let c = DispatchConfig::new(2, 1);
     assert!(matches!(dispatch(&x, &ids, &c, ActFormat::FP8), Err(Error::Alignment { .. })), "H % 128 != 0");
+    // An id >= E is skipped and reported by check() (as on a device, which cannot see the ids).
     let bad_ids = Tensor::from_slice(&[0i32, 2], &[2, 1], &Device::Cpu).unwrap();
     let x8 = Tensor::from_slice(&vec![bf16::ONE; 2 * 128], &[2, 128], &Device::Cpu).unwrap();
-    assert!(matches!(dispatch(&x8, &bad_ids, &c, ActFormat::Bf16), Err(Error::InvalidArgument(_))), "id >= E");
+    let (l, _) = dispatch(&x8, &bad_ids, &c, ActFormat::Bf16).unwrap();
+    assert_eq!(l.row_map.to_vec::<i32>().unwrap(), vec![0, -1]);
+    assert!(matches!(l.check(), Err(Error::InvalidArgument(_))), "id >= E");
     let wrong_k = Tensor::from_slice(&[0i32, 1], &[1, 2], &Device::Cpu).unwrap();
     assert!(matches!(dispatch(&x8, &wrong_k, &c, ActFormat::Bf16), Err(Error::Shape(_))));
 }
