@@ -412,13 +412,30 @@ __device__ __forceinline__ void route_forward_team(const MoekitRouteParams& p) {
     }
 
     // Selection keys (the bias moves the choice, never the weights); scores to this team's row.
+    // A whole chunk takes 16-byte bias loads and shared stores (the row is 16-byte aligned and
+    // e0 is a multiple of C); a partial one goes element by element.
     uint32_t key[C];
+    if (C % 4 == 0 && e0 + C <= experts && (!has_bias || (p.bias & 15u) == 0)) {
 #pragma unroll
-    for (int i = 0; i < C; ++i) {
-      const int e = e0 + i;
-      const float sel = has_bias && e < experts ? moekit::fm::add(s[i], __ldg(&bias[e])) : s[i];
-      key[i] = e < experts ? order_key(sel) : 0u;
-      if (e < experts) s_row[e] = s[i];
+      for (int q = 0; q < C / 4; ++q) {
+        float4 b = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (has_bias) b = __ldg(reinterpret_cast<const float4*>(bias + e0) + q);
+        const float bq[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          const int i = 4 * q + h;
+          key[i] = order_key(has_bias ? moekit::fm::add(s[i], bq[h]) : s[i]);
+        }
+        *reinterpret_cast<float4*>(&s_row[e0 + 4 * q]) = make_float4(s[4 * q], s[4 * q + 1], s[4 * q + 2], s[4 * q + 3]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < C; ++i) {
+        const int e = e0 + i;
+        const float sel = has_bias && e < experts ? moekit::fm::add(s[i], __ldg(&bias[e])) : s[i];
+        key[i] = e < experts ? order_key(sel) : 0u;
+        if (e < experts) s_row[e] = s[i];
+      }
     }
     __syncwarp();
 
