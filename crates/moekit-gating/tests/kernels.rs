@@ -323,3 +323,78 @@ fn emu_raw_rejects_bad_input_before_launch() {
     }
     assert_eq!(counts.as_slice().iter().sum::<i32>(), 2 * 32);
 }
+
+/// What a routing call gave: ids, weight bits, counts, gradient bits; or the error's variant.
+type Outcome = Result<(Vec<i32>, Vec<u32>, Vec<i32>, Vec<u32>), std::mem::Discriminant<Error>>;
+
+/// One routing call on `dev`: forward, then the backward from its ids (when it succeeded).
+fn route_outcome(
+    dev: &Device,
+    cfg: &RouterConfig,
+    u: &[f32],
+    dims: &[usize],
+    dtype: u8,
+    shift: usize,
+    bias_len: Option<usize>,
+) -> Outcome {
+    let d = |e: Error| std::mem::discriminant(&e);
+    let view = |t: Tensor, n: usize| t.narrow(0, shift, n).and_then(|t| t.reshape(dims));
+    let mut padded = vec![0.25f32; shift];
+    padded.extend_from_slice(u);
+    let lt = match dtype {
+        0 => view(Tensor::from_slice(&padded, &[padded.len()], dev).map_err(d)?, u.len()),
+        1 => {
+            let h: Vec<bf16> = padded.iter().map(|&x| bf16::from_f32(x)).collect();
+            view(Tensor::from_slice(&h, &[h.len()], dev).map_err(d)?, u.len())
+        }
+        _ => {
+            let h: Vec<i32> = padded.iter().map(|&x| x as i32).collect();
+            view(Tensor::from_slice(&h, &[h.len()], dev).map_err(d)?, u.len())
+        }
+    }
+    .map_err(d)?;
+    let bt = bias_len.map(|n| Tensor::from_slice(&bias(n, 3), &[n], dev).unwrap());
+    let r = route(&lt, bt.as_ref(), cfg).map_err(d)?;
+    let ids = r.topk_ids.to_vec::<i32>().unwrap();
+    let gw: Vec<f32> = (0..ids.len()).map(|i| (i % 7) as f32 * 0.25 - 0.5).collect();
+    let gwt = Tensor::from_slice(&gw, r.topk_ids.dims(), dev).unwrap();
+    let g = route_backward(&lt, &r.topk_ids, &gwt, cfg).map_err(d)?.to_vec::<f32>().unwrap();
+    Ok((ids, bits(&r.topk_weights.to_vec::<f32>().unwrap()), r.counts.to_vec::<i32>().unwrap(), bits(&g)))
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, ..Default::default() })]
+
+    /// Random configurations and inputs, good and bad (experts past 512, top_k 0 or past the
+    /// kept groups, groups that do not divide E, logits of the wrong width, rank or dtype,
+    /// views at odd addresses, a bias of the wrong length): the CPU and the emulator give the
+    /// same `Result` variant, and the same bits when both succeed.
+    #[test]
+    fn emu_routing_same_outcome_on_cpu_and_emulator(
+        experts in proptest::sample::select(vec![1usize, 6, 8, 33, 64, 96, 128, 160, 256, 300, 512, 513]),
+        top_k in 0usize..18,
+        n_groups in proptest::sample::select(vec![1usize, 2, 4, 5, 8, 16]),
+        topk_groups in 0usize..9,
+        softmax in proptest::bool::ANY,
+        tokens in 0usize..6,
+        wrong_width in proptest::bool::weighted(0.15),
+        flat in proptest::bool::weighted(0.1),
+        dtype in proptest::sample::select(vec![0u8, 0, 1, 2]),
+        shift in 0usize..3,
+        bias_len in proptest::option::of(proptest::sample::select(vec![0usize, 1, 2])),
+        seed in 0u64..1000,
+    ) {
+        let Some(emu) = emulator_or_skip("emu_routing_same_outcome_on_cpu_and_emulator", &[&GATING], BlockOrder::InOrder)
+        else { return Ok(()) };
+        let score = if softmax { ScoreFunc::Softmax } else { ScoreFunc::Sigmoid };
+        let cfg = RouterConfig::new(experts, top_k, score).with_groups(n_groups, topk_groups);
+        let width = if wrong_width { experts + 1 } else { experts };
+        let u = logits(tokens, width, seed % 2 == 0, seed);
+        let dims = if flat { vec![u.len()] } else { vec![tokens, width] };
+        // bias_len: the right length, one short, or none at all.
+        let bias_len = bias_len.map(|k| [experts, experts.saturating_sub(1), experts + 1][k]);
+        let cpu = route_outcome(&Device::Cpu, &cfg, &u, &dims, dtype, shift, bias_len);
+        let emulated = route_outcome(&Device::Emulated(emu), &cfg, &u, &dims, dtype, shift, bias_len);
+        proptest::prop_assert_eq!(cpu, emulated, "{:?} dims {:?} dtype {} shift {}", cfg, dims, dtype, shift);
+    }
+}
