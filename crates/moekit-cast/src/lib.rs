@@ -122,10 +122,11 @@ pub mod raw {
         if src.is_empty() {
             return Ok(());
         }
-        // Enough blocks to fill the GPU several times over; the grid-stride loop covers the rest.
-        let max_blocks = on.multiprocessors() as usize * 16;
-        let blocks = src.len().div_ceil(VEC * BLOCK as usize).clamp(1, max_blocks);
-        let cfg = LaunchConfig { grid: (blocks as u32, 1, 1), block: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        // As many blocks as the device keeps resident (its occupancy for this kernel, cached per
+        // function), fewer for a short input; the grid-stride loop covers the rest.
+        let work = src.len().div_ceil(VEC * BLOCK as usize);
+        let blocks = moekit_cuda::persistent_grid(on, &kernels::CAST, "moekit_cast_bf16_to_fp8", BLOCK, 0, work)?;
+        let cfg = LaunchConfig { grid: (blocks, 1, 1), block: (BLOCK, 1, 1), shared_mem_bytes: 0 };
         let params = moekit_abi::MoekitCastParams {
             src: src.addr(),
             dst: dst.addr(),

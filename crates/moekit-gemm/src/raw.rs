@@ -22,8 +22,6 @@ pub const BLOCK: u32 = 128;
 pub const TILE: usize = 64;
 /// Dynamic shared memory of the portable kernel (3 cp.async stages + a converted tile, per operand).
 pub const SMEM_BYTES: u32 = 40960;
-/// Resident blocks per multiprocessor the persistent grid is sized for.
-pub const BLOCKS_PER_SM: usize = 4;
 
 /// The kernel the dispatcher picks for a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,7 +135,8 @@ pub(crate) fn check_aligned(what: &str, addr: u64, len: usize, required: usize) 
     }
 }
 
-fn expect(what: &str, got: usize, want: usize) -> Result<()> {
+/// A `Shape` error unless a buffer of `what` has `want` elements.
+pub(crate) fn expect(what: &str, got: usize, want: usize) -> Result<()> {
     if got == want {
         Ok(())
     } else {
@@ -262,8 +261,13 @@ fn launch(on: &dyn Launcher, l: Launch<'_>) -> Result<()> {
     if tiles == 0 {
         return Ok(());
     }
-    let blocks = tiles.min((on.multiprocessors() as usize * BLOCKS_PER_SM).max(1));
-    let cfg = LaunchConfig { grid: (blocks as u32, 1, 1), block: (BLOCK, 1, 1), shared_mem_bytes: SMEM_BYTES };
+    let name = if fp8 { "moekit_gemm_portable_fp8" } else { "moekit_gemm_portable_bf16" };
+    let sm90 = kernel_for(on) == Kernel::Sm90 && crate::sm90::supports(l.op, &s, fp8);
+    // The persistent grid: every tile, at most what the device keeps resident (the driver's
+    // occupancy for this kernel and shared memory, cached per function).
+    let blocks =
+        if sm90 { 1 } else { moekit_cuda::persistent_grid(on, &GEMM_PORTABLE, name, BLOCK, SMEM_BYTES, tiles)? };
+    let cfg = LaunchConfig { grid: (blocks, 1, 1), block: (BLOCK, 1, 1), shared_mem_bytes: SMEM_BYTES };
     // Rows of A's 1x128 scales (the MN-major stride follows from them).
     let a_scale_rows = match l.op {
         Op::Contiguous | Op::Dgrad => s.m,
@@ -292,10 +296,9 @@ fn launch(on: &dyn Launcher, l: Launch<'_>) -> Result<()> {
         a_scale_stride: ScaleLayout::mn_stride(a_scale_rows) as i32,
         _pad: 0,
     };
-    if kernel_for(on) == Kernel::Sm90 && crate::sm90::supports(l.op, &s, fp8) {
+    if sm90 {
         return crate::sm90::launch(on, params);
     }
-    let name = if fp8 { "moekit_gemm_portable_fp8" } else { "moekit_gemm_portable_bf16" };
     // SAFETY: one MoekitGemmParams by value (layout checked by moekit-abi's tests). Checked
     // above: the shape constraints, every buffer length against the sizes the kernel indexes
     // (operands, scales, ids, output), the alignment of every pointer the kernel accesses with
