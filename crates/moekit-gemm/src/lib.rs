@@ -16,9 +16,19 @@
 //! every 128 of the reduction. Outputs rows that are padding (`m_indices = -1`) or past
 //! `masked_m` are **not written** (they keep what the buffer held).
 //!
-//! Layers: [`reference`] (CPU, f64 accumulation on dequantized inputs, and the accuracy metric
+//! Layers: [`reference`](mod@reference) (CPU, f64 accumulation on dequantized inputs, and the accuracy metric
 //! [`reference::diff`]), [`raw`] (device buffers + stream; [`raw::Kernel`] is the dispatcher's
 //! choice for a device) and tensor ops ([`m_grouped_contiguous`], ...).
+//!
+//! **The same outcome on every device.** A tensor op validates everything once, before it
+//! chooses the device, so the CPU, the emulator and a GPU return the same `Result` variant for
+//! every input: `Dtype` (wrong dtypes, BF16 mixed with FP8), `Shape` (dims, element counts),
+//! `Alignment` (sizes [`Shape::check`] rejects; a view whose data does not start on a 16-byte
+//! boundary, [`raw::OPERAND_ALIGN`]), `InvalidArgument` (tensors on different devices,
+//! `masked_m` outside `[0, M_max]`, k-grouped offsets that decrease or leave `[0, M]`, MN-major
+//! k-grouped FP8 scales). `m_indices` ids outside `[0, G)` are padding rows on every device.
+//! The raw layer checks all but the values in device memory, against which the kernels defend
+//! themselves (see [`raw`]).
 
 mod ops;
 pub mod raw;

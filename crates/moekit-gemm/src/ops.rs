@@ -73,9 +73,9 @@ impl<'a> GemmInput<'a> {
     /// checked here), then alignment: the data [`raw::OPERAND_ALIGN`], the scales 4 bytes.
     fn check(&self, what: &str, elems: usize, scales: usize) -> Result<()> {
         let t = self.data();
-        count(what, t.numel(), elems)?;
+        raw::expect(what, t.numel(), elems)?;
         if let GemmInput::Fp8 { scales: s, .. } = self {
-            count(&format!("{what} scales"), s.numel(), scales)?;
+            raw::expect(&format!("{what} scales"), s.numel(), scales)?;
         }
         let addr = if self.fp8() { addr_of::<F8E4M3>(t)? } else { addr_of::<bf16>(t)? };
         raw::check_aligned(what, addr, t.numel(), raw::OPERAND_ALIGN)?;
@@ -121,14 +121,6 @@ fn addr_of<T: moekit_tensor::Element>(t: &Tensor) -> Result<u64> {
     }
 }
 
-fn count(what: &str, got: usize, want: usize) -> Result<()> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(Error::Shape(format!("{what}: {got} elements, expected {want}")))
-    }
-}
-
 fn same_device(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
     if a.device().same_as(b.device()) {
         Ok(())
@@ -163,7 +155,7 @@ fn validate(op: Op, shape: &Shape, a: &GemmInput<'_>, b: &GemmInput<'_>, ids: Op
     let lens = raw::Lens::of(op, shape, a.layout());
     if let Some((t, what)) = ids {
         t.expect_dtype(what, DType::I32)?;
-        count(what, t.numel(), lens.ids)?;
+        raw::expect(what, t.numel(), lens.ids)?;
     }
     same_device(a.data(), b.data(), "B")?;
     if let Some((t, what)) = ids {
