@@ -4,12 +4,20 @@
 //! `combine-v3` (T = 4096, H = 7168, k = 8, E = 256, alignment 128, ids from a DeepSeek-V3
 //! routing of synthetic logits).
 //!
-//! Bytes counted are the bytes the kernels move: dispatch reads x once and writes every
-//! used row (routed rows and zeroed padding rows; FP8 adds 4 bytes of scale per 128 values);
-//! combine reads k rows per token and writes one.
+//! GB/s are of the *minimum* bytes the op must move, not of what the kernels happen to move
+//! (padding rows, re-reads of the row map, the layout's scratch are not useful work):
+//! - dispatch: read x once per token that has a routed pair (the minimum: one read serves all
+//!   of a token's k copies; reading it per pair would be k times as much), read the ids, write
+//!   each routed pair's row (BF16, or FP8 plus one f32 scale per 128 values) and its entry of
+//!   the row map;
+//! - combine: read each routed pair's row of y and its row map entry and weight, write one row
+//!   per token.
+//!
+//! The byte accounting of both shapes (minimum and moved, per padding policy) is printed
+//! without a GPU too (`MOEKIT-BYTES` lines).
 
 use criterion::{criterion_main, Criterion, Throughput};
-use moekit_benches::{criterion, median_gpu_us, report_bandwidth, time_gpu};
+use moekit_benches::{criterion, median_gpu_us, report_bandwidth, time_gpu, HBM_BYTES_PER_S};
 use moekit_cuda::{testing::skip_notice, DeviceBuffer, Gpu, Stream};
 use moekit_dispatch::raw::{self, ActOut, LayoutOut};
 use moekit_dispatch::{max_rows, reference, ActFormat, DispatchConfig, Padding};
@@ -29,7 +37,61 @@ fn v3_ids(tokens: usize) -> Vec<i32> {
     moekit_gating::reference::route(&logits, None, &RouterConfig::deepseek_v3()).unwrap().ids
 }
 
+/// Bytes of one dispatch of `ids` (layout `l` with `rows` output rows) in `format`: the minimum
+/// (see the module docs) and what the kernels move (layout: ids twice, chunk counts, row map,
+/// m_indices; permute: x once per token, the row map, the routed rows, the padding rows when
+/// zeroed).
+fn dispatch_bytes(ids: &[i32], l: &reference::Layout, k: usize, h: usize, format: ActFormat, zero: bool) -> (f64, f64) {
+    let tokens = ids.len() / k;
+    let routed_tokens = ids.chunks(k).filter(|t| t.iter().any(|&i| i >= 0)).count();
+    let pairs = ids.iter().filter(|&&i| i >= 0).count();
+    let row = (h * format.elem_bytes() + if format == ActFormat::Bf16 { 0 } else { h / 128 * 4 }) as f64;
+    let used = l.offsets[l.counts.len()] as usize;
+    let minimum = (routed_tokens * h * 2) as f64 + (8 * tokens * k) as f64 + pairs as f64 * row;
+    let padding = if zero { (used - pairs) as f64 * row } else { 0.0 };
+    let layout = (3 * 4 * tokens * k + 4 * l.m_indices.len()) as f64;
+    (minimum, minimum + padding + layout + (tokens * k * 4) as f64 + ((tokens - routed_tokens) * h * 2) as f64)
+}
+
+/// Minimum bytes of a combine of `pairs` routed pairs into `tokens` rows of `h` BF16 values.
+fn combine_bytes(tokens: usize, k: usize, pairs: usize, h: usize) -> f64 {
+    (pairs * h * 2 + tokens * k * 8 + tokens * h * 2) as f64
+}
+
+/// Prints the byte accounting of the v3 shapes (no GPU needed).
+fn report_bytes() {
+    let (t, h, k, e) = (4096usize, 7168usize, 8usize, 256usize);
+    let ids = v3_ids(t);
+    let rows = max_rows(t, k, e, 128);
+    let l = reference::layout(&ids, &DispatchConfig::new(e, k), rows).unwrap();
+    let used = l.offsets[e] as usize;
+    let pairs = ids.iter().filter(|&&i| i >= 0).count();
+    let mb = |b: f64| b / 1e6;
+    for (name, format) in [("dispatch-fp8-v3", ActFormat::FP8), ("dispatch-bf16-v3", ActFormat::Bf16)] {
+        let (min, skip) = dispatch_bytes(&ids, &l, k, h, format, false);
+        let (_, zero) = dispatch_bytes(&ids, &l, k, h, format, true);
+        println!(
+            "MOEKIT-BYTES | {name} | {pairs} pairs, {used} rows used of {rows} (bound) | minimum {:.1} MB | moved \
+             {:.1} MB (Padding::Skip, the default), {:.1} MB (Padding::Zero) | floor {:.1} us at {:.1} TB/s |",
+            mb(min),
+            mb(skip),
+            mb(zero),
+            min / HBM_BYTES_PER_S * 1e6,
+            HBM_BYTES_PER_S / 1e12
+        );
+    }
+    let min = combine_bytes(t, k, pairs, h);
+    println!(
+        "MOEKIT-BYTES | combine-v3 | {pairs} pairs | minimum {:.1} MB | moved {:.1} MB | floor {:.1} us at {:.1} TB/s |",
+        mb(min),
+        mb(min),
+        min / HBM_BYTES_PER_S * 1e6,
+        HBM_BYTES_PER_S / 1e12
+    );
+}
+
 fn cpu(c: &mut Criterion) {
+    report_bytes();
     let (t, h) = (256usize, 7168usize);
     let cfg = DispatchConfig::new(256, 8).with_align(16);
     let ids = v3_ids(t);
@@ -58,7 +120,9 @@ fn gpu(c: &mut Criterion) {
     let cfg = DispatchConfig::new(e, k);
     let ids_host = v3_ids(t);
     let rows = max_rows(t, k, e, 128);
-    let used = reference::layout(&ids_host, &cfg, rows).unwrap().offsets[e] as usize;
+    let host_layout = reference::layout(&ids_host, &cfg, rows).unwrap();
+    let used = host_layout.offsets[e] as usize;
+    let pairs = ids_host.iter().filter(|&&i| i >= 0).count();
     let ids = DeviceBuffer::from_host(&gpu, &ids_host).unwrap();
     let xs = [
         DeviceBuffer::from_host(&gpu, &input(t * h, 1)).unwrap(),
@@ -101,15 +165,15 @@ fn gpu(c: &mut Criterion) {
                 act,
             )
         };
-        let bytes = (t * h * 2) as f64
-            + (used * h * format.elem_bytes()) as f64
-            + if format == ActFormat::Bf16 { 0.0 } else { (used * h / 128 * 4) as f64 };
+        let (bytes, _) = dispatch_bytes(&ids_host, &host_layout, k, h, format, cfg.padding == Padding::Zero);
         let mut g = c.benchmark_group(name);
         g.throughput(Throughput::Bytes(bytes as u64));
         g.bench_function("gpu", |b| b.iter_custom(|iters| time_gpu(&stream, iters, &mut launch).unwrap()));
         g.finish();
         let us = median_gpu_us(&stream, 5, 50, &mut launch).unwrap();
-        report_bandwidth(name, &format!("T={t} H={h} k={k} E={e} align 128, {used} rows"), us, bytes);
+        let shape =
+            format!("T={t} H={h} k={k} E={e} align 128, {used} rows, {:?}; GB/s of the minimum bytes", cfg.padding);
+        report_bandwidth(name, &shape, us, bytes);
     }
 
     let ys = [
@@ -121,13 +185,13 @@ fn gpu(c: &mut Criterion) {
     let mut launch = |i: u64| {
         raw::combine(&stream, ys[i as usize % 2].view(), h, row_map.view(), k, Some(w.view()), combined.view_mut())
     };
-    let bytes = (t * k * h * 2 + t * h * 2) as f64;
+    let bytes = combine_bytes(t, k, pairs, h);
     let mut g = c.benchmark_group("combine-v3");
     g.throughput(Throughput::Bytes(bytes as u64));
     g.bench_function("gpu", |b| b.iter_custom(|iters| time_gpu(&stream, iters, &mut launch).unwrap()));
     g.finish();
     let us = median_gpu_us(&stream, 5, 50, &mut launch).unwrap();
-    report_bandwidth("combine-v3", &format!("T={t} H={h} k={k} bf16 in/out"), us, bytes);
+    report_bandwidth("combine-v3", &format!("T={t} H={h} k={k} bf16 in/out; GB/s of the minimum bytes"), us, bytes);
 }
 
 fn benches() {
