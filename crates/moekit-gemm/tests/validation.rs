@@ -5,7 +5,7 @@
 //! k-grouped offsets, `m_indices` ids out of range, misaligned views (`narrow` by one
 //! element), wrong scale lengths; then the same through random bad inputs (proptest).
 
-use moekit_cuda::testing::emulator_or_skip;
+use moekit_cuda::testing::{emulator_or_skip, gpu_or_skip};
 use moekit_cuda::{BlockOrder, EmuBuffer};
 use moekit_dtype::{bf16, F8E4M3};
 use moekit_gemm::kernels::GEMM_PORTABLE;
@@ -14,7 +14,7 @@ use moekit_gemm::{
     dgrad, k_grouped, k_grouped_accumulate, m_grouped_contiguous, m_grouped_masked, reference, Error, GemmInput,
     Result, ScaleLayout, Shape,
 };
-use moekit_tensor::{DType, Device, Tensor};
+use moekit_tensor::{CudaDevice, DType, Device, Tensor};
 use proptest::prelude::*;
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -184,7 +184,12 @@ impl Call {
 /// panicked (K = 136) or computed (K = 128) where the emulator gave a `Dtype` error.
 #[test]
 fn emu_mixed_operand_dtypes_are_a_dtype_error_on_every_device() {
-    let Some(dev) = emu("emu_mixed_operand_dtypes_are_a_dtype_error_on_every_device") else { return };
+    if let Some(dev) = emu("emu_mixed_operand_dtypes_are_a_dtype_error_on_every_device") {
+        mixed_operand_dtypes_are_a_dtype_error_on_every_device(&dev);
+    }
+}
+
+fn mixed_operand_dtypes_are_a_dtype_error_on_every_device(dev: &Device) {
     for k in [136, 128, 256] {
         let fp8_a = Input::fp8(&[4, k], 4 * (k / 128), 1);
         let calls = [
@@ -200,7 +205,7 @@ fn emu_mixed_operand_dtypes_are_a_dtype_error_on_every_device() {
             },
         ];
         for c in calls {
-            assert_eq!(c.agree(&dev), "Dtype", "{c:?}");
+            assert_eq!(c.agree(dev), "Dtype", "{c:?}");
         }
     }
 }
@@ -208,7 +213,12 @@ fn emu_mixed_operand_dtypes_are_a_dtype_error_on_every_device() {
 /// `masked_m[g]` outside `[0, M_max]` is rejected (it was clamped); `M_max` itself is fine.
 #[test]
 fn emu_masked_m_out_of_range_is_rejected_on_every_device() {
-    let Some(dev) = emu("emu_masked_m_out_of_range_is_rejected_on_every_device") else { return };
+    if let Some(dev) = emu("emu_masked_m_out_of_range_is_rejected_on_every_device") {
+        masked_m_out_of_range_is_rejected_on_every_device(&dev);
+    }
+}
+
+fn masked_m_out_of_range_is_rejected_on_every_device(dev: &Device) {
     let (a, b) = (Input::bf16(&[2, 5, 8], 1), Input::bf16(&[2, 8, 8], 2));
     for (mm, want) in [
         (vec![5, 0], "Ok"),
@@ -218,7 +228,7 @@ fn emu_masked_m_out_of_range_is_rejected_on_every_device() {
         (vec![i32::MAX, i32::MIN], "InvalidArgument"),
     ] {
         let c = Call::Masked { a: a.clone(), b: b.clone(), masked_m: Some(mm) };
-        assert_eq!(c.agree(&dev), want, "{c:?}");
+        assert_eq!(c.agree(dev), want, "{c:?}");
     }
 }
 
@@ -226,7 +236,12 @@ fn emu_masked_m_out_of_range_is_rejected_on_every_device() {
 /// groups were silently summed twice).
 #[test]
 fn emu_k_grouped_offsets_out_of_order_or_range_are_rejected_on_every_device() {
-    let Some(dev) = emu("emu_k_grouped_offsets_out_of_order_or_range_are_rejected_on_every_device") else { return };
+    if let Some(dev) = emu("emu_k_grouped_offsets_out_of_order_or_range_are_rejected_on_every_device") {
+        k_grouped_offsets_out_of_order_or_range_are_rejected_on_every_device(&dev);
+    }
+}
+
+fn k_grouped_offsets_out_of_order_or_range_are_rejected_on_every_device(dev: &Device) {
     let (a, b) = (Input::bf16(&[10, 8], 1), Input::bf16(&[10, 16], 2));
     for (offsets, want) in [
         (vec![0, 3, 3, 10], "Ok"),
@@ -239,7 +254,7 @@ fn emu_k_grouped_offsets_out_of_order_or_range_are_rejected_on_every_device() {
         let groups = offsets.len() - 1;
         for accumulate in [None, Some(vec![groups, 8, 16])] {
             let c = Call::KGrouped { a: a.clone(), b: b.clone(), offsets: offsets.clone(), accumulate };
-            assert_eq!(c.agree(&dev), want, "{c:?}");
+            assert_eq!(c.agree(dev), want, "{c:?}");
         }
     }
 }
@@ -247,24 +262,34 @@ fn emu_k_grouped_offsets_out_of_order_or_range_are_rejected_on_every_device() {
 /// Ids outside `[0, G)` in `m_indices` are padding on every device: those rows stay zero.
 #[test]
 fn emu_m_indices_out_of_range_are_skipped_on_every_device() {
-    let Some(dev) = emu("emu_m_indices_out_of_range_are_skipped_on_every_device") else { return };
+    if let Some(dev) = emu("emu_m_indices_out_of_range_are_skipped_on_every_device") {
+        m_indices_out_of_range_are_skipped_on_every_device(&dev);
+    }
+}
+
+fn m_indices_out_of_range_are_skipped_on_every_device(dev: &Device) {
     let ids = vec![0, 2, -5, 1, i32::MAX, -1, i32::MIN];
     let c = Call::Contiguous { a: Input::bf16(&[7, 16], 1), b: Input::bf16(&[2, 8, 16], 2), ids: ids.clone() };
-    assert_eq!(c.agree(&dev), "Ok");
-    let d = f32s(&c.run(&dev).unwrap());
+    assert_eq!(c.agree(dev), "Ok");
+    let d = f32s(&c.run(dev).unwrap());
     for (r, &g) in ids.iter().enumerate() {
         let zero = d[r * 8..(r + 1) * 8].iter().all(|&x| x == 0.0);
         assert_eq!(zero, !(0..2).contains(&g), "row {r} (id {g})");
     }
     let c = Call::Dgrad { dy: Input::bf16(&[7, 8], 3), w: Input::bf16(&[2, 8, 16], 4), ids };
-    assert_eq!(c.agree(&dev), "Ok");
+    assert_eq!(c.agree(dev), "Ok");
 }
 
 /// A view that starts off a 16-byte boundary (`narrow` by one element) is an `Alignment` error
 /// for every operand of every op, on every device; the same views at a 16-byte offset work.
 #[test]
 fn emu_misaligned_views_are_alignment_errors_on_every_device() {
-    let Some(dev) = emu("emu_misaligned_views_are_alignment_errors_on_every_device") else { return };
+    if let Some(dev) = emu("emu_misaligned_views_are_alignment_errors_on_every_device") {
+        misaligned_views_are_alignment_errors_on_every_device(&dev);
+    }
+}
+
+fn misaligned_views_are_alignment_errors_on_every_device(dev: &Device) {
     let shifted = |i: &Input, shift: usize| Input { shift, ..i.clone() };
     let (bf_a, bf_b) = (Input::bf16(&[6, 16], 1), Input::bf16(&[2, 8, 16], 2));
     let (f8_a, f8_b) = (Input::fp8(&[6, 128], 6, 1), Input::fp8(&[2, 128, 128], 2, 2));
@@ -276,15 +301,15 @@ fn emu_misaligned_views_are_alignment_errors_on_every_device() {
             for (sa, sb) in [(shift, 0), (0, shift)] {
                 let (a, b) = (shifted(a, sa), shifted(b, sb));
                 let c = Call::Contiguous { a: a.clone(), b: b.clone(), ids: ids.clone() };
-                assert_eq!(c.agree(&dev), want, "{c:?}");
+                assert_eq!(c.agree(dev), want, "{c:?}");
                 let ma = Input { dims: vec![1, 6, a.dims[1]], ..a.clone() };
                 let mb = Input { dims: vec![1, b.dims[1], b.dims[2]], scales: b.scales / 2, ..b.clone() };
                 let mb = Input { seed: 3, ..mb };
                 let c = Call::Masked { a: ma, b: mb, masked_m: Some(vec![4]) };
-                assert_eq!(c.agree(&dev), want, "{c:?}");
+                assert_eq!(c.agree(dev), want, "{c:?}");
                 let dy = Input { dims: vec![6, b.dims[1]], scales: if a.fp8 { 6 } else { 0 }, ..a.clone() };
                 let c = Call::Dgrad { dy, w: b.clone(), ids: ids.clone() };
-                assert_eq!(c.agree(&dev), want, "{c:?}");
+                assert_eq!(c.agree(dev), want, "{c:?}");
             }
         }
         // k-grouped: BF16 dY [m, n], X [m, k]; FP8 dY^T [n, m], X^T [k, m].
@@ -300,11 +325,28 @@ fn emu_misaligned_views_are_alignment_errors_on_every_device() {
                 for accumulate in [None, Some(vec![groups, n, k])] {
                     let (a, b) = (shifted(&a, sa), shifted(&b, sb));
                     let c = Call::KGrouped { a, b, offsets: offsets.clone(), accumulate };
-                    assert_eq!(c.agree(&dev), want, "{c:?}");
+                    assert_eq!(c.agree(dev), want, "{c:?}");
                 }
             }
         }
     }
+}
+
+/// The same bodies on a GPU, where a misaligned access would kill the context: every outcome
+/// is the CPU's.
+#[test]
+#[ignore = "needs a GPU: cargo test -- --include-ignored gpu_ (the GPU bundle does)"]
+fn gpu_same_outcome_as_the_cpu() {
+    let Some(_) = gpu_or_skip("gpu_same_outcome_as_the_cpu", &[&GEMM_PORTABLE]) else { return };
+    let dev = Device::Cuda(CudaDevice::new(0).unwrap());
+    mixed_operand_dtypes_are_a_dtype_error_on_every_device(&dev);
+    masked_m_out_of_range_is_rejected_on_every_device(&dev);
+    k_grouped_offsets_out_of_order_or_range_are_rejected_on_every_device(&dev);
+    m_indices_out_of_range_are_skipped_on_every_device(&dev);
+    misaligned_views_are_alignment_errors_on_every_device(&dev);
+    // The context is still usable.
+    let c = Call::Contiguous { a: Input::bf16(&[4, 16], 1), b: Input::bf16(&[1, 8, 16], 2), ids: vec![0; 4] };
+    assert_eq!(c.agree(&dev), "Ok");
 }
 
 /// The raw layer checks the alignment of every pointer before it launches (a misaligned
