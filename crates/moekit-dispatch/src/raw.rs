@@ -21,8 +21,6 @@ const WARPS: usize = BLOCK as usize / 32;
 pub const CHUNK_PAIRS: usize = 1024;
 /// Threads per block of the layout's chunk scan (32 warps).
 const SCAN_BLOCK: u32 = 1024;
-/// Resident blocks per multiprocessor the memory-bound grids are sized for.
-pub const BLOCKS_PER_SM: usize = 8;
 
 /// Byte alignment of every buffer the kernels access in 16-byte words (`uint4`).
 pub const VECTOR_ALIGN: usize = 16;
@@ -44,10 +42,12 @@ fn expect_len(what: &str, got: usize, want: usize) -> Result<()> {
     Ok(())
 }
 
-fn grid(on: &dyn Launcher, items: usize) -> LaunchConfig {
-    let max_blocks = (on.multiprocessors() as usize * BLOCKS_PER_SM).max(1);
-    let blocks = items.div_ceil(WARPS).clamp(1, max_blocks);
-    LaunchConfig { grid: (blocks as u32, 1, 1), block: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+/// The persistent (grid-stride) grid of `kernel` for `items` warp-sized work items: one block
+/// per `WARPS` items, at most what the device keeps resident (the driver's occupancy for this
+/// kernel, cached per function).
+fn grid(on: &dyn Launcher, kernel: &str, items: usize) -> Result<LaunchConfig> {
+    let blocks = moekit_cuda::persistent_grid(on, &DISPATCH, kernel, BLOCK, 0, items.div_ceil(WARPS))?;
+    Ok(LaunchConfig { grid: (blocks, 1, 1), block: (BLOCK, 1, 1), shared_mem_bytes: 0 })
 }
 
 /// Length of the layout's scratch buffer (i32) for `pairs = T * k` pairs and `experts`.
@@ -231,7 +231,15 @@ pub fn permute(
     // [E], out [max_rows, hidden], scales per layout); x and out 16-byte aligned (the 16-byte
     // loads and stores); the kernel writes only rows below max_rows; every buffer lives where
     // `on` runs.
-    unsafe { moekit_cuda::launch(on, &DISPATCH, "moekit_dispatch_permute", grid(on, items), (params,)) }
+    unsafe {
+        moekit_cuda::launch(
+            on,
+            &DISPATCH,
+            "moekit_dispatch_permute",
+            grid(on, "moekit_dispatch_permute", items)?,
+            (params,),
+        )
+    }
 }
 
 fn act_launch(on: &dyn Launcher, kernel: &str, params: moekit_abi::MoekitActParams, rows: usize) -> Result<()> {
@@ -241,7 +249,7 @@ fn act_launch(on: &dyn Launcher, kernel: &str, params: moekit_abi::MoekitActPara
     // SAFETY: the callers checked every length against rows x cols (x, out, scales, grads),
     // the 16-byte alignment of x, out, grad_out and grad_x, and where each buffer lives; the
     // kernels touch exactly those elements.
-    unsafe { moekit_cuda::launch(on, &DISPATCH, kernel, grid(on, rows), (params,)) }
+    unsafe { moekit_cuda::launch(on, &DISPATCH, kernel, grid(on, kernel, rows)?, (params,)) }
 }
 
 fn act_params(x: u64, rows: usize, cols: usize, out: &ActOut<'_>, scales: u64) -> moekit_abi::MoekitActParams {
@@ -390,7 +398,9 @@ pub fn combine(
     // SAFETY: lengths checked (y [rows, hidden], row_map / weights [T, k], out [T, hidden]);
     // y and out 16-byte aligned; the variant handles top_k slots (slots past top_k masked); rows
     // outside [0, rows) are skipped by the kernel; buffers live where `on` runs.
-    unsafe { moekit_cuda::launch(on, &DISPATCH, combine_kernel(top_k), grid(on, tokens), (params,)) }
+    unsafe {
+        moekit_cuda::launch(on, &DISPATCH, combine_kernel(top_k), grid(on, combine_kernel(top_k), tokens)?, (params,))
+    }
 }
 
 /// Gradients of [`combine`]: `grad_y [rows, hidden]` (`w * grad_out[t]` at each pair's row;
@@ -453,5 +463,13 @@ pub fn combine_backward(
     // SAFETY: lengths checked above; y, grad_out and grad_y 16-byte aligned (the kernel's
     // 16-byte accesses); the kernel writes grad_y rows in [0, rows) only (map
     // values outside are skipped) and grad_weights [T, k]; buffers live where `on` runs.
-    unsafe { moekit_cuda::launch(on, &DISPATCH, "moekit_combine_backward", grid(on, tokens + rows), (params,)) }
+    unsafe {
+        moekit_cuda::launch(
+            on,
+            &DISPATCH,
+            "moekit_combine_backward",
+            grid(on, "moekit_combine_backward", tokens + rows)?,
+            (params,),
+        )
+    }
 }
