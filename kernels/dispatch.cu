@@ -17,8 +17,15 @@
 // moekit-sass: moekit_dispatch_permute@sm_90a require F2FP
 // moekit-sass: moekit_act_swiglu@sm_90a require F2FP
 // moekit-sass: moekit_dispatch_rows require MATCH
+// Register budgets = the occupancy NOTES.md assumes (256-thread blocks: <= 64 registers for 4
+// blocks per SM, <= 80 for 3, <= 128 for 2).
+// moekit-budget: moekit_dispatch_permute regs<=64
 // moekit-budget: moekit_combine_k1 regs<=64
-// moekit-budget: moekit_combine_k8 regs<=96
+// moekit-budget: moekit_combine_k2 regs<=64
+// moekit-budget: moekit_combine_k4 regs<=64
+// moekit-budget: moekit_combine_k6 regs<=64
+// moekit-budget: moekit_combine_k8 regs<=80
+// moekit-budget: moekit_combine_k16 regs<=128
 
 #include "moekit/abi.h"
 #include "moekit/convert.cuh"
