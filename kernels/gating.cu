@@ -27,7 +27,8 @@
 // (IEEE division brings MUFU.RCP with its correction steps, which is fine).
 // moekit-sass: * forbid MUFU.EX2 MUFU.LG2
 // moekit-sass: moekit_route_fwd_e8 require SHFL
-// moekit-sass: moekit_route_fwd_team_e256 require LDG.E.128.CONSTANT VIMNMX
+// moekit-sass: moekit_route_fwd_team_e256 require LDG.E.128
+// moekit-sass: moekit_route_fwd_team_e256@sm_90a require VIMNMX
 // The host sizes routing grids from the driver's occupancy; these are the floors it may assume.
 // moekit-budget: moekit_route_fwd_team_e256 threads=256 blocks_per_sm>=3
 // moekit-budget: moekit_route_fwd_team_e512 threads=256 blocks_per_sm>=3
