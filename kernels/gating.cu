@@ -30,9 +30,9 @@
 // moekit-sass: moekit_route_fwd_team_e256 require LDG.E.128
 // moekit-sass: moekit_route_fwd_team_e256@sm_90a require VIMNMX
 // The host sizes routing grids from the driver's occupancy; these are the floors it may assume.
-// moekit-budget: moekit_route_fwd_team_e256 threads=256 blocks_per_sm>=3
-// moekit-budget: moekit_route_fwd_team_e512 threads=256 blocks_per_sm>=3
-// moekit-budget: moekit_route_fwd_team_e128 threads=256 blocks_per_sm>=4
+// moekit-budget: moekit_route_fwd_team_e256 threads=128 blocks_per_sm>=6
+// moekit-budget: moekit_route_fwd_team_e512 threads=128 blocks_per_sm>=6
+// moekit-budget: moekit_route_fwd_team_e128 threads=128 blocks_per_sm>=8
 
 #include "moekit/abi.h"
 #include "moekit/convert.cuh"
@@ -42,6 +42,10 @@ namespace {
 
 constexpr int kWarps = 8;  // warps per block
 constexpr int kBlock = 32 * kWarps;
+// The team-layout forward's block: 4 warps, so its two shared rows per team stay within the
+// 48 KiB of static shared memory at E = 256 and 512 (32 KiB).
+constexpr int kTeamWarps = 4;
+constexpr int kTeamBlock = 32 * kTeamWarps;
 constexpr unsigned kFull = 0xffffffffu;
 
 // ---- ordering ------------------------------------------------------------------------------
@@ -50,9 +54,11 @@ constexpr unsigned kFull = 0xffffffffu;
 // NaN -> 1 (below every number, -inf included), 0 reserved for "not a candidate".
 __device__ __forceinline__ uint32_t order_key(float v) {
   uint32_t b = __float_as_uint(v);
-  if ((b & 0x7fffffffu) > 0x7f800000u) return 1u;
-  if (b == 0x80000000u) b = 0u;
-  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+  const bool nan = (b & 0x7fffffffu) > 0x7f800000u;
+  b = b == 0x80000000u ? 0u : b;
+  // Negative: all bits flipped; positive: the sign bit set (one shift and one LOP3).
+  const uint32_t key = b ^ (static_cast<uint32_t>(static_cast<int32_t>(b) >> 31) | 0x80000000u);
+  return nan ? 1u : key;
 }
 
 // Total order on candidates: by key, then the lower index first. Distinct for distinct
@@ -345,17 +351,61 @@ __device__ __forceinline__ void load_chunk(uint64_t base, int32_t dtype, uint64_
   for (int i = 0; i < C; ++i) u[i] = e0 + i < experts ? load_logit(base, dtype, first + i) : 0.0f;
 }
 
-// This lane's and its team's experts of the largest remaining key: `bk` (0: none left) and
-// `bi`, the lowest slot holding it (ties go to the lower expert, as `rank_key` orders them).
+// Two-level top-k state of one lane: the maxima of its sub-chunks of kSub = min(C, 4) slots,
+// in registers; the keys themselves in the team's shared row, so that a pop reloads only the
+// sub-chunk it touched (one 16-byte shared load) instead of rescanning all C slots.
 template <int C>
-__device__ __forceinline__ void best_slot(const uint32_t (&key)[C], uint32_t& bk, int& bi) {
-  bk = 0u;
+struct LaneBest {
+  static constexpr int kSub = C < 4 ? C : 4;
+  static constexpr int kSubs = C / kSub;
+  uint32_t sub[kSubs];  // max key of each sub-chunk
+  uint32_t bk;          // the lane's largest remaining key (0: none)
+  int bi;               // the lowest slot holding it
+
+  // Max of one sub-chunk's keys, read from the row (this lane's chunk starts at `row`).
+  __device__ __forceinline__ static uint32_t sub_max(const uint32_t* row, int q, int& lowest, uint32_t value) {
+    uint32_t k[kSub];
+    if (kSub == 4) {
+      const uint4 v = *reinterpret_cast<const uint4*>(row + 4 * q);
+      k[0] = v.x, k[kSub > 1 ? 1 : 0] = v.y, k[kSub > 2 ? 2 : 0] = v.z, k[kSub > 3 ? 3 : 0] = v.w;
+    } else {
 #pragma unroll
-  for (int i = 0; i < C; ++i) bk = key[i] > bk ? key[i] : bk;
-  bi = 0;
+      for (int j = 0; j < kSub; ++j) k[j] = row[kSub * q + j];
+    }
+    uint32_t m = 0u;
 #pragma unroll
-  for (int i = C - 1; i >= 0; --i) bi = key[i] == bk ? i : bi;
-}
+    for (int j = 0; j < kSub; ++j) m = k[j] > m ? k[j] : m;
+    // The lowest slot of the sub-chunk holding `value` (used when value is the lane's best).
+    lowest = 0;
+#pragma unroll
+    for (int j = kSub - 1; j >= 0; --j) lowest = k[j] == value ? j : lowest;
+    return m;
+  }
+
+  // bk and bi from the sub-chunk maxima (ties to the lowest slot).
+  __device__ __forceinline__ void settle(const uint32_t* row) {
+    bk = 0u;
+#pragma unroll
+    for (int q = 0; q < kSubs; ++q) bk = sub[q] > bk ? sub[q] : bk;
+    int bq = 0;
+#pragma unroll
+    for (int q = kSubs - 1; q >= 0; --q) bq = sub[q] == bk ? q : bq;
+    int j;
+    sub_max(row, bq, j, bk);
+    bi = kSub * bq + j;
+  }
+
+  // Drops slot bi (the lane's winner) and finds the next best.
+  __device__ __forceinline__ void pop(uint32_t* row) {
+    row[bi] = 0u;
+    const int q = bi / kSub;
+    int unused;
+    const uint32_t m = sub_max(row, q, unused, 0u);
+#pragma unroll
+    for (int g = 0; g < kSubs; ++g) sub[g] = g == q ? m : sub[g];
+    settle(row);
+  }
+};
 
 // Routes 32 / L tokens per warp at a time (see "Team layout" at the top). Grouped routing
 // needs group size == C (one group per lane); the host sends other group sizes to the warp
@@ -364,8 +414,12 @@ template <int C, int L>
 __device__ __forceinline__ void route_forward_team(const MoekitRouteParams& p) {
   constexpr int kTeams = 32 / L;
   constexpr int kMaxExperts = C * L;
-  // Each token's scores, for the weights of the winners (one row per team).
+  constexpr int kWarps = kTeamWarps;
+  constexpr int kBlock = kTeamBlock;
+  // Each token's scores (for the weights of the winners) and selection keys (for the top-k
+  // rounds), one row of each per team.
   __shared__ __align__(16) float s_smem[kWarps][kTeams][kMaxExperts];
+  __shared__ __align__(16) uint32_t k_smem[kWarps][kTeams][kMaxExperts];
   __shared__ int count_smem[kMaxExperts];
 
   const int lane = threadIdx.x & 31;
@@ -380,6 +434,7 @@ __device__ __forceinline__ void route_forward_team(const MoekitRouteParams& p) {
   const float* bias = reinterpret_cast<const float*>(p.bias);
   int* counts = reinterpret_cast<int*>(p.counts);
   float* s_row = s_smem[warp][team];
+  uint32_t* k_row = k_smem[warp][team] + e0;  // this lane's chunk of the key row
 
   if (counts != nullptr) {
     for (int e = threadIdx.x; e < experts; e += kBlock) count_smem[e] = 0;
@@ -440,9 +495,25 @@ __device__ __forceinline__ void route_forward_team(const MoekitRouteParams& p) {
     }
     __syncwarp();
 
-    uint32_t bk;
-    int bi;
-    best_slot<C>(key, bk, bi);
+    // The keys to this lane's chunk of the key row (slots past E hold 0), and the sub-chunk
+    // maxima; only this lane reads its chunk, so no barrier is needed for it.
+    LaneBest<C> best;
+#pragma unroll
+    for (int q = 0; q < LaneBest<C>::kSubs; ++q) {
+      constexpr int S = LaneBest<C>::kSub;
+      uint32_t m = 0u;
+#pragma unroll
+      for (int j = 0; j < S; ++j) m = key[S * q + j] > m ? key[S * q + j] : m;
+      best.sub[q] = m;
+      if (S == 4) {
+        *reinterpret_cast<uint4*>(k_row + 4 * q) =
+            make_uint4(key[4 * q], key[4 * q + (S > 1)], key[4 * q + 2 * (S > 2)], key[4 * q + 3 * (S > 3)]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < S; ++j) k_row[S * q + j] = key[S * q + j];
+      }
+    }
+    best.settle(k_row);
     if (grouped) {
       // This lane's group: its top two keys as a multiset (integer max/min), then its score.
       uint32_t k1 = 0u, k2 = 0u;
@@ -461,24 +532,20 @@ __device__ __forceinline__ void route_forward_team(const MoekitRouteParams& p) {
       int better = 0;
 #pragma unroll
       for (int h = 0; h < L; ++h) better += rank_key(__shfl_sync(kFull, gk, team * L + h), h) > mine;
-      if (better >= p.topk_groups) bk = 0u;  // a dropped group never wins, so never rescans
+      if (better >= p.topk_groups) best.bk = 0u;  // a dropped group never wins, so never pops
     }
 
     // Top-k: k rounds of a team max over each lane's best remaining candidate; the owner of
-    // the winner drops it and finds its next best.
+    // the winner drops it and finds its next best (one sub-chunk reloaded, see LaneBest).
     float sum = 0.0f;
     int id_lo = -1, id_hi = -1;
     float w_lo = 0.0f, w_hi = 0.0f;
     for (int j = 0; j < k; ++j) {
-      const uint64_t win = team_max<L>(rank_key(bk, e0 + bi));
+      const uint64_t win = team_max<L>(rank_key(best.bk, e0 + best.bi));
       const bool valid = win != 0ull;
       const int e = static_cast<int>(~static_cast<uint32_t>(win));
       const float w = valid ? s_row[e] : 0.0f;
-      if (valid && e >= e0 && e < e0 + C) {
-#pragma unroll
-        for (int i = 0; i < C; ++i) key[i] = i == bi ? 0u : key[i];
-        best_slot<C>(key, bk, bi);
-      }
+      if (valid && e >= e0 && e < e0 + C) best.pop(k_row);
       sum = moekit::fm::add(sum, w);
       if (j % L == r) {
         if (j < L) {
@@ -758,10 +825,10 @@ extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_balance_bwd_e16(c
 // points by reading the source). The second launch bound is the occupancy its register budget
 // keeps: 3 x 8 warps for C = 32, each warp with 4 tokens' loads in flight (96 KiB per SM, three
 // times what 4.3 TB/s at ~1 us latency needs).
-extern "C" __global__ void __launch_bounds__(kBlock, 4) moekit_route_fwd_team_e8(const MoekitRouteParams p) { route_forward_team<1, 8>(p); }
-extern "C" __global__ void __launch_bounds__(kBlock, 4) moekit_route_fwd_team_e16(const MoekitRouteParams p) { route_forward_team<2, 8>(p); }
-extern "C" __global__ void __launch_bounds__(kBlock, 4) moekit_route_fwd_team_e32(const MoekitRouteParams p) { route_forward_team<4, 8>(p); }
-extern "C" __global__ void __launch_bounds__(kBlock, 4) moekit_route_fwd_team_e64(const MoekitRouteParams p) { route_forward_team<8, 8>(p); }
-extern "C" __global__ void __launch_bounds__(kBlock, 4) moekit_route_fwd_team_e128(const MoekitRouteParams p) { route_forward_team<16, 8>(p); }
-extern "C" __global__ void __launch_bounds__(kBlock, 3) moekit_route_fwd_team_e256(const MoekitRouteParams p) { route_forward_team<32, 8>(p); }
-extern "C" __global__ void __launch_bounds__(kBlock, 3) moekit_route_fwd_team_e512(const MoekitRouteParams p) { route_forward_team<32, 16>(p); }
+extern "C" __global__ void __launch_bounds__(kTeamBlock, 8) moekit_route_fwd_team_e8(const MoekitRouteParams p) { route_forward_team<1, 8>(p); }
+extern "C" __global__ void __launch_bounds__(kTeamBlock, 8) moekit_route_fwd_team_e16(const MoekitRouteParams p) { route_forward_team<2, 8>(p); }
+extern "C" __global__ void __launch_bounds__(kTeamBlock, 8) moekit_route_fwd_team_e32(const MoekitRouteParams p) { route_forward_team<4, 8>(p); }
+extern "C" __global__ void __launch_bounds__(kTeamBlock, 8) moekit_route_fwd_team_e64(const MoekitRouteParams p) { route_forward_team<8, 8>(p); }
+extern "C" __global__ void __launch_bounds__(kTeamBlock, 8) moekit_route_fwd_team_e128(const MoekitRouteParams p) { route_forward_team<16, 8>(p); }
+extern "C" __global__ void __launch_bounds__(kTeamBlock, 6) moekit_route_fwd_team_e256(const MoekitRouteParams p) { route_forward_team<32, 8>(p); }
+extern "C" __global__ void __launch_bounds__(kTeamBlock, 6) moekit_route_fwd_team_e512(const MoekitRouteParams p) { route_forward_team<32, 16>(p); }

@@ -70,21 +70,44 @@ fn expect_len(what: &str, got: usize, want: usize) -> Result<()> {
     Ok(())
 }
 
-/// A persistent routing grid for `kernel`: one block per `tokens_per_block` tokens, at most
-/// what the device keeps resident (its occupancy for this kernel, asked once and cached).
-fn routing_grid(on: &dyn Launcher, kernel: &str, tokens: usize, tokens_per_block: usize) -> Result<LaunchConfig> {
-    let blocks = moekit_cuda::persistent_grid(on, &GATING, kernel, BLOCK, 0, tokens.div_ceil(tokens_per_block))?;
-    Ok(LaunchConfig { grid: (blocks, 1, 1), block: (BLOCK, 1, 1), shared_mem_bytes: 0 })
+/// Threads per block of the team-layout forward (4 warps: its two shared rows per team fit the
+/// static shared memory).
+pub const TEAM_BLOCK: u32 = 128;
+
+/// A launch of a routing kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingKernel {
+    /// Kernel name.
+    pub name: String,
+    /// Threads per block.
+    pub block: u32,
+    /// Tokens one block routes at a time.
+    pub tokens_per_block: usize,
 }
 
-/// The forward kernel for `cfg` and the tokens one of its blocks routes at a time: the team
-/// layout when the groups fit it (no groups, or one group per lane), else the warp layout.
-pub fn forward_kernel(cfg: &RouterConfig) -> (String, usize) {
+/// A persistent routing grid: one block per `tokens_per_block` tokens, at most what the
+/// device keeps resident (its occupancy for this kernel, asked once and cached).
+fn routing_grid(on: &dyn Launcher, k: &RoutingKernel, tokens: usize) -> Result<LaunchConfig> {
+    let blocks = moekit_cuda::persistent_grid(on, &GATING, &k.name, k.block, 0, tokens.div_ceil(k.tokens_per_block))?;
+    Ok(LaunchConfig { grid: (blocks, 1, 1), block: (k.block, 1, 1), shared_mem_bytes: 0 })
+}
+
+/// The forward kernel for `cfg`: the team layout when the groups fit it (no groups, or one
+/// group per lane), else the warp layout.
+pub fn forward_kernel(cfg: &RouterConfig) -> RoutingKernel {
     let (chunk, lanes) = team_layout(cfg.experts);
     if cfg.n_groups == 1 || cfg.group_size() == chunk {
-        (format!("moekit_route_fwd_team_e{}", chunk * lanes), WARPS * 32 / lanes)
+        RoutingKernel {
+            name: format!("moekit_route_fwd_team_e{}", chunk * lanes),
+            block: TEAM_BLOCK,
+            tokens_per_block: TEAM_BLOCK as usize / lanes,
+        }
     } else {
-        (format!("moekit_route_fwd_e{}", experts_per_lane(cfg.experts)), WARPS)
+        RoutingKernel {
+            name: format!("moekit_route_fwd_e{}", experts_per_lane(cfg.experts)),
+            block: BLOCK,
+            tokens_per_block: WARPS,
+        }
     }
 }
 
@@ -161,14 +184,14 @@ pub fn route(
         0,
         0,
     );
-    let (name, per_block) = forward_kernel(cfg);
-    let grid = routing_grid(on, &name, tokens, per_block)?;
+    let kernel = forward_kernel(cfg);
+    let grid = routing_grid(on, &kernel, tokens)?;
     // SAFETY: the kernel takes one MoekitRouteParams by value (layout checked by moekit-abi's
     // tests); it reads T * E logits (16-byte loads only at 16-byte-aligned addresses, which it
     // checks) and E bias values, writes T * k ids and weights and counts only at ids in
     // [0, E). All lengths were checked above, the config is valid, and every pointer lives
     // where `on` runs (ensure_addressable).
-    unsafe { moekit_cuda::launch(on, &GATING, &name, grid, (params,)) }
+    unsafe { moekit_cuda::launch(on, &GATING, &kernel.name, grid, (params,)) }
 }
 
 /// Gradient w.r.t. the logits: writes `grad_logits [T, E]` (every element) from
@@ -195,11 +218,15 @@ pub fn route_backward(
         return Ok(());
     }
     let params = route_params(cfg, &logits, tokens, 0, topk_ids.addr(), 0, 0, grad_weights.addr(), grad_logits.addr());
-    let name = format!("moekit_route_bwd_e{}", experts_per_lane(cfg.experts));
-    let grid = routing_grid(on, &name, tokens, WARPS)?;
+    let kernel = RoutingKernel {
+        name: format!("moekit_route_bwd_e{}", experts_per_lane(cfg.experts)),
+        block: BLOCK,
+        tokens_per_block: WARPS,
+    };
+    let grid = routing_grid(on, &kernel, tokens)?;
     // SAFETY: as in `route`: lengths checked, ids are bounds-checked by the kernel before use
     // as indices, writes go to the T * E elements of grad_logits.
-    unsafe { moekit_cuda::launch(on, &GATING, &name, grid, (params,)) }
+    unsafe { moekit_cuda::launch(on, &GATING, &kernel.name, grid, (params,)) }
 }
 
 /// Auxiliary-loss-free bias update in place: `bias[e] += gamma * sign(mean - counts[e])`.

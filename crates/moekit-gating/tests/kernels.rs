@@ -214,7 +214,7 @@ fn emu_routing_matches_reference_bitwise() {
 /// match one group per lane.
 #[test]
 fn forward_kernel_follows_the_team_layout() {
-    let name = |cfg: RouterConfig| raw::forward_kernel(&cfg).0;
+    let name = |cfg: RouterConfig| raw::forward_kernel(&cfg).name;
     assert_eq!(name(RouterConfig::deepseek_v3()), "moekit_route_fwd_team_e256");
     assert_eq!(name(RouterConfig::qwen3_moe()), "moekit_route_fwd_team_e128");
     assert_eq!(name(RouterConfig::mixtral()), "moekit_route_fwd_team_e8");

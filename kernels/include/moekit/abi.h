@@ -121,7 +121,8 @@ typedef enum MoekitScaleLayout {
 
 /*
  * Dispatch layout (kernels/dispatch.cu), three launches over the same params: count (grid =
- * chunks), offsets (one block), rows (grid = chunks). Pairs (t, j) are numbered i = t * top_k + j
+ * chunks), offsets (a parallel scan over the chunks, one block per 32 experts), rows (grid =
+ * chunks). Pairs (t, j) are numbered i = t * top_k + j
  * and split into chunks of chunk_pairs; rows inside an expert follow i (stable).
  */
 typedef struct MoekitDispatchLayoutParams {
@@ -142,9 +143,10 @@ typedef struct MoekitDispatchLayoutParams {
 } MoekitDispatchLayoutParams;
 
 /*
- * Permute (and quantize) tokens to their expert rows: out[row_map[t, j]] = q(x[t]); rows that are
- * padding (not in any segment's first counts[e] rows) become the quantization of a zero row when
- * zero_padding, else are left untouched.
+ * Permute (and quantize) tokens to their expert rows: out[row_map[t, j]] = q(x[t]); the padding
+ * rows inside segments (below offsets[E], not in any segment's first counts[e] rows) become zeros
+ * with a zero tile's scale when zero_padding, else are left untouched; rows at or past offsets[E]
+ * are never written.
  */
 typedef struct MoekitPermuteParams {
   uint64_t x;            /* [tokens, hidden] bf16 */
