@@ -1,0 +1,79 @@
+//! moekit's MoE ops as candle [`CustomOp1`](candle_core::CustomOp1)s and
+//! [`CustomOp2`](candle_core::CustomOp2)s with backward passes, so that candle's autograd
+//! trains through them, and [`MoeExperts`], the routed experts with mistral.rs's call shape.
+//!
+//! | op | inputs | output | gradient to |
+//! |---|---|---|---|
+//! | [`route`] | logits `[T, E]` F32/BF16, bias `[E]` F32 | ids `[T, k]` U32, weights `[T, k]` F32, counts `[E]` I32 | logits (weights only; the bias gets none) |
+//! | [`route_replay`] | logits, given ids `[T, k]` U32/I32 | weights `[T, k]` F32 | logits |
+//! | [`dispatch_layout`] | ids `[T, k]` U32/I32 | [`DispatchLayout`] (I32 tensors) | - |
+//! | [`permute`] | x `[T, H]` BF16 | `[max_rows, H]` BF16 | x |
+//! | [`permute_fp8`] | x `[T, H]` BF16 | [`Fp8Activation`]: `[max_rows, H]` F8E4M3 + 1x128 F32 scales | - (forward only) |
+//! | [`grouped_gemm_contiguous`] | a `[M, K]`, b `[G, N, K]` BF16, m_indices `[M]` | `[M, N]` BF16 | a, b |
+//! | [`grouped_gemm_masked`] | a `[G, M, K]`, b `[G, N, K]` BF16, masked_m `[G]` | `[G, M, N]` BF16 | a, b |
+//! | [`grouped_gemm_contiguous_fp8`] | [`Fp8Activation`], [`Fp8Weights`], m_indices | `[M, N]` BF16 | - (forward only) |
+//! | [`swiglu`] | `[rows, 2 I]` BF16 (gate, then up) | `[rows, I]` BF16 | input |
+//! | [`combine`] | y `[max_rows, H]` BF16, weights `[T, k]` F32 | `[T, H]` BF16 | y, weights |
+//!
+//! Weights are `[experts, out, in]` (candle's and mistral.rs's layout, and moekit's NT GEMM).
+//! Inputs may have any layout (they are made contiguous first); ids may be U32 (candle's
+//! `arg_sort` output; `u32::MAX` means "not routed") or I32 (moekit's; `-1`).
+//!
+//! # What runs
+//! On a CPU tensor every op runs moekit's CPU path: the tensor ops of moekit-gating,
+//! moekit-dispatch and moekit-gemm on `moekit_tensor::Device::Cpu` (their references), so the
+//! results are **bit-identical** to moekit's, forward and backward (the tests check it). That
+//! path is a reference: the grouped GEMM accumulates in f64 element by element, fine for tests
+//! and small models, not for speed. Bad shapes, dtypes and devices are
+//! `candle_core::Error::Msg`, moekit's own errors are wrapped (`Error::Wrapped`, moekit's
+//! message); nothing panics on bad input.
+//!
+//! # CUDA
+//! The `cuda` feature (off by default; the default build pulls in no CUDA crate of candle)
+//! would run the same ops on candle's CUDA tensors through moekit's raw launchers: the
+//! device address of a `CudaStorage` slice as a [`moekit_cuda::DevPtr::from_raw`], candle's
+//! `CUstream` wrapped by `moekit_cuda::Stream::borrowed` (no ownership taken), outputs
+//! allocated by candle's device, nothing else allocated. **It cannot be built in this
+//! workspace today**, and this crate does not contain that path yet:
+//! - the versions agree: candle-core 0.11.1 depends on `cudarc = "0.19.10"`, moekit on
+//!   `cudarc = "0.19"` (0.19.10 in `Cargo.lock`), so there would be one cudarc in the build;
+//! - the linking features do not: candle-core's `cuda` feature enables cudarc's
+//!   `dynamic-linking`, moekit-cuda enables `dynamic-loading`; cargo unifies features, and
+//!   cudarc's build script panics when both are on ("Both `dynamic-loading` and
+//!   `dynamic-linking` features are active"). moekit-cuda also relies on
+//!   `cudarc::driver::sys::is_culib_present`, which exists only with `dynamic-loading` (it is
+//!   how moekit finds the driver without panicking).
+//!
+//! A fix belongs to the workspace, not to this crate: either moekit-cuda moves to cudarc's
+//! `fallback-dynamic-loading` (dynamic loading unless another crate picks a linking mode) and
+//! probes the driver itself under `dynamic-linking`, or candle moves to `dynamic-loading`.
+//! Until then a CUDA tensor given to any op here is an `Error::Msg` saying so.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use moekit_candle::{route, MoeExperts, RouterConfig};
+//! let dev = Device::Cpu;
+//! // 4 tokens, hidden 16, 8 experts of intermediate size 8, Mixtral-style top-2.
+//! let xs = Tensor::randn(0f32, 1.0, (4, 16), &dev)?.to_dtype(DType::BF16)?;
+//! let logits = Tensor::randn(0f32, 1.0, (4, 8), &dev)?;
+//! let r = route(&logits, None, &RouterConfig::mixtral())?;
+//! let gate_up = (Tensor::randn(0f32, 0.1, (8, 16, 16), &dev)?).to_dtype(DType::BF16)?;
+//! let down = (Tensor::randn(0f32, 0.1, (8, 16, 8), &dev)?).to_dtype(DType::BF16)?;
+//! let experts = MoeExperts::new(gate_up, down, 2)?.with_align(16)?;
+//! let ys = experts.forward(&xs, &r.topk_weights, &r.topk_ids)?;
+//! assert_eq!(ys.dims(), &[4, 16]);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+mod convert;
+mod dispatch;
+mod experts;
+mod gemm;
+mod routing;
+
+pub use dispatch::{combine, dispatch_layout, permute, permute_fp8, swiglu, DispatchLayout, Fp8Activation};
+pub use experts::MoeExperts;
+pub use gemm::{grouped_gemm_contiguous, grouped_gemm_contiguous_fp8, grouped_gemm_masked, Fp8Weights};
+pub use moekit_dispatch::{DispatchConfig, Padding, ScaleKind, ScaleLayout};
+pub use moekit_gating::{RouterConfig, ScoreFunc};
+pub use routing::{route, route_replay, Routing};
