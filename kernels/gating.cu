@@ -30,8 +30,11 @@
 // moekit-sass: moekit_route_fwd_team_e256 require LDG.E.128
 // moekit-sass: moekit_route_fwd_team_e256@sm_90a require VIMNMX
 // The host sizes routing grids from the driver's occupancy; these are the floors it may assume.
-// moekit-budget: moekit_route_fwd_team_e256 threads=128 blocks_per_sm>=6
-// moekit-budget: moekit_route_fwd_team_e512 threads=128 blocks_per_sm>=6
+// (Hopper's 228 KiB of shared memory per SM; sm_80's 164 KiB keep 4 blocks of the e256 kernel.)
+// moekit-budget: moekit_route_fwd_team_e256@sm_90a threads=128 blocks_per_sm>=6
+// moekit-budget: moekit_route_fwd_team_e256@sm_90 threads=128 blocks_per_sm>=6
+// moekit-budget: moekit_route_fwd_team_e512@sm_90a threads=128 blocks_per_sm>=6
+// moekit-budget: moekit_route_fwd_team_e256@sm_80 threads=128 blocks_per_sm>=4
 // moekit-budget: moekit_route_fwd_team_e128 threads=128 blocks_per_sm>=8
 
 #include "moekit/abi.h"
