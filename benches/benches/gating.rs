@@ -31,6 +31,8 @@ fn logits(n: usize, seed: u32) -> Vec<f32> {
     (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 2097152.0 - 4.0).collect()
 }
 
+/// The minimum bytes of a routing: the f32 logits read once, the ids and weights written once
+/// (the E counts are negligible).
 fn bytes(s: &Shape) -> f64 {
     (s.tokens * s.cfg.experts * 4 + s.tokens * s.cfg.top_k * 8) as f64
 }

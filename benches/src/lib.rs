@@ -50,11 +50,13 @@ pub fn median_gpu_us(stream: &Stream, warmup: u64, reps: usize, mut f: impl FnMu
 }
 
 /// Prints the summary line of a memory-bound benchmark (collected by the bundle's run.sh):
-/// `MOEKIT-BENCH | name | shape | median | GB/s | fraction of HBM ceiling |`.
+/// `MOEKIT-BENCH | name | shape | median | GB/s | fraction of HBM ceiling |`. `bytes` must be
+/// the *minimum* the op has to move (each input read once, each output written once), never
+/// what the kernel happens to move; the line says so.
 pub fn report_bandwidth(name: &str, shape: &str, median_us: f64, bytes: f64) {
     let gbs = bytes / (median_us * 1e-6) / 1e9;
     println!(
-        "MOEKIT-BENCH | {name} | {shape} | {median_us:.1} us | {gbs:.0} GB/s | {:.0}% of {:.1} TB/s |",
+        "MOEKIT-BENCH | {name} | {shape} | {median_us:.1} us | {gbs:.0} GB/s of minimum bytes | {:.0}% of the measured {:.1} TB/s |",
         100.0 * gbs * 1e9 / HBM_BYTES_PER_S,
         HBM_BYTES_PER_S / 1e12
     );
