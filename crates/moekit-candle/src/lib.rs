@@ -49,20 +49,39 @@
 //! probes the driver itself under `dynamic-linking`, or candle moves to `dynamic-loading`.
 //! Until then a CUDA tensor given to any op here is an `Error::Msg` saying so.
 //!
+//! # Use from candle / mistral.rs
+//! The snippet of the workspace README (a test checks that the two are the same text):
+//!
 //! ```
-//! use candle_core::{DType, Device, Tensor};
-//! use moekit_candle::{route, MoeExperts, RouterConfig};
-//! let dev = Device::Cpu;
-//! // 4 tokens, hidden 16, 8 experts of intermediate size 8, Mixtral-style top-2.
-//! let xs = Tensor::randn(0f32, 1.0, (4, 16), &dev)?.to_dtype(DType::BF16)?;
-//! let logits = Tensor::randn(0f32, 1.0, (4, 8), &dev)?;
-//! let r = route(&logits, None, &RouterConfig::mixtral())?;
-//! let gate_up = (Tensor::randn(0f32, 0.1, (8, 16, 16), &dev)?).to_dtype(DType::BF16)?;
-//! let down = (Tensor::randn(0f32, 0.1, (8, 16, 8), &dev)?).to_dtype(DType::BF16)?;
-//! let experts = MoeExperts::new(gate_up, down, 2)?.with_align(16)?;
-//! let ys = experts.forward(&xs, &r.topk_weights, &r.topk_ids)?;
-//! assert_eq!(ys.dims(), &[4, 16]);
-//! # Ok::<(), candle_core::Error>(())
+//! use candle_core::{DType, Device, Tensor, Var, D};
+//! use moekit_candle::MoeExperts;
+//!
+//! fn main() -> candle_core::Result<()> {
+//!     let dev = Device::Cpu;
+//!     let (tokens, hidden, inter, experts, top_k) = (6, 32, 16, 8, 2);
+//!     // Expert weights as mistral.rs loads them: [E, out, in], BF16.
+//!     let gate_up = Var::from_tensor(&(Tensor::randn(0f32, 0.1, (experts, 2 * inter, hidden), &dev)?.to_dtype(DType::BF16)?))?;
+//!     let down = Var::from_tensor(&(Tensor::randn(0f32, 0.1, (experts, hidden, inter), &dev)?.to_dtype(DType::BF16)?))?;
+//!     let moe = MoeExperts::new(gate_up.as_tensor().clone(), down.as_tensor().clone(), top_k)?;
+//!
+//!     // The model's own router (here: softmax, top-k by arg_sort, renormalised), as in mistral.rs.
+//!     let xs = Tensor::randn(0f32, 1.0, (tokens, hidden), &dev)?.to_dtype(DType::BF16)?;
+//!     let router = Tensor::randn(0f32, 0.5, (hidden, experts), &dev)?;
+//!     let logits = xs.to_dtype(DType::F32)?.matmul(&router)?;
+//!     let probs = (logits.exp()?.broadcast_div(&logits.exp()?.sum_keepdim(D::Minus1)?))?;
+//!     let topk_ids = probs.arg_sort_last_dim(false)?.narrow(D::Minus1, 0, top_k)?.contiguous()?;
+//!     let topk_weights = probs.gather(&topk_ids, D::Minus1)?;
+//!     let topk_weights = topk_weights.broadcast_div(&topk_weights.sum_keepdim(D::Minus1)?)?;
+//!
+//!     let ys = moe.forward(&xs, &topk_weights, &topk_ids)?; // [tokens, hidden] BF16
+//!     assert_eq!(ys.dims(), &[tokens, hidden]);
+//!
+//!     // candle's autograd runs through moekit's backward passes.
+//!     let grads = ys.to_dtype(DType::F32)?.sqr()?.sum_all()?.backward()?;
+//!     assert_eq!(grads.get(gate_up.as_tensor()).expect("gate_up grad").dims(), gate_up.dims());
+//!     assert!(grads.get(&router).is_none()); // a constant here; a Var would get its gradient too
+//!     Ok(())
+//! }
 //! ```
 
 mod convert;
