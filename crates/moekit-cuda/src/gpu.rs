@@ -104,6 +104,30 @@ impl Gpu {
         Self::wrap(ordinal, device, ctx, false)
     }
 
+    /// Wraps `ctx` without owning it, finding its device (what an embedding C ABI needs: the
+    /// caller names a stream, and the stream knows its context). Leaves `ctx` current on the
+    /// calling thread; save and restore the previous one with [`CurrentContext`].
+    ///
+    /// # Safety
+    /// As for [`Gpu::from_raw_context`]: `ctx` must be a valid context and outlive every object
+    /// made from the returned handle.
+    pub unsafe fn borrow_context(ctx: sys::CUcontext) -> Result<Gpu> {
+        init_driver()?;
+        if ctx.is_null() {
+            return Err(Error::InvalidArgument("null CUDA context".into()));
+        }
+        // SAFETY: `ctx` is valid (caller's contract); cuCtxGetDevice then asks about it.
+        unsafe { result::ctx::set_current(ctx) }.during("cuCtxSetCurrent")?;
+        let mut device: sys::CUdevice = 0;
+        // SAFETY: writes one CUdevice for the context made current above.
+        unsafe { sys::cuCtxGetDevice(&mut device) }.result().during("cuCtxGetDevice")?;
+        let count = result::device::get_count().during("cuDeviceGetCount")?.max(0);
+        let ordinal = (0..count)
+            .find(|&i| result::device::get(i).is_ok_and(|d| d == device))
+            .ok_or_else(|| Error::InvalidArgument(format!("the context's device {device} has no ordinal")))?;
+        Self::wrap(ordinal as usize, device, ctx, false)
+    }
+
     fn wrap(ordinal: usize, device: sys::CUdevice, ctx: sys::CUcontext, owns_primary: bool) -> Result<Gpu> {
         // SAFETY: `ctx` is valid per the constructors' contracts.
         unsafe { result::ctx::set_current(ctx) }.during("cuCtxSetCurrent")?;
@@ -211,5 +235,80 @@ impl Drop for GpuInner {
             // SAFETY: balances the retain in `Gpu::new`; done once, after the modules.
             let _ = unsafe { result::primary_ctx::release(self.device) };
         }
+    }
+}
+
+/// The calling thread's current context, saved by [`CurrentContext::save`] and made current
+/// again when the guard drops: code that must bind another context (every moekit driver call
+/// binds its [`Gpu`]'s) leaves the caller's thread as it found it.
+pub struct CurrentContext {
+    saved: sys::CUcontext,
+}
+
+impl CurrentContext {
+    /// Saves the current context (null when there is none).
+    pub fn save() -> Result<CurrentContext> {
+        init_driver()?;
+        let saved = result::ctx::get_current().during("cuCtxGetCurrent")?.unwrap_or(std::ptr::null_mut());
+        Ok(CurrentContext { saved })
+    }
+    /// The saved context; None when no context was current.
+    pub fn get(&self) -> Option<sys::CUcontext> {
+        (!self.saved.is_null()).then_some(self.saved)
+    }
+}
+
+impl Drop for CurrentContext {
+    fn drop(&mut self) {
+        // SAFETY: `saved` was current on this thread when saved (or null, which unbinds); the
+        // caller that made it current keeps it alive across the guarded call.
+        let _ = unsafe { result::ctx::set_current(self.saved) };
+    }
+}
+
+/// The context a stream belongs to.
+///
+/// # Safety
+/// `stream` must be a valid, non-null stream handle.
+pub unsafe fn stream_context(stream: sys::CUstream) -> Result<sys::CUcontext> {
+    init_driver()?;
+    let mut ctx: sys::CUcontext = std::ptr::null_mut();
+    // SAFETY: `stream` is valid (caller's contract); writes one CUcontext.
+    unsafe { sys::cuStreamGetCtx(stream, &mut ctx) }.result().during("cuStreamGetCtx")?;
+    Ok(ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_helpers_never_panic_without_a_driver() {
+        if driver_available() {
+            return; // covered by gpu_borrowed_context_is_the_primary_one
+        }
+        assert_eq!(CurrentContext::save().err(), Some(Error::NoDriver));
+        // SAFETY: never reaches the driver (no driver: an error first).
+        assert_eq!(unsafe { Gpu::borrow_context(std::ptr::null_mut()) }.err(), Some(Error::NoDriver));
+    }
+
+    #[test]
+    #[ignore = "needs a GPU"]
+    fn gpu_borrowed_context_is_the_primary_one() {
+        let Some(gpu) = crate::testing::gpu_or_skip("gpu_borrowed_context_is_the_primary_one", &[]) else { return };
+        let stream = crate::Stream::new(&gpu).unwrap();
+        // SAFETY: a live stream of `gpu`'s context.
+        let ctx = unsafe { stream_context(stream.raw()) }.unwrap();
+        assert_eq!(ctx, gpu.raw_context());
+        {
+            // SAFETY: unbinding is always valid; the guard restores gpu's context.
+            let _g = CurrentContext::save().unwrap();
+            unsafe { result::ctx::set_current(std::ptr::null_mut()) }.unwrap();
+            // SAFETY: the primary context, retained by `gpu` for the whole test.
+            let borrowed = unsafe { Gpu::borrow_context(ctx) }.unwrap();
+            assert!(borrowed.same_as(&gpu));
+            assert_eq!(borrowed.ordinal(), gpu.ordinal());
+        }
+        assert_eq!(result::ctx::get_current().unwrap(), Some(gpu.raw_context()));
     }
 }

@@ -33,7 +33,7 @@ pub mod testing;
 pub use cudarc::driver::sys;
 pub use emu::{BlockOrder, EmuBuffer, Emulator};
 pub use error::{Error, Result};
-pub use gpu::{device_count, driver_available, Gpu};
+pub use gpu::{device_count, driver_available, stream_context, CurrentContext, Gpu};
 pub use image::{Function, KernelImage};
 pub use launch::{ensure_addressable, launch, persistent_grid, KernelParam, LaunchArgs, LaunchConfig, Launcher};
 pub use memory::{DevPtr, DevPtrMut, DeviceBuffer, MemSpace};

@@ -145,7 +145,7 @@ pub(crate) fn expect(what: &str, got: usize, want: usize) -> Result<()> {
 }
 
 /// Whether the operands are FP8 (`Dtype` error unless both are BF16 or both FP8).
-pub(crate) fn same_dtype(a_fp8: bool, b_fp8: bool) -> Result<bool> {
+pub fn same_dtype(a_fp8: bool, b_fp8: bool) -> Result<bool> {
     let name = |fp8: bool| if fp8 { "FP8" } else { "BF16" };
     if a_fp8 != b_fp8 {
         return Err(Error::Dtype {
@@ -157,21 +157,27 @@ pub(crate) fn same_dtype(a_fp8: bool, b_fp8: bool) -> Result<bool> {
     Ok(a_fp8)
 }
 
-/// Element counts of an op's buffers: the one definition both the raw and the tensor layer
-/// check against (the scale counts matter for FP8 only).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Lens {
+/// Element counts of an op's buffers: the one definition the raw layer, the tensor layer and
+/// embedders (moekit-capi) check against (the scale counts matter for FP8 only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lens {
+    /// A's elements.
     pub a: usize,
+    /// A's f32 scales (FP8).
     pub a_scales: usize,
+    /// B's elements.
     pub b: usize,
+    /// B's f32 scales (FP8).
     pub b_scales: usize,
     /// `m_indices` (contiguous, dgrad), `masked_m` (masked, when given), offsets (k-grouped).
     pub ids: usize,
+    /// The output's elements.
     pub d: usize,
 }
 
 impl Lens {
-    /// For `op` on `shape` (already checked) with A's 1x128 scales in `a_layout`.
+    /// For `op` on `shape` with A's 1x128 scales in `a_layout`. `shape` must pass
+    /// [`Shape::check`] first (the products below may overflow otherwise).
     pub fn of(op: Op, s: &Shape, a_layout: ScaleLayout) -> Lens {
         let Shape { groups, m, n, k } = *s;
         let weights = groups * (n / SCALE_BLOCK) * (k / SCALE_BLOCK);
