@@ -82,7 +82,16 @@ fn emulated_tests_under_asan(nvcc: &Path) -> Result<(), String> {
         .env("ASAN_OPTIONS", "verify_asan_link_order=0:detect_leaks=0")
         // moekit-candle has no emulated kernel test of its own (its ops call the kernel crates,
         // whose `emu_` tests run here) and would only add a candle-core build under ASan.
-        .args(["test", "--workspace", "--exclude", "xtask", "--exclude", "moekit-benches", "--exclude", "moekit-candle"])
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "xtask",
+            "--exclude",
+            "moekit-benches",
+            "--exclude",
+            "moekit-candle",
+        ])
         .args(["--tests", "--", "emu_"])
         .args(["--skip", "catches_planted", "--skip", "reports_planted"]))
 }

@@ -3,7 +3,8 @@
 //!
 //! Two pinned sets, each with its own stamp so that changing one does not reinstall the other:
 //! - the CUDA 13.0 compiler (nvcc, ptxas, cuobjdump and headers) for the kernels;
-//! - libclang, for bindgen in `cargo xtask codegen`.
+//! - libclang, for bindgen in `cargo xtask codegen`;
+//! - numpy, for the tests of the Python module (`python/`, run by moekit-capi's tests).
 
 use crate::{root, run};
 use moekit_build::{find_nvcc, local_cuda_root, Toolchain, LOCAL_TOOLCHAIN_DIR};
@@ -27,7 +28,11 @@ pub const CUDA_PINS: &[&str] = &[
 /// libdl, librt and libpthread) at `site-packages/clang/native/libclang.so`.
 pub const LIBCLANG_PINS: &[&str] = &["libclang==18.1.1"];
 
+/// The pinned numpy the Python module's tests run on (ctypes over moekit-capi; no torch).
+pub const PYTHON_TEST_PINS: &[&str] = &["numpy==2.2.6"];
+
 const CUDA_STAMP: &str = "moekit-pins.txt";
+const PYTHON_TEST_STAMP: &str = "moekit-python-test-pins.txt";
 const LIBCLANG_STAMP: &str = "moekit-libclang-pins.txt";
 
 /// The project-local venv.
@@ -41,6 +46,17 @@ pub fn setup() -> Result<(), String> {
     setup_cuda()?;
     let libclang = setup_libclang()?;
     eprintln!("xtask: libclang ready: {}", libclang.display());
+    setup_python_tests()
+}
+
+/// Installs the pinned numpy into the venv unless it is already there: `cargo test` runs the
+/// Python module's tests with the venv's python3 (and fails without numpy under `CI=true`).
+pub fn setup_python_tests() -> Result<(), String> {
+    let venv = venv();
+    let python = venv.join("bin").join("python3");
+    let present = Command::new(&python).args(["-c", "import numpy"]).output().is_ok_and(|o| o.status.success());
+    install_pins(&venv, PYTHON_TEST_PINS, PYTHON_TEST_STAMP, present)?;
+    eprintln!("xtask: numpy ready for the Python tests ({})", python.display());
     Ok(())
 }
 

@@ -30,7 +30,9 @@ fn c_program_gets_known_values_and_error_statuses() {
         .output()
         .expect("run the C compiler");
     assert!(build.status.success(), "C build failed:\n{}", String::from_utf8_lossy(&build.stderr));
-    let run = Command::new(&exe).output().expect("run abi_test");
+    // cargo puts target/<profile> (whose copy of the library may be stale) on LD_LIBRARY_PATH,
+    // which takes precedence over the rpath: name the fresh one.
+    let run = Command::new(&exe).env("LD_LIBRARY_PATH", &lib).output().expect("run abi_test");
     let (out, err) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
     eprint!("{err}");
     assert!(run.status.success(), "abi_test failed ({}):\n{out}{err}", run.status);

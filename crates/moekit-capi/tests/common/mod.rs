@@ -1,12 +1,14 @@
 //! Shared by the integration tests that drive the built library from outside Rust.
+#![allow(dead_code)] // each test binary uses a part of it
 
 use std::path::PathBuf;
 
-/// The directory cargo put this build's `libmoekit_capi.so` in (the test binary lives in its
-/// `deps/`): the library built from the same sources, before any test target.
+/// The directory of this build's `libmoekit_capi.so`: `target/<profile>/deps`, beside the test
+/// binary, where cargo builds the cdylib before any test target. (The copy one level up is
+/// refreshed only by a build of the library itself, so it can be stale during `cargo test`.)
 pub fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps").to_path_buf();
+    let dir = exe.parent().expect("target/<profile>/deps").to_path_buf();
     let so = dir.join("libmoekit_capi.so");
     assert!(so.is_file(), "{} is missing: cargo builds the cdylib with the test", so.display());
     dir
