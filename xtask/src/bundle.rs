@@ -14,7 +14,7 @@ pub fn gpu_bundle() -> Result<(), String> {
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    for sub in ["tests", "benches", "examples"] {
+    for sub in ["tests", "benches", "examples", "lib", "python/moekit", "torch"] {
         std::fs::create_dir_all(dir.join(sub)).map_err(|e| e.to_string())?;
     }
     let built = executables(cargo(Some(&tc.nvcc)).args(["test", "--workspace", "--release", "--no-run"]))?;
@@ -40,6 +40,7 @@ pub fn gpu_bundle() -> Result<(), String> {
             total += std::fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
         }
     }
+    total += python_side_by_side(&tc.nvcc, &dir)?;
     let run_sh = dir.join("run.sh");
     std::fs::write(&run_sh, RUN_SH).map_err(|e| e.to_string())?;
     run(Command::new("chmod").arg("+x").arg(&run_sh))?;
@@ -54,6 +55,36 @@ pub fn gpu_bundle() -> Result<(), String> {
         return Err(format!("bundle is {total} bytes, over the 60 MiB limit"));
     }
     Ok(())
+}
+
+/// The side-by-side benchmark against eager PyTorch: the Python module, its script and the
+/// C ABI library (release, stripped, gzipped: the kernel images make it ~10 MiB, ~3 MiB
+/// compressed; run.sh unpacks it). Returns the bytes added.
+fn python_side_by_side(nvcc: &Path, dir: &Path) -> Result<u64, String> {
+    let mut cmd = cargo(Some(nvcc));
+    cmd.args(["build", "--release", "-p", "moekit-capi", "--lib", "--message-format=json"]).stdout(Stdio::piped());
+    eprintln!("xtask: running {cmd:?}");
+    let out = cmd.output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!("{cmd:?} failed"));
+    }
+    let json = String::from_utf8_lossy(&out.stdout);
+    let so =
+        json.split('"').find(|f| f.ends_with("/libmoekit_capi.so")).ok_or("cargo reported no libmoekit_capi.so")?;
+    let stripped = dir.join("lib/libmoekit_capi.so");
+    std::fs::copy(so, &stripped).map_err(|e| format!("copy {so}: {e}"))?;
+    let _ = Command::new("strip").arg(&stripped).stderr(Stdio::null()).status();
+    run(Command::new("gzip").arg("-9").arg(&stripped))?;
+    for (from, to) in [
+        ("python/moekit/__init__.py", "python/moekit/__init__.py"),
+        ("benches/torch_side_by_side.py", "torch/torch_side_by_side.py"),
+    ] {
+        std::fs::copy(root().join(from), dir.join(to)).map_err(|e| format!("copy {from}: {e}"))?;
+    }
+    ["lib/libmoekit_capi.so.gz", "python/moekit/__init__.py", "torch/torch_side_by_side.py"]
+        .iter()
+        .map(|f| std::fs::metadata(dir.join(f)).map(|m| m.len()).map_err(|e| format!("{f}: {e}")))
+        .sum()
 }
 
 /// Whether a libtest binary lists a test named `gpu_*` (ignored ones included).
@@ -103,7 +134,8 @@ fn is_build_script(p: &Path) -> bool {
 /// The bundle's entry point. Needs bash, coreutils and an NVIDIA driver; nothing else.
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # moekit GPU bundle: runs every GPU test (MOEKIT_REQUIRE_GPU=1: a skip is a failure), then the
-# benchmarks in quick mode, and prints a summary table last. Made by `cargo xtask gpu-bundle`.
+# benchmarks in quick mode and the side-by-side with PyTorch, and prints a summary table last.
+# Made by `cargo xtask gpu-bundle`.
 set -u
 cd "$(dirname "$0")"
 have_driver() {
@@ -157,6 +189,22 @@ for b in benches/*; do
   while IFS= read -r l; do bench_lines+=("$l"); done < <(echo "$out" | grep '^MOEKIT-BENCH |' | sed 's/^MOEKIT-BENCH //')
   [ $rc -ne 0 ] && { failed=1; summary+=("| bench | $name | exit $rc | FAILED |"); }
 done
+# moekit through its Python module next to eager PyTorch on the same GPU (needs a python3 with
+# torch built for CUDA, and numpy); the table is saved as $OUT/torch_side_by_side.md.
+py=${PYTHON:-python3}
+torch_table=""
+if "$py" -c 'import numpy, torch; assert torch.cuda.is_available()' 2>/dev/null; then
+  lib_dir=$(mktemp -d)
+  gzip -dc lib/libmoekit_capi.so.gz > "$lib_dir/libmoekit_capi.so"
+  torch_table="${OUT:-$PWD}/torch_side_by_side.md"
+  MOEKIT_LIB="$lib_dir/libmoekit_capi.so" "$py" torch/torch_side_by_side.py --out "$torch_table" 2>&1 | sed 's|^|[torch_side_by_side] |'
+  rc=${PIPESTATUS[0]}
+  status=ok; [ $rc -ne 0 ] && { status=FAILED; failed=1; }
+  summary+=("| torch | torch_side_by_side.py | exit $rc, table in $torch_table | $status |")
+else
+  echo "SKIPPED torch_side_by_side: no $py with numpy and torch for CUDA"
+  summary+=("| torch | torch_side_by_side.py | no $py with numpy and torch for CUDA | SKIPPED |")
+fi
 echo
 echo "== moekit GPU bundle summary =="
 echo "| kind | binary | result | status |"
@@ -166,6 +214,7 @@ echo
 echo "| benchmark | shape | median | achieved | fraction of ceiling |"
 echo "|---|---|---|---|---|"
 for l in "${bench_lines[@]}"; do echo "$l"; done
+if [ -n "$torch_table" ] && [ -f "$torch_table" ]; then echo; cat "$torch_table"; fi
 echo
 echo "gpu tests: $passed_total passed, $failed_total failed"
 exit $failed

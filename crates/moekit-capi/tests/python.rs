@@ -40,3 +40,31 @@ fn python_module_tests_pass_on_numpy() {
         assert!(!err.contains("the emulation is not built"), "emulated Python tests skipped in CI:\n{err}");
     }
 }
+
+/// `benches/torch_side_by_side.py --cpu-smoke` (tiny shapes on CPU tensors, every check, no
+/// timing) against this build's library, with `$MOEKIT_TORCH_PYTHON` or a python3 that imports
+/// torch; skipped visibly without one (CI has no torch, so this never fails there for lack of it).
+#[test]
+fn torch_side_by_side_cpu_smoke() {
+    let test = "torch_side_by_side_cpu_smoke";
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let candidates = std::env::var_os("MOEKIT_TORCH_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([root.join(".cuda-toolchain/bin/python3"), PathBuf::from("python3")]);
+    let imports =
+        |py: &PathBuf| Command::new(py).args(["-c", "import numpy, torch"]).output().is_ok_and(|o| o.status.success());
+    let Some(python) = candidates.into_iter().find(imports) else {
+        return moekit_cuda::testing::skip_notice(test, "no python3 with torch and numpy (set MOEKIT_TORCH_PYTHON)");
+    };
+    let run = Command::new(&python)
+        .arg(root.join("benches/torch_side_by_side.py"))
+        .arg("--cpu-smoke")
+        .env("MOEKIT_LIB", common::lib_dir().join("libmoekit_capi.so"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .expect("run python3");
+    let (out, err) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+    eprint!("{out}{err}");
+    assert!(run.status.success() && out.contains("all checks passed"), "side-by-side smoke failed ({})", run.status);
+}
