@@ -7,10 +7,18 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Whether the CUDA driver library can be loaded. Never panics, never touches a device.
+///
+/// With the `linked-driver` feature (cudarc linked against libcuda at build time, as candle's
+/// `cuda` feature does) the program could not have started without the library: always true.
 pub fn driver_available() -> bool {
-    static PRESENT: OnceLock<bool> = OnceLock::new();
-    // SAFETY: `is_culib_present` only tries `dlopen` on candidate names and drops the handles.
-    *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() })
+    #[cfg(not(feature = "linked-driver"))]
+    {
+        static PRESENT: OnceLock<bool> = OnceLock::new();
+        // SAFETY: `is_culib_present` only tries `dlopen` on candidate names and drops the handles.
+        *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() })
+    }
+    #[cfg(feature = "linked-driver")]
+    true
 }
 
 /// Initialises the driver once; `NoDriver` when libcuda is absent.
