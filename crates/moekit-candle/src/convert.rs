@@ -19,14 +19,17 @@ pub(crate) fn bad<T>(msg: String) -> Result<T> {
     Err(candle_core::Error::Msg(format!("moekit-candle: {msg}")))
 }
 
-/// Only CPU tensors have a path in this build (see the crate docs, "CUDA").
+/// CPU tensors have a path in every build, CUDA tensors with the `cuda` feature (see the
+/// crate docs, "CUDA"); any other device is an error.
 pub(crate) fn expect_cpu(what: &str, t: &Tensor) -> Result<()> {
     match t.device() {
         Device::Cpu => Ok(()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Ok(()),
         d => bad(format!(
-            "{what} is on {:?}: this build of moekit-candle runs CPU tensors only (the `cuda` feature \
-             cannot be built yet, see the crate docs)",
-            d.location()
+            "{what} is on {:?}: this build of moekit-candle runs CPU tensors{}",
+            d.location(),
+            if cfg!(feature = "cuda") { " and CUDA tensors" } else { " only (CUDA tensors need the `cuda` feature)" }
         )),
     }
 }

@@ -29,26 +29,39 @@
 //! message); nothing panics on bad input.
 //!
 //! # CUDA
-//! The `cuda` feature (off by default; the default build pulls in no CUDA crate of candle)
-//! would run the same ops on candle's CUDA tensors through moekit's raw launchers: the
-//! device address of a `CudaStorage` slice as a [`moekit_cuda::DevPtr::from_raw`], candle's
-//! `CUstream` wrapped by `moekit_cuda::Stream::borrowed` (no ownership taken), outputs
-//! allocated by candle's device, nothing else allocated. **It cannot be built in this
-//! workspace today**, and this crate does not contain that path yet:
-//! - the versions agree: candle-core 0.11.1 depends on `cudarc = "0.19.10"`, moekit on
-//!   `cudarc = "0.19"` (0.19.10 in `Cargo.lock`), so there would be one cudarc in the build;
-//! - the linking features do not: candle-core's `cuda` feature enables cudarc's
-//!   `dynamic-linking`, moekit-cuda enables `dynamic-loading`; cargo unifies features, and
-//!   cudarc's build script panics when both are on ("Both `dynamic-loading` and
-//!   `dynamic-linking` features are active"). moekit-cuda also relies on
-//!   `cudarc::driver::sys::is_culib_present`, which exists only with `dynamic-loading` (it is
-//!   how moekit finds the driver without panicking).
+//! With the `cuda` feature (off by default; the default build pulls in no CUDA crate of
+//! candle) the same ops take candle's CUDA tensors and run moekit's kernels through the raw
+//! launchers of moekit-gating, moekit-dispatch and moekit-gemm. **This path type-checks
+//! (`cargo check --features cuda --tests`) but has not run on a GPU yet**; the `gpu_*` tests
+//! (`tests/gpu.rs`, ignored: `--ignored gpu_`) compare every op with the CPU path on a GPU.
+//! - **Buffers**: each input's `CudaStorage` slice is read at its device address on
+//!   candle's stream (cudarc's `DevicePtr`, the layout's start offset respected; inputs are
+//!   made contiguous first), as a `moekit_cuda::DevPtr` in candle's context. Outputs are
+//!   allocated by candle's device on its stream (zeroed where a kernel leaves rows unwritten,
+//!   so that padding is zero as on the CPU); the only other allocations are moekit's layout
+//!   scratch and the intermediates of the backward passes below.
+//! - **Stream and context**: candle's `CUstream` is wrapped by
+//!   `moekit_cuda::Stream::borrowed` and its context by `moekit_cuda::Gpu::borrow_context`
+//!   (kept per context, so moekit's modules load once); moekit never destroys or releases
+//!   either, and the calling thread's current context is restored after each op.
+//! - **No synchronisation**: nothing is read back, except where asked:
+//!   [`DispatchLayout::rows_used`] and [`DispatchLayout::check`] (on CUDA, [`dispatch_layout`]
+//!   skips ids outside `[-1, E)` as moekit's kernels do; `check` reads moekit's report), and
+//!   [`Fp8Weights::quantize`] (a host-side weight preparation).
+//! - **Results**: routing, the dispatch layout, permute (BF16 and FP8), SwiGLU and combine,
+//!   forward and backward, are the CPU path's bits (the kernel crates promise it). The grouped
+//!   GEMMs accumulate in f32 (the CPU path in f64): within the tolerances `tests/gpu.rs`
+//!   argues. Their weight gradient lays each group's rows out with moekit's dispatch layout
+//!   (`top_k = 1`, alignment 1), permutes them and runs moekit's k-grouped GEMM (f32, rounded
+//!   to BF16); so on CUDA the number of groups is at most moekit-dispatch's 1024 experts.
+//! - **Differences from the CPU path**: [`route_replay`] has no kernel (moekit replays on the
+//!   CPU only): a CUDA tensor is an error; `masked_m` values past `M` are clamped by the
+//!   kernel instead of rejected (they are in device memory).
+//! - Errors are `candle_core::Error::Msg` or moekit's wrapped, never panics.
 //!
-//! A fix belongs to the workspace, not to this crate: either moekit-cuda moves to cudarc's
-//! `fallback-dynamic-loading` (dynamic loading unless another crate picks a linking mode) and
-//! probes the driver itself under `dynamic-linking`, or candle moves to `dynamic-loading`.
-//! Until then a CUDA tensor given to any op here is an `Error::Msg` saying so.
-//!
+//! Linking a test binary with the feature needs libcuda at build time (candle's cudarc is
+//! `dynamic-linking`), so the GPU bundle (`cargo xtask gpu-bundle`) does not carry these tests.
+
 //! # Use from candle / mistral.rs
 //! The snippet of the workspace README (a test checks that the two are the same text):
 //!
@@ -85,6 +98,8 @@
 //! ```
 
 mod convert;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod dispatch;
 mod experts;
 mod gemm;
