@@ -110,14 +110,7 @@ pub mod raw {
         format: Fp8Format,
     ) -> Result<()> {
         check_len(src.len(), dst.len())?;
-        let misaligned = (src.addr() % SRC_ALIGN as u64) as usize;
-        if misaligned != 0 && !src.is_empty() {
-            return Err(moekit_cuda::Error::Alignment {
-                what: "cast source (address modulo 2 bytes)".into(),
-                required: SRC_ALIGN,
-                got: misaligned,
-            });
-        }
+        moekit_cuda::check_aligned("cast source", src.addr(), src.len(), SRC_ALIGN)?;
         moekit_cuda::ensure_addressable(on, &[src.space(), dst.space()])?;
         if src.is_empty() {
             return Ok(());

@@ -199,6 +199,19 @@ pub fn persistent_grid(
     Ok(work_blocks.clamp(1, resident).min(u32::MAX as usize) as u32)
 }
 
+/// An [`Error::Alignment`] unless `addr` is a multiple of `required` bytes (`len == 0`:
+/// nothing is accessed, so any address is fine). On a GPU a misaligned vector access is a
+/// sticky error that kills the caller's whole context, so raw launchers run this on every
+/// pointer a kernel accesses with vector instructions, before launching.
+pub fn check_aligned(what: &str, addr: u64, len: usize, required: usize) -> Result<()> {
+    let got = (addr % required.max(1) as u64) as usize;
+    if len == 0 || got == 0 {
+        Ok(())
+    } else {
+        Err(Error::Alignment { what: format!("{what} (address modulo {required} bytes)"), required, got })
+    }
+}
+
 /// Errors unless kernels on `on` may address memory in every one of `spaces`. Raw layers that
 /// pack pointers into a parameter struct (where [`launch`] cannot see them) call this with the
 /// spaces of those pointers before launching.

@@ -35,6 +35,8 @@ pub use emu::{BlockOrder, EmuBuffer, Emulator};
 pub use error::{Error, Result};
 pub use gpu::{device_count, driver_available, stream_context, CurrentContext, Gpu};
 pub use image::{Function, KernelImage};
-pub use launch::{ensure_addressable, launch, persistent_grid, KernelParam, LaunchArgs, LaunchConfig, Launcher};
+pub use launch::{
+    check_aligned, ensure_addressable, launch, persistent_grid, KernelParam, LaunchArgs, LaunchConfig, Launcher,
+};
 pub use memory::{DevPtr, DevPtrMut, DeviceBuffer, MemSpace};
 pub use stream::{Event, Stream};

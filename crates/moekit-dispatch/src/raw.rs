@@ -28,11 +28,7 @@ pub const VECTOR_ALIGN: usize = 16;
 /// `Error::Alignment` unless `addr` is a multiple of [`VECTOR_ALIGN`] or the buffer is empty
 /// (`len = 0` elements: nothing is accessed, and an empty buffer's address means nothing).
 pub(crate) fn expect_aligned(what: &str, addr: u64, len: usize) -> Result<()> {
-    let got = (addr % VECTOR_ALIGN as u64) as usize;
-    if got != 0 && len != 0 {
-        return Err(Error::Alignment { what: format!("address of {what} (bytes)"), required: VECTOR_ALIGN, got });
-    }
-    Ok(())
+    moekit_cuda::check_aligned(what, addr, len, VECTOR_ALIGN)
 }
 
 fn expect_len(what: &str, got: usize, want: usize) -> Result<()> {

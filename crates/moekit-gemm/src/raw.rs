@@ -123,17 +123,7 @@ pub const OPERAND_ALIGN: usize = 16;
 /// f32 outputs, scales and ids need their element alignment (4).
 pub const OUTPUT_ALIGN: usize = 4;
 
-/// An `Alignment` error unless `addr` is a multiple of `required` (`len == 0`: nothing is
-/// accessed, any address is fine). On a GPU a misaligned vector access is a sticky error that
-/// kills the caller's whole context, so this runs before every launch.
-pub(crate) fn check_aligned(what: &str, addr: u64, len: usize, required: usize) -> Result<()> {
-    let got = (addr % required as u64) as usize;
-    if len == 0 || got == 0 {
-        Ok(())
-    } else {
-        Err(Error::Alignment { what: format!("{what} (address modulo {required} bytes)"), required, got })
-    }
-}
+pub(crate) use moekit_cuda::check_aligned;
 
 /// A `Shape` error unless a buffer of `what` has `want` elements.
 pub(crate) fn expect(what: &str, got: usize, want: usize) -> Result<()> {

@@ -7,8 +7,10 @@ use std::sync::Arc;
 
 /// Bytes of a tensor's memory, on the host or on a GPU.
 enum Storage {
-    /// Host bytes, 8-byte aligned (backed by `u64`s; views never reach the padding).
-    Cpu { words: Vec<u64> },
+    /// Host bytes, 16-byte aligned (backed by `u128`s; views never reach the padding), so a
+    /// view's host address modulo 16 is its byte offset modulo 16, as on the devices: the
+    /// kernel crates' 16-byte alignment checks give the same answer on every device.
+    Cpu { words: Vec<u128> },
     /// Device bytes (`cuMemAlloc` memory is 256-byte aligned).
     Cuda(DeviceBuffer<u8>),
     /// Guarded host bytes of the emulation target (256-byte aligned).
@@ -56,7 +58,7 @@ impl Tensor {
     pub fn zeros(dims: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let bytes = Self::bytes_of(dims, dtype)?;
         let storage = match device {
-            Device::Cpu => Storage::Cpu { words: vec![0u64; bytes.div_ceil(8)] },
+            Device::Cpu => Storage::Cpu { words: vec![0u128; bytes.div_ceil(16)] },
             Device::Cuda(d) => Storage::Cuda(DeviceBuffer::zeros(d.gpu(), bytes)?),
             Device::Emulated(e) => Storage::Emu(EmuBuffer::zeros(e, bytes)?),
         };
@@ -95,8 +97,8 @@ impl Tensor {
         let bytes: &[u8] = bytemuck::cast_slice(data);
         let storage = match device {
             Device::Cpu => {
-                let mut words = vec![0u64; bytes.len().div_ceil(8)];
-                bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+                let mut words = vec![0u128; bytes.len().div_ceil(16)];
+                bytemuck::cast_slice_mut::<u128, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
                 Storage::Cpu { words }
             }
             Device::Cuda(d) => Storage::Cuda(DeviceBuffer::from_host(d.gpu(), bytes)?),

@@ -71,3 +71,22 @@ proptest! {
         prop_assert_eq!(v.to_vec::<i32>().unwrap(), data[start * cols..end.max(start) * cols].to_vec());
     }
 }
+
+/// CPU storage starts 16-byte aligned (the kernel crates' alignment checks use the host
+/// address of a CPU view and must agree with the devices, whose allocations are aligned):
+/// a view's address modulo 16 is its byte offset modulo 16, for every constructor.
+#[test]
+fn cpu_storage_is_16_byte_aligned() {
+    let addr = |t: &Tensor| t.cpu_slice::<f32>().unwrap().as_ptr() as usize;
+    for n in [1usize, 3, 5, 17, 1000] {
+        let z = Tensor::zeros(&[n], DType::F32, &Device::Cpu).unwrap();
+        let v: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let s = Tensor::from_slice(&v, &[n], &Device::Cpu).unwrap();
+        for t in [&z, &s] {
+            assert_eq!(addr(t) % 16, 0, "n = {n}");
+            if n > 1 {
+                assert_eq!(addr(&t.narrow(0, 1, n - 1).unwrap()) % 16, 4, "n = {n}: a view one f32 in");
+            }
+        }
+    }
+}
