@@ -365,9 +365,8 @@ struct LaneBest {
   uint32_t bk;          // the lane's largest remaining key (0: none)
   int bi;               // the lowest slot holding it
 
-  // Max of one sub-chunk's keys, read from the row (this lane's chunk starts at `row`).
-  __device__ __forceinline__ static uint32_t sub_max(const uint32_t* row, int q, int& lowest, uint32_t value) {
-    uint32_t k[kSub];
+  // The keys of sub-chunk q, read from the row (this lane's chunk starts at `row`).
+  __device__ __forceinline__ static void load_sub(const uint32_t* row, int q, uint32_t (&k)[kSub]) {
     if (kSub == 4) {
       const uint4 v = *reinterpret_cast<const uint4*>(row + 4 * q);
       k[0] = v.x, k[kSub > 1 ? 1 : 0] = v.y, k[kSub > 2 ? 2 : 0] = v.z, k[kSub > 3 ? 3 : 0] = v.w;
@@ -375,14 +374,6 @@ struct LaneBest {
 #pragma unroll
       for (int j = 0; j < kSub; ++j) k[j] = row[kSub * q + j];
     }
-    uint32_t m = 0u;
-#pragma unroll
-    for (int j = 0; j < kSub; ++j) m = k[j] > m ? k[j] : m;
-    // The lowest slot of the sub-chunk holding `value` (used when value is the lane's best).
-    lowest = 0;
-#pragma unroll
-    for (int j = kSub - 1; j >= 0; --j) lowest = k[j] == value ? j : lowest;
-    return m;
   }
 
   // bk and bi from the sub-chunk maxima (ties to the lowest slot).
@@ -393,8 +384,11 @@ struct LaneBest {
     int bq = 0;
 #pragma unroll
     for (int q = kSubs - 1; q >= 0; --q) bq = sub[q] == bk ? q : bq;
-    int j;
-    sub_max(row, bq, j, bk);
+    uint32_t k[kSub];
+    load_sub(row, bq, k);
+    int j = 0;
+#pragma unroll
+    for (int i = kSub - 1; i >= 0; --i) j = k[i] == bk ? i : j;
     bi = kSub * bq + j;
   }
 
@@ -402,8 +396,11 @@ struct LaneBest {
   __device__ __forceinline__ void pop(uint32_t* row) {
     row[bi] = 0u;
     const int q = bi / kSub;
-    int unused;
-    const uint32_t m = sub_max(row, q, unused, 0u);
+    uint32_t k[kSub];
+    load_sub(row, q, k);
+    uint32_t m = 0u;
+#pragma unroll
+    for (int j = 0; j < kSub; ++j) m = k[j] > m ? k[j] : m;
 #pragma unroll
     for (int g = 0; g < kSubs; ++g) sub[g] = g == q ? m : sub[g];
     settle(row);
