@@ -328,15 +328,7 @@ impl<T> Buf<T> {
         if p.is_null() && len > 0 {
             return Err(Failure { status: MOEKIT_STATUS_NULL_POINTER, msg: format!("null pointer: `{what}`") });
         }
-        let align = std::mem::align_of::<T>() as u64;
-        if addr % align != 0 {
-            return Err(Error::Alignment {
-                what: format!("`{what}` (address)"),
-                required: align as usize,
-                got: (addr % align) as usize,
-            }
-            .into());
-        }
+        moekit_cuda::check_aligned(&format!("`{what}`"), addr, len, std::mem::align_of::<T>())?;
         if addr.checked_add((len * std::mem::size_of::<T>()) as u64).is_none() {
             return Err(Error::Shape(format!("`{what}`: {len} elements from 0x{addr:x} wrap around")).into());
         }
@@ -453,14 +445,7 @@ pub(crate) fn by_ref<'a, T>(what: &str, p: *const T) -> R<&'a T> {
     if p.is_null() {
         return Err(Failure { status: MOEKIT_STATUS_NULL_POINTER, msg: format!("null pointer: `{what}`") });
     }
-    if (p as usize) % std::mem::align_of::<T>() != 0 {
-        return Err(Error::Alignment {
-            what: format!("`{what}`"),
-            required: std::mem::align_of::<T>(),
-            got: p as usize % std::mem::align_of::<T>(),
-        }
-        .into());
-    }
+    moekit_cuda::check_aligned(&format!("`{what}`"), p as u64, 1, std::mem::align_of::<T>())?;
     // SAFETY: non-null and aligned; the caller's contract: it points to a valid struct.
     Ok(unsafe { &*p })
 }
