@@ -25,7 +25,8 @@ pub fn kernel_sources() -> Result<Vec<PathBuf>, String> {
     Ok(v)
 }
 
-pub fn build_kernels() -> Result<(), String> {
+/// Builds and checks every kernel module, or only those named in `only` (file stems).
+pub fn build_kernels(only: &[String]) -> Result<(), String> {
     let tc = ensure_toolchain()?;
     let cuobjdump = tc
         .cuobjdump()
@@ -36,7 +37,14 @@ pub fn build_kernels() -> Result<(), String> {
         "| module | kernel | arch | regs | smem B | stack B | spill st/ld B | SASS checks |\n|---|---|---|---|---|---|---|---|\n",
     );
     let mut failures = Vec::new();
-    for src in kernel_sources()? {
+    let sources = kernel_sources()?;
+    if let Some(missing) = only.iter().find(|m| !sources.iter().any(|s| s.file_stem().is_some_and(|f| f == m.as_str()))) {
+        return Err(format!("no kernel module `{missing}` in kernels/ or kernels/tests/"));
+    }
+    for src in sources {
+        if !only.is_empty() && !only.iter().any(|m| src.file_stem().is_some_and(|f| f == m.as_str())) {
+            continue;
+        }
         let module = KernelModule::from_source(&src)?;
         // The embedded targets, plus sm_90a (our reference GPU's own ISA) so that every kernel's
         // Hopper SASS is compiled and checked here even where the embedded image uses sm_90.

@@ -14,7 +14,9 @@ commands:
   setup             install the pinned tools from PyPI into .cuda-toolchain/: the CUDA 13.0
                     compiler, libclang (for codegen) and numpy
                     (for the Python module's tests); `setup-cuda` is the older name
-  build-kernels     compile every kernel for every configured arch; print resources and SASS checks
+  build-kernels [MODULE ...]
+                    compile every kernel (or the named modules, e.g. `norm`) for every configured
+                    arch; print resources and SASS checks
   codegen [--check] regenerate (or check) the Rust bindings of kernels/include/moekit/abi.h
   ci                the full test pipeline (setup, build-kernels, codegen --check, fmt, clippy,
                     test, emulated tests under AddressSanitizer)
@@ -24,7 +26,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("setup" | "setup-cuda") => setup::setup(),
-        Some("build-kernels") => kernels::build_kernels(),
+        Some("build-kernels") => kernels::build_kernels(&args[1..]),
         Some("codegen") => codegen::codegen(args.iter().any(|a| a == "--check")),
         Some("ci") => ci(),
         Some("gpu-bundle") => bundle::gpu_bundle(),
@@ -106,7 +108,7 @@ fn ci() -> Result<(), String> {
     // From here on a missing toolchain is an error, never a silent skip.
     std::env::set_var("MOEKIT_REQUIRE_KERNELS", "1");
     std::env::set_var("MOEKIT_NVCC", &tc.nvcc);
-    kernels::build_kernels()?;
+    kernels::build_kernels(&[])?;
     codegen::codegen(true)?;
     run(cargo(Some(&tc.nvcc)).args(["fmt", "--all", "--", "--check"]))?;
     run(cargo(Some(&tc.nvcc)).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;

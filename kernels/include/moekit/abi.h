@@ -259,6 +259,18 @@ typedef struct MoekitGemmSm90Params {
   uint8_t _pad[88]; /* 128 + 128 + 104 + 88 = 448, a multiple of 64 */
 } MoekitGemmSm90Params;
 
+/* ---- moekit-norm (kernels/norm.cu: embedding, RMSNorm, residual, RoPE) ---- */
+/* end moekit-norm */
+
+/* ---- moekit-attention (kernels/attention.cu: causal flash attention, KV-cache decode) ---- */
+/* end moekit-attention */
+
+/* ---- moekit-logits (kernels/logits.cu, kernels/sampling.cu: log-softmax, entropy, CE gradient, sampling) ---- */
+/* end moekit-logits */
+
+/* ---- moekit-optim (kernels/optim.cu: AdamW, global grad norm, clipping) ---- */
+/* end moekit-optim */
+
 /* Block visiting order of the host emulation (MoekitEmuLaunch.block_order). */
 typedef enum MoekitEmuBlockOrder {
   MOEKIT_EMU_ORDER_IN_ORDER = 0,
