@@ -76,6 +76,23 @@ pub enum Error {
     /// Any other invalid argument (an id out of range, a device mismatch, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A call that a stream capture does not permit (a synchronising call, such as a
+    /// synchronous allocation, memset, copy or `cuStreamSynchronize`, made while a stream is
+    /// being captured), or a capture that such a call (or work merged from another stream)
+    /// invalidated: the driver's `CUDA_ERROR_STREAM_CAPTURE_*` and `CUDA_ERROR_CAPTURED_EVENT`.
+    /// The capture must still be ended ([`crate::Stream::end_capture`] reports this too).
+    #[error("CUDA stream capture error {name} ({code}) in {call}")]
+    Capture {
+        /// The driver function.
+        call: &'static str,
+        /// The error's name, e.g. `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED`.
+        name: String,
+        /// The numeric `CUresult`.
+        code: u32,
+    },
+    /// An operation this target does not provide (e.g. graph capture on the host emulation).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     /// A CUDA driver call failed.
     #[error("CUDA error {name} ({code}) in {call}")]
     Cuda {
@@ -92,7 +109,30 @@ impl Error {
     /// Wraps a driver error with the call that produced it.
     pub fn cuda(call: &'static str, e: DriverError) -> Error {
         let name = e.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{:?}", e.0));
-        Error::Cuda { call, name, code: e.0 as u32 }
+        let code = e.0 as u32;
+        if Self::is_capture_error(&e) {
+            Error::Capture { call, name, code }
+        } else {
+            Error::Cuda { call, name, code }
+        }
+    }
+
+    /// Whether the driver reports a call a stream capture does not permit, or an invalidated
+    /// capture.
+    fn is_capture_error(e: &DriverError) -> bool {
+        use sys::CUresult::*;
+        matches!(
+            e.0,
+            CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
+                | CUDA_ERROR_STREAM_CAPTURE_INVALIDATED
+                | CUDA_ERROR_STREAM_CAPTURE_MERGE
+                | CUDA_ERROR_STREAM_CAPTURE_UNMATCHED
+                | CUDA_ERROR_STREAM_CAPTURE_UNJOINED
+                | CUDA_ERROR_STREAM_CAPTURE_ISOLATION
+                | CUDA_ERROR_STREAM_CAPTURE_IMPLICIT
+                | CUDA_ERROR_CAPTURED_EVENT
+                | CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD
+        )
     }
 
     /// Whether this is the driver's "no binary for GPU" family, which [`crate::Gpu`] reports

@@ -70,6 +70,9 @@ struct GpuInner {
     sm_count: u32,
     /// Loaded modules, keyed by the address of their (static) `KernelImage`.
     modules: Mutex<HashMap<usize, Arc<LoadedModule>>>,
+    /// The memory pool of stream-ordered allocations once configured (`Some(None)`: the
+    /// device has no memory pools), as an integer handle.
+    pool: OnceLock<Option<usize>>,
 }
 
 // SAFETY: a CUcontext and CUdevice are process-wide handles usable from any thread once made
@@ -158,6 +161,7 @@ impl Gpu {
                 minor,
                 sm_count,
                 modules: Mutex::new(HashMap::new()),
+                pool: OnceLock::new(),
             }),
         })
     }
@@ -193,6 +197,65 @@ impl Gpu {
     /// Whether two handles refer to the same context.
     pub fn same_as(&self, other: &Gpu) -> bool {
         self.inner.ctx == other.inner.ctx
+    }
+
+    /// The memory pool that stream-ordered allocations (`cuMemAllocAsync`) of this device come
+    /// from: the device's current pool (its default pool unless another runtime set another),
+    /// configured on first use to keep freed memory cached for reuse (release threshold
+    /// `u64::MAX`: the pool never returns memory to the OS on its own, so an allocation in a
+    /// steady-state step is served from the cache without a driver round trip). The pool is
+    /// the device's, shared with every runtime in the process that allocates from it. `None`
+    /// when the device has no memory pools (buffers then fall back to `cuMemAlloc`).
+    pub fn stream_pool(&self) -> Result<Option<sys::CUmemoryPool>> {
+        if let Some(p) = self.inner.pool.get() {
+            return Ok(p.map(|h| h as sys::CUmemoryPool));
+        }
+        self.bind()?;
+        // SAFETY: a valid device handle and a valid attribute query.
+        let supported = unsafe {
+            result::device::get_attribute(
+                self.inner.device,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED,
+            )
+        }
+        .during("cuDeviceGetAttribute")?;
+        let pool = if supported == 1 {
+            // SAFETY: a valid device handle.
+            let pool = unsafe { result::device::get_mem_pool(self.inner.device) }.during("cuDeviceGetMemPool")?;
+            let mut threshold: u64 = u64::MAX;
+            // SAFETY: the release threshold attribute is a cuuint64_t, which `threshold` is.
+            unsafe {
+                result::mem_pool::set_attribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut threshold as *mut u64).cast(),
+                )
+            }
+            .during("cuMemPoolSetAttribute")?;
+            Some(pool as usize)
+        } else {
+            None
+        };
+        // A racing thread configured the same pool the same way: either value is right.
+        let _ = self.inner.pool.set(pool);
+        Ok(pool.map(|h| h as sys::CUmemoryPool))
+    }
+
+    /// Bytes the stream-ordered pool holds from the OS (`CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT`:
+    /// in use plus cached); `None` without memory pools. For tests that check reuse.
+    pub fn pool_reserved_bytes(&self) -> Result<Option<u64>> {
+        let Some(pool) = self.stream_pool()? else { return Ok(None) };
+        let mut bytes: u64 = 0;
+        // SAFETY: a valid pool (configured above); the attribute is a cuuint64_t.
+        unsafe {
+            result::mem_pool::get_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+                (&mut bytes as *mut u64).cast(),
+            )
+        }
+        .during("cuMemPoolGetAttribute")?;
+        Ok(Some(bytes))
     }
 
     /// Looks up kernel `name` in `image`, loading the image into this context the first time.

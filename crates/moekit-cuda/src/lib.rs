@@ -9,15 +9,22 @@
 //! - [`launch`] on a [`Launcher`]: a typed launch of a tuple of [`KernelParam`]s on a GPU
 //!   [`Stream`] or on the host [`Emulator`] (the same kernel compiled for the CPU).
 //!
+//! - [`DeviceBuffer`]: stream-ordered device memory (`cuMemAllocAsync` / `cuMemsetD8Async` /
+//!   `cuMemFreeAsync` on its stream, from the device's caching pool), so a step enqueues work
+//!   without ever waiting for the device; [`SyncCounter`] counts every host synchronisation
+//!   point, so tests can assert there is none in a region.
+//! - CUDA graphs: [`Stream::begin_capture`] / [`Stream::end_capture`] → [`Graph`] →
+//!   [`GraphExec::launch`].
+//!
 //! Built on cudarc's `driver::result` layer with dynamic loading of `libcuda`.
 //!
 //! ```no_run
 //! use moekit_cuda::{Gpu, Stream, DeviceBuffer};
 //! # fn main() -> moekit_cuda::Result<()> {
 //! let gpu = Gpu::new(0)?;                       // Err(NoDriver) on a machine without CUDA
-//! let stream = Stream::new(&gpu)?;
-//! let buf = DeviceBuffer::from_host(&gpu, &[1.0f32, 2.0, 3.0])?;
-//! assert_eq!(buf.to_host(&stream)?, vec![1.0, 2.0, 3.0]);
+//! let stream = std::sync::Arc::new(Stream::new(&gpu)?);
+//! let buf = DeviceBuffer::from_host(&stream, &[1.0f32, 2.0, 3.0])?; // stream-ordered
+//! assert_eq!(buf.to_host(&stream)?, vec![1.0, 2.0, 3.0]);          // one synchronisation
 //! # Ok(()) }
 //! ```
 
@@ -28,6 +35,7 @@ mod image;
 mod launch;
 mod memory;
 mod stream;
+mod sync;
 pub mod testing;
 
 pub use cudarc::driver::sys;
@@ -38,5 +46,6 @@ pub use image::{Function, KernelImage};
 pub use launch::{
     check_aligned, ensure_addressable, launch, persistent_grid, KernelParam, LaunchArgs, LaunchConfig, Launcher,
 };
-pub use memory::{DevPtr, DevPtrMut, DeviceBuffer, MemSpace};
-pub use stream::{Event, Stream};
+pub use memory::{DevPtr, DevPtrMut, DeviceBuffer, MemSpace, Placement};
+pub use stream::{Event, Graph, GraphExec, Stream};
+pub use sync::{record_sync_point, sync_calls, sync_calls_total, SyncCounter};
