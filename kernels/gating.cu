@@ -652,6 +652,63 @@ __device__ __forceinline__ void route_backward(const MoekitRouteParams& p) {
   }
 }
 
+// ---- replay ----------------------------------------------------------------------------------
+
+// Router replay: the weights of given ids (recorded while sampling) instead of choosing them,
+// with the forward's arithmetic (scores in the team-layout sum order, the sum over the k
+// slots in slot order, then divide, scale, canonical NaN), so the forward's own ids give its
+// weights bit for bit (reference: `route_replay` / `weights_for_ids`). Ids outside [0, E) get
+// weight 0 and are not counted; `counts` (if given) is added to.
+template <int EPL>
+__device__ __forceinline__ void route_replay(const MoekitRouteParams& p) {
+  constexpr int kMaxExperts = 32 * EPL;
+  __shared__ float s_smem[kWarps][kMaxExperts];
+  __shared__ int count_smem[kMaxExperts];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int experts = p.experts;
+  const int k = p.top_k;
+  const int* ids = reinterpret_cast<const int*>(p.topk_ids);
+  int* counts = reinterpret_cast<int*>(p.counts);
+
+  if (counts != nullptr) {
+    for (int e = threadIdx.x; e < experts; e += kBlock) count_smem[e] = 0;
+    __syncthreads();
+  }
+  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * kWarps;
+  for (uint64_t t = static_cast<uint64_t>(blockIdx.x) * kWarps + warp; t < p.tokens; t += stride) {
+    float s[EPL];
+    token_scores<EPL>(p.logits, p.logits_dtype, p.score_func, experts, t, lane, s, s_smem[warp]);
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) {
+      if (lane + 32 * i < experts) s_smem[warp][lane + 32 * i] = s[i];
+    }
+    __syncwarp();
+    const uint64_t row = t * static_cast<uint64_t>(k);
+    // Every lane sums the k slots in slot order (k <= 32: cheaper than a shuffle chain).
+    float total = 0.0f;
+    for (int j = 0; j < k; ++j) {
+      const int id = __ldg(&ids[row + j]);
+      total = moekit::fm::add(total, id >= 0 && id < experts ? s_smem[warp][id] : 0.0f);
+    }
+    if (lane < k) {
+      const int id = __ldg(&ids[row + lane]);
+      const bool valid = id >= 0 && id < experts;
+      float w = valid ? s_smem[warp][id] : 0.0f;
+      if (p.renormalize && total > 0.0f) w = moekit::fm::div(w, total);
+      reinterpret_cast<float*>(p.topk_weights)[row + lane] = moekit::fm::canon(moekit::fm::mul(w, p.route_scale));
+      if (counts != nullptr && valid) atomicAdd(&count_smem[id], 1);
+    }
+    __syncwarp();  // the next token reuses this warp's shared row
+  }
+  if (counts != nullptr) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < experts; e += kBlock) {
+      if (count_smem[e] != 0) atomicAdd(&counts[e], count_smem[e]);
+    }
+  }
+}
+
 // ---- balance loss --------------------------------------------------------------------------
 
 // Per-sequence counts c_e of valid ids into `hist` (block-wide; ends with a barrier).
@@ -798,26 +855,31 @@ extern "C" __global__ void __launch_bounds__(256) moekit_bias_update(const Moeki
 
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_route_fwd_e1(const MoekitRouteParams p) { route_forward<1>(p); }
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_route_bwd_e1(const MoekitRouteParams p) { route_backward<1>(p); }
+extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_route_replay_e1(const MoekitRouteParams p) { route_replay<1>(p); }
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_balance_fwd_e1(const MoekitBalanceLossParams p) { balance_loss_forward<1>(p); }
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_balance_bwd_e1(const MoekitBalanceLossParams p) { balance_loss_backward<1>(p); }
 
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_route_fwd_e2(const MoekitRouteParams p) { route_forward<2>(p); }
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_route_bwd_e2(const MoekitRouteParams p) { route_backward<2>(p); }
+extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_route_replay_e2(const MoekitRouteParams p) { route_replay<2>(p); }
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_balance_fwd_e2(const MoekitBalanceLossParams p) { balance_loss_forward<2>(p); }
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_balance_bwd_e2(const MoekitBalanceLossParams p) { balance_loss_backward<2>(p); }
 
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_route_fwd_e4(const MoekitRouteParams p) { route_forward<4>(p); }
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_route_bwd_e4(const MoekitRouteParams p) { route_backward<4>(p); }
+extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_route_replay_e4(const MoekitRouteParams p) { route_replay<4>(p); }
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_balance_fwd_e4(const MoekitBalanceLossParams p) { balance_loss_forward<4>(p); }
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_balance_bwd_e4(const MoekitBalanceLossParams p) { balance_loss_backward<4>(p); }
 
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_route_fwd_e8(const MoekitRouteParams p) { route_forward<8>(p); }
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_route_bwd_e8(const MoekitRouteParams p) { route_backward<8>(p); }
+extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_route_replay_e8(const MoekitRouteParams p) { route_replay<8>(p); }
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_balance_fwd_e8(const MoekitBalanceLossParams p) { balance_loss_forward<8>(p); }
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_balance_bwd_e8(const MoekitBalanceLossParams p) { balance_loss_backward<8>(p); }
 
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_route_fwd_e16(const MoekitRouteParams p) { route_forward<16>(p); }
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_route_bwd_e16(const MoekitRouteParams p) { route_backward<16>(p); }
+extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_route_replay_e16(const MoekitRouteParams p) { route_replay<16>(p); }
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_balance_fwd_e16(const MoekitBalanceLossParams p) { balance_loss_forward<16>(p); }
 extern "C" __global__ void __launch_bounds__(kBlock, 2) moekit_balance_bwd_e16(const MoekitBalanceLossParams p) { balance_loss_backward<16>(p); }
 

@@ -100,6 +100,41 @@ pub fn route(logits: &Tensor, bias: Option<&Tensor>, cfg: &RouterConfig) -> Resu
     Ok(RouteOutput { topk_ids: ids, topk_weights: weights, counts })
 }
 
+/// Router replay: the weights (and counts) of given `topk_ids [T, k]` I32 (recorded while
+/// sampling) for `logits [T, E]` (F32 or BF16), instead of choosing them; with the ids
+/// [`route`] chose, the output equals [`route`]'s bit for bit on every device. Ids outside
+/// `[0, E)` are an error on every device (on a GPU the ids are read back once to check them;
+/// [`raw::route_replay`] reads nothing back).
+pub fn route_replay(logits: &Tensor, topk_ids: &Tensor, cfg: &RouterConfig) -> Result<RouteOutput> {
+    let tokens = logits_tokens(logits, cfg)?;
+    expect_dims("replayed topk_ids", topk_ids, &[tokens, cfg.top_k], DType::I32)?;
+    same_device(logits, topk_ids, "replayed topk_ids")?;
+    let dev = logits.device();
+    let mut weights = Tensor::empty(&[tokens, cfg.top_k], DType::F32, dev)?;
+    let mut counts = Tensor::zeros(&[cfg.experts], DType::I32, dev)?;
+    match dev.launcher() {
+        None => {
+            let r = reference::route_replay(&cpu_logits(logits)?, topk_ids.cpu_slice()?, cfg)?;
+            weights.cpu_slice_mut::<f32>()?.copy_from_slice(&r.weights);
+            counts.cpu_slice_mut::<i32>()?.copy_from_slice(&r.counts);
+        }
+        Some(on) => {
+            if let Some(bad) = topk_ids.to_vec::<i32>()?.into_iter().find(|&e| e < 0 || e as usize >= cfg.experts) {
+                return Err(Error::InvalidArgument(format!("replayed expert id {bad} outside [0, {})", cfg.experts)));
+            }
+            raw::route_replay(
+                on,
+                cfg,
+                dev_logits(logits)?,
+                topk_ids.dev_ptr()?,
+                weights.dev_ptr_mut()?,
+                Some(counts.dev_ptr_mut()?),
+            )?;
+        }
+    }
+    Ok(RouteOutput { topk_ids: topk_ids.clone(), topk_weights: weights, counts })
+}
+
 /// Gradient w.r.t. `logits [T, E]` (F32 result) from `grad_weights [T, k]` F32 and the
 /// forward pass's `topk_ids [T, k]` I32.
 pub fn route_backward(logits: &Tensor, topk_ids: &Tensor, grad_weights: &Tensor, cfg: &RouterConfig) -> Result<Tensor> {

@@ -194,6 +194,55 @@ pub fn route(
     unsafe { moekit_cuda::launch(on, &GATING, &kernel.name, grid, (params,)) }
 }
 
+/// Router replay: writes `topk_weights [T, k]` for given `topk_ids [T, k]` (recorded while
+/// sampling) with the forward's arithmetic, so the ids [`route`] chose give its weights bit
+/// for bit, and **adds** the ids to `counts [E]` when given. Ids outside `[0, E)` get weight 0
+/// and are not counted (this layer does not reject them: it reads nothing back; the tensor op
+/// [`crate::route_replay`] does).
+pub fn route_replay(
+    on: &dyn Launcher,
+    cfg: &RouterConfig,
+    logits: Logits<'_>,
+    topk_ids: DevPtr<'_, i32>,
+    topk_weights: DevPtrMut<'_, f32>,
+    counts: Option<DevPtrMut<'_, i32>>,
+) -> Result<()> {
+    cfg.validate()?;
+    let tokens = tokens_of(&logits, cfg.experts)?;
+    expect_len("topk_ids", topk_ids.len(), tokens * cfg.top_k)?;
+    expect_len("topk_weights", topk_weights.len(), tokens * cfg.top_k)?;
+    let mut spaces = vec![logits.space(), topk_ids.space(), topk_weights.space()];
+    if let Some(c) = &counts {
+        expect_len("counts", c.len(), cfg.experts)?;
+        spaces.push(c.space());
+    }
+    moekit_cuda::ensure_addressable(on, &spaces)?;
+    if tokens == 0 {
+        return Ok(());
+    }
+    let params = route_params(
+        cfg,
+        &logits,
+        tokens,
+        0,
+        topk_ids.addr(),
+        topk_weights.addr(),
+        counts.map_or(0, |c| c.addr()),
+        0,
+        0,
+    );
+    let kernel = RoutingKernel {
+        name: format!("moekit_route_replay_e{}", experts_per_lane(cfg.experts)),
+        block: BLOCK,
+        tokens_per_block: WARPS,
+    };
+    let grid = routing_grid(on, &kernel, tokens)?;
+    // SAFETY: the kernel takes one MoekitRouteParams by value; it reads T * E logits and T * k
+    // ids (bounds-checked before use as indices), writes T * k weights and counts only at ids
+    // in [0, E). Lengths were checked above and every pointer lives where `on` runs.
+    unsafe { moekit_cuda::launch(on, &GATING, &kernel.name, grid, (params,)) }
+}
+
 /// Gradient w.r.t. the logits: writes `grad_logits [T, E]` (every element) from
 /// `grad_weights [T, k]` and the forward pass's `topk_ids [T, k]`. Ids outside `[0, E)`
 /// contribute nothing.

@@ -7,7 +7,8 @@ use moekit_cuda::{BlockOrder, EmuBuffer, Error};
 use moekit_dtype::bf16;
 use moekit_gating::kernels::GATING;
 use moekit_gating::{
-    balance_loss, balance_loss_backward, raw, reference, route, route_backward, update_bias, RouterConfig, ScoreFunc,
+    balance_loss, balance_loss_backward, raw, reference, route, route_backward, route_replay, update_bias,
+    RouterConfig, ScoreFunc,
 };
 use moekit_tensor::{CudaDevice, Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -104,6 +105,19 @@ fn routing_matches_reference(dev: &Device, tokens: usize) {
                 bits(&w),
                 "{ctx}: weights not deterministic"
             );
+
+            // Replay of the chosen ids gives the forward's weights and counts bit for bit;
+            // replay of random ids (repeats included) the reference's.
+            let replayed = route_replay(&lt, &got.topk_ids, &cfg).unwrap();
+            assert_eq!(bits(&replayed.topk_weights.to_vec::<f32>().unwrap()), wb, "{ctx}: replay of the chosen ids");
+            assert_eq!(replayed.counts.to_vec::<i32>().unwrap(), want.counts, "{ctx}: replay counts");
+            let mut rng = StdRng::seed_from_u64(seed + 13);
+            let rid: Vec<i32> = (0..tokens * cfg.top_k).map(|_| rng.gen_range(0..cfg.experts as i32)).collect();
+            let want_r = reference::route_replay(&u, &rid, &cfg).unwrap();
+            let ridt = Tensor::from_slice(&rid, &[tokens, cfg.top_k], dev).unwrap();
+            let got_r = route_replay(&lt, &ridt, &cfg).unwrap();
+            assert_eq!(bits(&got_r.topk_weights.to_vec::<f32>().unwrap()), bits(&want_r.weights), "{ctx}: replay");
+            assert_eq!(got_r.counts.to_vec::<i32>().unwrap(), want_r.counts, "{ctx}: replay counts");
 
             // Backward from a random upstream gradient.
             let mut rng = StdRng::seed_from_u64(seed + 11);
@@ -251,6 +265,39 @@ fn emu_team_kernel_strides_and_takes_unaligned_logits() {
     assert_eq!(got.topk_ids.to_vec::<i32>().unwrap(), want.ids);
     assert_eq!(bits(&got.topk_weights.to_vec::<f32>().unwrap()), bits(&want.weights));
     assert_eq!(got.counts.to_vec::<i32>().unwrap(), want.counts);
+}
+
+/// Replayed ids outside `[0, E)` are the same error on the CPU and the emulator; the raw
+/// launch gives them weight 0 and does not count them.
+#[test]
+fn emu_replay_rejects_ids_out_of_range_on_every_device() {
+    let Some(emu) =
+        emulator_or_skip("emu_replay_rejects_ids_out_of_range_on_every_device", &[&GATING], BlockOrder::InOrder)
+    else {
+        return;
+    };
+    let cfg = RouterConfig::mixtral();
+    let u = logits(3, 8, false, 4);
+    let ids = [0, 1, 2, 8, 3, 4];
+    let mut outcomes = Vec::new();
+    for dev in [Device::Cpu, Device::Emulated(emu.clone())] {
+        let lt = Tensor::from_slice(&u, &[3, 8], &dev).unwrap();
+        let it = Tensor::from_slice(&ids, &[3, 2], &dev).unwrap();
+        outcomes.push(route_replay(&lt, &it, &cfg).unwrap_err().to_string());
+        let short = Tensor::from_slice(&ids[..4], &[2, 2], &dev).unwrap();
+        assert!(matches!(route_replay(&lt, &short, &cfg), Err(Error::Shape(_))), "{}", dev.name());
+    }
+    assert_eq!(outcomes[0], outcomes[1]);
+    assert!(outcomes[0].contains("replayed expert id 8"), "{}", outcomes[0]);
+
+    let lb = EmuBuffer::from_host(&emu, &u).unwrap();
+    let ib = EmuBuffer::from_host(&emu, &ids).unwrap();
+    let mut wb = EmuBuffer::<f32>::zeros(&emu, 6).unwrap();
+    let mut cb = EmuBuffer::<i32>::zeros(&emu, 8).unwrap();
+    raw::route_replay(&emu, &cfg, raw::Logits::F32(lb.view()), ib.view(), wb.view_mut(), Some(cb.view_mut())).unwrap();
+    assert_eq!(wb.as_slice()[3], 0.0, "an id out of range has weight 0");
+    assert!(wb.as_slice()[2] > 0.0, "its token's valid id keeps its score");
+    assert_eq!(cb.as_slice().iter().sum::<i32>(), 5, "and is not counted");
 }
 
 #[test]
