@@ -202,6 +202,249 @@ impl Default for MoekitGemmSm90Params {
         }
     }
 }
+pub const MOEKIT_NORM_F32: MoekitNormDtype = 0;
+pub const MOEKIT_NORM_BF16: MoekitNormDtype = 1;
+pub type MoekitNormDtype = ::core::ffi::c_uint;
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MoekitIdsCheckParams {
+    pub ids: u64,
+    pub status: u64,
+    pub n: u64,
+    pub bound: i32,
+    pub _pad: i32,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MoekitEmbedParams {
+    pub table: u64,
+    pub ids: u64,
+    pub out: u64,
+    pub tokens: u64,
+    pub vocab: i32,
+    pub dim: i32,
+    pub out_dtype: i32,
+    pub _pad: i32,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MoekitEmbedBackwardParams {
+    pub ids: u64,
+    pub grad_out: u64,
+    pub grad_table: u64,
+    pub chunk_counts: u64,
+    pub offsets: u64,
+    pub order: u64,
+    pub tokens: u64,
+    pub vocab: i32,
+    pub dim: i32,
+    pub chunks: i32,
+    pub accumulate: i32,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct MoekitRmsNormParams {
+    pub x: u64,
+    pub residual: u64,
+    pub sum_out: u64,
+    pub weight: u64,
+    pub y: u64,
+    pub inv_rms: u64,
+    pub rows: u64,
+    pub dim: i32,
+    pub eps: f32,
+    pub y_dtype: i32,
+    pub _pad: i32,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MoekitRmsNormBackwardParams {
+    pub x: u64,
+    pub weight: u64,
+    pub inv_rms: u64,
+    pub grad_y: u64,
+    pub grad_residual: u64,
+    pub grad_x: u64,
+    pub grad_weight: u64,
+    pub partial: u64,
+    pub rows: u64,
+    pub dim: i32,
+    pub blocks: i32,
+    pub accumulate: i32,
+    pub _pad: i32,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MoekitAddParams {
+    pub a: u64,
+    pub b: u64,
+    pub out: u64,
+    pub n: u64,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MoekitRopeParams {
+    pub x: u64,
+    pub positions: u64,
+    pub cos: u64,
+    pub sin: u64,
+    pub rows: u64,
+    pub row_stride: i32,
+    pub heads: i32,
+    pub head_dim: i32,
+    pub max_pos: i32,
+    pub inverse: i32,
+    pub _pad: i32,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct MoekitAttnParams {
+    pub qkv: u64,
+    pub out: u64,
+    pub lse: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub batch: i32,
+    pub heads: i32,
+    pub head_dim: i32,
+    pub seq: i32,
+    pub start: i32,
+    pub max_len: i32,
+    pub scale: f32,
+    pub _pad: i32,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct MoekitAttnBwdParams {
+    pub qkv: u64,
+    pub out: u64,
+    pub lse: u64,
+    pub dout: u64,
+    pub delta: u64,
+    pub dqkv: u64,
+    pub batch: i32,
+    pub heads: i32,
+    pub head_dim: i32,
+    pub seq: i32,
+    pub scale: f32,
+    pub _pad: i32,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MoekitLogsoftmaxFwdParams {
+    pub logits: u64,
+    pub targets: u64,
+    pub logp: u64,
+    pub entropy: u64,
+    pub row_max: u64,
+    pub row_lse: u64,
+    pub status: u64,
+    pub rows: u64,
+    pub vocab: i32,
+    pub _pad: i32,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MoekitLogsoftmaxBwdParams {
+    pub logits: u64,
+    pub grad: u64,
+    pub targets: u64,
+    pub row_lse: u64,
+    pub entropy: u64,
+    pub dlogp: u64,
+    pub dentropy: u64,
+    pub rows: u64,
+    pub vocab: i32,
+    pub _pad: i32,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MoekitCrossEntropyParams {
+    pub logp: u64,
+    pub targets: u64,
+    pub loss: u64,
+    pub count: u64,
+    pub dlogp: u64,
+    pub rows: u64,
+    pub vocab: i32,
+    pub _pad: i32,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct MoekitSampleParams {
+    pub logits: u64,
+    pub weights: u64,
+    pub tokens: u64,
+    pub seed: u64,
+    pub step: u64,
+    pub rows: u64,
+    pub vocab: i32,
+    pub top_k: i32,
+    pub temperature: f32,
+    pub top_p: f32,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MoekitPhiloxProbeParams {
+    pub ctr: u64,
+    pub key: u64,
+    pub out: u64,
+    pub n: u64,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MoekitOptimTensor {
+    pub p: u64,
+    pub g: u64,
+    pub m: u64,
+    pub v: u64,
+    pub p_bf16: u64,
+    pub len: u64,
+    pub chunk_start: u64,
+    pub decay: u32,
+    pub pad: u32,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct MoekitOptimScalars {
+    pub step: u64,
+    pub grad_norm: f32,
+    pub clip: f32,
+    pub lr: f32,
+    pub bc1: f32,
+    pub bc2: f32,
+    pub skipped: u32,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct MoekitOptimNormParams {
+    pub tensors: u64,
+    pub partials: u64,
+    pub scalars: u64,
+    pub lr_table: u64,
+    pub n_chunks: u64,
+    pub n_tensors: u32,
+    pub chunk: u32,
+    pub lr_table_len: u32,
+    pub lr: f32,
+    pub clip_norm: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub advance: u32,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct MoekitOptimAdamWParams {
+    pub tensors: u64,
+    pub scalars: u64,
+    pub n_chunks: u64,
+    pub n_tensors: u32,
+    pub chunk: u32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
 pub const MOEKIT_EMU_ORDER_IN_ORDER: MoekitEmuBlockOrder = 0;
 pub const MOEKIT_EMU_ORDER_REVERSED: MoekitEmuBlockOrder = 1;
 pub const MOEKIT_EMU_ORDER_SHUFFLED: MoekitEmuBlockOrder = 2;

@@ -8,7 +8,6 @@
 //! - [`KernelImage`]: a fatbin embedded by `moekit-build`, loaded into a context on first use.
 //! - [`launch`] on a [`Launcher`]: a typed launch of a tuple of [`KernelParam`]s on a GPU
 //!   [`Stream`] or on the host [`Emulator`] (the same kernel compiled for the CPU).
-//!
 //! - [`DeviceBuffer`]: stream-ordered device memory (`cuMemAllocAsync` / `cuMemsetD8Async` /
 //!   `cuMemFreeAsync` on its stream, from the device's caching pool), so a step enqueues work
 //!   without ever waiting for the device; [`SyncCounter`] counts every host synchronisation

@@ -223,7 +223,8 @@ pub fn m_grouped_contiguous(a: GemmInput<'_>, b: GemmInput<'_>, m_indices: &Tens
 ///
 /// Errors as [`m_grouped_contiguous`], and `InvalidArgument` when a `masked_m` value is
 /// outside `[0, m]`. `masked_m` is read back to the host for that check (on a GPU: a copy and
-/// a stream synchronisation; [`raw::m_grouped_masked`] has none and clamps instead).
+/// a stream synchronisation; [`raw::m_grouped_masked`] has none and clamps instead), unless
+/// [`raw::set_readback_validation`]`(false)`: then kernel devices clamp too.
 pub fn m_grouped_masked(a: GemmInput<'_>, b: GemmInput<'_>, masked_m: Option<&Tensor>) -> Result<Tensor> {
     let (ad, bd, _) = operands(&a, &b, ["A", "B"], [3, 3])?;
     let shape = Shape { groups: ad[0], m: ad[1], n: bd[1], k: ad[2] };
@@ -232,9 +233,11 @@ pub fn m_grouped_masked(a: GemmInput<'_>, b: GemmInput<'_>, masked_m: Option<&Te
     }
     validate(Op::Masked, &shape, &a, &b, masked_m.map(|t| (t, "masked_m")))?;
     let all = vec![shape.m as i32; shape.groups];
+    // The CPU always reads (host memory); kernel devices only with readback validation on.
+    let read_back = raw::readback_validation() || dev(a.data()).launcher().is_none();
     let mm = match masked_m {
-        Some(t) => t.to_vec::<i32>()?,
-        None => all,
+        Some(t) if read_back => t.to_vec::<i32>()?,
+        _ => all,
     };
     if let Some((g, v)) = mm.iter().enumerate().find(|(_, &v)| v < 0 || v as usize > shape.m) {
         return Err(Error::InvalidArgument(format!("masked_m[{g}] = {v} is outside [0, M_max = {}]", shape.m)));
@@ -264,7 +267,8 @@ pub fn m_grouped_masked(a: GemmInput<'_>, b: GemmInput<'_>, masked_m: Option<&Te
 /// Errors as [`m_grouped_contiguous`], an MN-major FP8 scale layout (`InvalidArgument`), and
 /// `InvalidArgument` unless `0 <= offsets[0] <= offsets[1] <= ... <= offsets[G] <= m`
 /// (groups may not overlap). `offsets` is read back to the host for that check (on a GPU: a
-/// copy and a stream synchronisation; [`raw::k_grouped`] has none and clamps instead).
+/// copy and a stream synchronisation; [`raw::k_grouped`] has none and clamps instead), unless
+/// [`raw::set_readback_validation`]`(false)`: then kernel devices clamp too.
 pub fn k_grouped(a: GemmInput<'_>, b: GemmInput<'_>, offsets: &Tensor) -> Result<Tensor> {
     let shape = k_grouped_shape(&a, &b, offsets)?;
     // Written in full (an empty group gives zeros).
@@ -302,6 +306,9 @@ fn k_grouped_shape(a: &GemmInput<'_>, b: &GemmInput<'_>, offsets: &Tensor) -> Re
     let groups = offsets.numel().saturating_sub(1);
     let shape = Shape { groups, m, n, k };
     validate(Op::KGrouped, &shape, a, b, Some((offsets, "group offsets")))?;
+    if !raw::readback_validation() && dev(a.data()).launcher().is_some() {
+        return Ok(shape); // the kernel clamps each group to [0, m]
+    }
     let o = offsets.to_vec::<i32>()?;
     let bad = |what: String| Err(Error::InvalidArgument(format!("k-grouped offsets {o:?}: {what}")));
     if o[0] < 0 || o[groups] as i64 > m as i64 {

@@ -9,7 +9,8 @@
 //! a padding row (skipped: never read, never written), `masked_m[g]` is clamped to `[0, m]`,
 //! each k-grouped range to `[0, m]` (and empty when `offsets[g+1] < offsets[g]`); no value
 //! makes a kernel access memory out of bounds. The tensor ops validate `masked_m` and
-//! `offsets` strictly (a readback) and give the same outcome on every device.
+//! `offsets` strictly (a readback) and give the same outcome on every device, unless
+//! [`set_readback_validation`]`(false)` turned that readback off on the calling thread.
 
 use crate::kernels::GEMM_PORTABLE;
 use crate::{Error, Op, Result, ScaleLayout, Shape, SCALE_BLOCK};
@@ -42,6 +43,28 @@ thread_local! {
 /// that must run every kernel.
 pub fn set_kernel_override(kernel: Option<Kernel>) {
     OVERRIDE.with(|o| o.set(kernel));
+}
+
+thread_local! {
+    static READBACK_VALIDATION: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Whether the tensor ops [`crate::m_grouped_masked`] and [`crate::k_grouped`] (and
+/// [`crate::k_grouped_accumulate`]) read `masked_m` / `offsets` back to the host to reject
+/// invalid values (`InvalidArgument`) on this thread. On (the default): the same outcome on
+/// every device, at the price of one host synchronisation per call on a GPU (and one counted
+/// `emulated readback` in the emulation). Off: on a GPU and in the emulation nothing is read
+/// back and the kernels clamp invalid values (see the module docs: never out of bounds), so a
+/// step can run without host synchronisation and be captured into a graph; the CPU (host
+/// memory, no synchronisation) still validates. For callers whose ids come from
+/// moekit-dispatch's layout (valid by construction, its status checked once per step).
+pub fn set_readback_validation(on: bool) {
+    READBACK_VALIDATION.with(|v| v.set(on));
+}
+
+/// Whether [`set_readback_validation`] is on for this thread.
+pub fn readback_validation() -> bool {
+    READBACK_VALIDATION.with(|v| v.get())
 }
 
 /// The kernel for `on`: an override if set on this thread; else the Hopper kernel on a

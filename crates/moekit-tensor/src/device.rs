@@ -1,12 +1,18 @@
 //! Where a tensor lives.
 
-use moekit_cuda::{Emulator, Gpu, Launcher, Result, Stream};
+use moekit_cuda::{Emulator, Error, Gpu, Graph, Launcher, Result, Stream};
 use std::sync::Arc;
 
 /// A CUDA device with the stream tensor operations run on. Cheap to clone.
 ///
-/// Every op on tensors of this device is enqueued on [`CudaDevice::stream`]; reading a tensor
-/// back to the host waits for it, so tensor code never needs explicit synchronisation.
+/// Every op on tensors of this device is enqueued on [`CudaDevice::stream`], and tensor memory
+/// is stream-ordered on it (allocated, zeroed and freed with `cuMemAllocAsync`,
+/// `cuMemsetD8Async`, `cuMemFreeAsync`: see [`moekit_cuda::DeviceBuffer`]), so ops never wait
+/// for the device; reading a tensor back to the host ([`crate::Tensor::to_vec`]) waits for
+/// the stream, so tensor code never needs explicit synchronisation. Two `CudaDevice`s of one
+/// GPU with different streams share a context ([`Device::same_as`]) but not an order: order
+/// them with events ([`Stream::record`], [`Stream::wait`]) before one uses the other's tensors,
+/// and before dropping a tensor the other stream may still read.
 #[derive(Clone, Debug)]
 pub struct CudaDevice {
     gpu: Gpu,
@@ -32,6 +38,10 @@ impl CudaDevice {
     }
     /// The stream ops run on.
     pub fn stream(&self) -> &Stream {
+        &self.stream
+    }
+    /// The stream ops run on, shared (what buffers hold to free themselves on it).
+    pub fn shared_stream(&self) -> &Arc<Stream> {
         &self.stream
     }
 }
@@ -76,6 +86,27 @@ impl Device {
             Device::Cpu => None,
             Device::Cuda(d) => Some(d.stream()),
             Device::Emulated(e) => Some(e),
+        }
+    }
+
+    /// Starts capturing the work of this device's stream into a CUDA graph (see
+    /// [`moekit_cuda::Stream::begin_capture`]: tensors allocated during the capture must be
+    /// dropped before it ends; copy results into tensors allocated before it with
+    /// [`crate::Tensor::copy_from`]). [`Error::Unsupported`] on the CPU and on the host
+    /// emulation, which run every op to completion when it is called and record nothing.
+    pub fn begin_capture(&self) -> Result<()> {
+        match self {
+            Device::Cuda(d) => d.stream().begin_capture(),
+            _ => Err(Error::Unsupported(format!("graph capture on {}", self.name()))),
+        }
+    }
+
+    /// Ends the capture started by [`Device::begin_capture`] and returns its graph; launch an
+    /// instance with `graph.instantiate()?.launch(device.stream())`.
+    pub fn end_capture(&self) -> Result<Graph> {
+        match self {
+            Device::Cuda(d) => d.stream().end_capture(),
+            _ => Err(Error::Unsupported(format!("graph capture on {}", self.name()))),
         }
     }
 

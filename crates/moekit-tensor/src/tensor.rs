@@ -11,7 +11,7 @@ enum Storage {
     /// view's host address modulo 16 is its byte offset modulo 16, as on the devices: the
     /// kernel crates' 16-byte alignment checks give the same answer on every device.
     Cpu { words: Vec<u128> },
-    /// Device bytes (`cuMemAlloc` memory is 256-byte aligned).
+    /// Device bytes, stream-ordered on the device's stream (pool memory is 256-byte aligned).
     Cuda(DeviceBuffer<u8>),
     /// Guarded host bytes of the emulation target (256-byte aligned).
     Emu(EmuBuffer<u8>),
@@ -54,25 +54,26 @@ pub fn numel_of(dims: &[usize]) -> Result<usize> {
 }
 
 impl Tensor {
-    /// A zero-filled tensor.
+    /// A zero-filled tensor (on a GPU: a stream-ordered allocation and `cuMemsetD8Async` on
+    /// the device's stream, no synchronisation).
     pub fn zeros(dims: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let bytes = Self::bytes_of(dims, dtype)?;
         let storage = match device {
             Device::Cpu => Storage::Cpu { words: vec![0u128; bytes.div_ceil(16)] },
-            Device::Cuda(d) => Storage::Cuda(DeviceBuffer::zeros(d.gpu(), bytes)?),
+            Device::Cuda(d) => Storage::Cuda(DeviceBuffer::zeros(d.shared_stream(), bytes)?),
             Device::Emulated(e) => Storage::Emu(EmuBuffer::zeros(e, bytes)?),
         };
         Ok(Tensor { storage: Arc::new(storage), device: device.clone(), dtype, dims: dims.to_vec(), offset: 0 })
     }
 
     /// A tensor whose contents are unspecified, for outputs a kernel writes in full: on a GPU
-    /// it skips the memset and its synchronisation; in the emulation it is filled with the
+    /// it skips the memset (a stream-ordered allocation only); in the emulation it is filled with the
     /// byte 0xA5, so a kernel that leaves elements unwritten fails its emulated tests instead
     /// of passing on zeros; on the CPU it is zeros.
     pub fn empty(dims: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let storage = match device {
             Device::Cpu => return Tensor::zeros(dims, dtype, device),
-            Device::Cuda(d) => Storage::Cuda(DeviceBuffer::uninit(d.gpu(), Self::bytes_of(dims, dtype)?)?),
+            Device::Cuda(d) => Storage::Cuda(DeviceBuffer::uninit(d.shared_stream(), Self::bytes_of(dims, dtype)?)?),
             Device::Emulated(e) => {
                 let mut buf = EmuBuffer::<u8>::zeros(e, Self::bytes_of(dims, dtype)?)?;
                 buf.as_mut_slice().fill(0xA5);
@@ -88,7 +89,10 @@ impl Tensor {
             .ok_or_else(|| Error::Shape(format!("{dims:?} of {dtype} overflows")))
     }
 
-    /// A tensor holding a copy of `data` with shape `dims`.
+    /// A tensor holding a copy of `data` with shape `dims` (on a GPU: `cuMemcpyHtoDAsync` on
+    /// the device's stream from pageable memory, which the driver stages before returning; not
+    /// a counted synchronisation, but not capturable into a graph either: see
+    /// [`moekit_cuda::DeviceBuffer::copy_from_host`]).
     pub fn from_slice<T: Element>(data: &[T], dims: &[usize], device: &Device) -> Result<Tensor> {
         let numel = numel_of(dims)?;
         if numel != data.len() {
@@ -101,7 +105,7 @@ impl Tensor {
                 bytemuck::cast_slice_mut::<u128, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
                 Storage::Cpu { words }
             }
-            Device::Cuda(d) => Storage::Cuda(DeviceBuffer::from_host(d.gpu(), bytes)?),
+            Device::Cuda(d) => Storage::Cuda(DeviceBuffer::from_host(d.shared_stream(), bytes)?),
             Device::Emulated(e) => Storage::Emu(EmuBuffer::from_host(e, bytes)?),
         };
         Ok(Tensor {
@@ -176,18 +180,103 @@ impl Tensor {
         Ok(Tensor { dims: dims.to_vec(), ..self.clone() })
     }
 
-    /// Copies the elements to a host vector (waits for the device's stream).
+    /// Copies the elements to a host vector. On a GPU it waits for the device's stream: one
+    /// host synchronisation point, counted by [`moekit_cuda::SyncCounter`]; a readback of an
+    /// emulated tensor counts one point too (`emulated readback`), so a test asserts the same
+    /// count on both; a CPU tensor counts none.
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
         self.expect_dtype("to_vec", T::DTYPE)?;
+        let mut out = vec![T::zeroed(); self.numel()];
+        self.read_bytes_into(bytemuck::cast_slice_mut(&mut out))?;
+        Ok(out)
+    }
+
+    /// Copies this view's bytes into `out` (exactly [`Tensor::size_in_bytes`] long).
+    fn read_bytes_into(&self, out: &mut [u8]) -> Result<()> {
         match self.storage.as_ref() {
-            Storage::Cpu { .. } | Storage::Emu(_) => Ok(bytemuck::cast_slice(self.host_bytes()?).to_vec()),
+            Storage::Cpu { .. } => out.copy_from_slice(self.host_bytes()?),
+            Storage::Emu(_) => {
+                moekit_cuda::record_sync_point("emulated readback");
+                out.copy_from_slice(self.host_bytes()?)
+            }
             Storage::Cuda(buf) => {
-                let Device::Cuda(d) = &self.device else { unreachable!("CUDA storage on a CUDA device") };
-                let mut out = vec![T::zeroed(); self.numel()];
-                buf.copy_range_to_host(d.stream(), self.byte_offset(), bytemuck::cast_slice_mut(&mut out))?;
-                Ok(out)
+                let stream = match (buf.stream(), &self.device) {
+                    (Some(s), _) => s.as_ref(),
+                    (None, Device::Cuda(d)) => d.stream(),
+                    _ => unreachable!("CUDA storage on a CUDA device"),
+                };
+                buf.copy_range_to_host(stream, self.byte_offset(), out)?;
             }
         }
+        Ok(())
+    }
+
+    /// Overwrites the elements with `data` (same dtype and element count); errors when the
+    /// storage is shared. On a GPU: `cuMemcpyHtoDAsync` on the device's stream, after the work
+    /// already enqueued there (no synchronisation, not capturable); for updating the inputs of
+    /// a captured graph between launches.
+    pub fn copy_from_slice<T: Element>(&mut self, data: &[T]) -> Result<()> {
+        self.check_element::<T>()?;
+        if data.len() != self.numel() {
+            return Err(Error::Shape(format!("{} elements into {self:?}", data.len())));
+        }
+        let (start, len, name) = (self.byte_offset(), self.size_in_bytes(), format!("{self:?}"));
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        match Arc::get_mut(&mut self.storage) {
+            Some(Storage::Cpu { words }) => {
+                bytemuck::cast_slice_mut::<u128, u8>(words)[start..start + len].copy_from_slice(bytes)
+            }
+            Some(Storage::Emu(buf)) => buf.as_mut_slice()[start..start + len].copy_from_slice(bytes),
+            Some(Storage::Cuda(buf)) => {
+                if start == 0 && len == buf.len() {
+                    buf.copy_from_host(bytes)?
+                } else {
+                    // A view of part of the storage: stage through a buffer of its own.
+                    let stream = buf.stream().cloned().ok_or_else(|| Error::InvalidArgument(name.clone()))?;
+                    let staged = DeviceBuffer::from_host(&stream, bytes)?;
+                    buf.copy_from_device_at(start, staged.view())?; // staged is freed after it, in order
+                }
+            }
+            None => return Err(Error::InvalidArgument(format!("{name}: storage is shared with another view"))),
+        }
+        Ok(())
+    }
+
+    /// Copies the elements of `src` (same dtype, element count and device) into this tensor;
+    /// errors when this tensor's storage is shared. On a GPU: `cuMemcpyDtoDAsync` on the
+    /// device's stream (capturable: how a captured step writes its results into tensors
+    /// allocated before the capture).
+    pub fn copy_from(&mut self, src: &Tensor) -> Result<()> {
+        if src.dtype != self.dtype {
+            return Err(Error::Dtype {
+                what: "copy source".into(),
+                expected: self.dtype.name().into(),
+                got: src.dtype.name().into(),
+            });
+        }
+        if src.numel() != self.numel() {
+            return Err(Error::Shape(format!("copy of {src:?} into {self:?}")));
+        }
+        if !src.device.same_as(&self.device) {
+            return Err(Error::InvalidArgument(format!("copy of {src:?} into {self:?}: different devices")));
+        }
+        let (start, len, name) = (self.byte_offset(), self.size_in_bytes(), format!("{self:?}"));
+        if Arc::ptr_eq(&self.storage, &src.storage) {
+            return Err(Error::InvalidArgument(format!("{name}: storage is shared with another view")));
+        }
+        let src_bytes = src.byte_offset();
+        match (Arc::get_mut(&mut self.storage), src.storage.as_ref()) {
+            (Some(Storage::Cpu { words }), _) => {
+                bytemuck::cast_slice_mut::<u128, u8>(words)[start..start + len].copy_from_slice(src.host_bytes()?)
+            }
+            (Some(Storage::Emu(buf)), _) => buf.as_mut_slice()[start..start + len].copy_from_slice(src.host_bytes()?),
+            (Some(Storage::Cuda(dst)), Storage::Cuda(from)) => {
+                dst.copy_from_device_at(start, from.slice(src_bytes, len)?)?
+            }
+            (Some(Storage::Cuda(_)), _) => unreachable!("same device, CUDA storage"),
+            (None, _) => return Err(Error::InvalidArgument(format!("{name}: storage is shared with another view"))),
+        }
+        Ok(())
     }
 
     /// A copy on `device` (shares storage when already there).
@@ -203,15 +292,9 @@ impl Tensor {
     }
 
     fn bytes_to_host(&self) -> Result<Vec<u8>> {
-        match self.storage.as_ref() {
-            Storage::Cpu { .. } | Storage::Emu(_) => Ok(self.host_bytes()?.to_vec()),
-            Storage::Cuda(buf) => {
-                let Device::Cuda(d) = &self.device else { unreachable!("CUDA storage on a CUDA device") };
-                let mut bytes = vec![0u8; self.size_in_bytes()];
-                buf.copy_range_to_host(d.stream(), self.byte_offset(), &mut bytes)?;
-                Ok(bytes)
-            }
-        }
+        let mut bytes = vec![0u8; self.size_in_bytes()];
+        self.read_bytes_into(&mut bytes)?;
+        Ok(bytes)
     }
 
     /// This view's bytes when they live in host memory (CPU or emulated).
