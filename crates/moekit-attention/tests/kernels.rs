@@ -31,12 +31,21 @@ fn forward_shapes() -> Vec<AttnShape> {
 }
 
 fn backward_shapes() -> Vec<AttnShape> {
-    vec![s(1, 1, 16, 1), s(2, 2, 32, 33), s(1, 1, 64, 40), s(1, 2, 48, 7), s(1, 1, 96, 17), s(1, 2, 128, 9)]
+    vec![
+        s(1, 1, 16, 1),
+        s(2, 2, 32, 33),
+        s(1, 1, 64, 40),
+        s(1, 2, 48, 7),
+        s(1, 1, 96, 17),
+        s(1, 2, 128, 9),
+        s(1, 1, 16, 70),
+    ]
 }
 
 fn forward_matches_reference(dev: &Device) {
     for (k, shape) in forward_shapes().into_iter().enumerate() {
-        let qkv = random_qkv(&shape, 100 + k as u64);
+        // Long rows (several key tiles) also with rising scores: the max moves in every tile.
+        let qkv = if shape.seq > 64 { rising_qkv(&shape, 100 + k as u64) } else { random_qkv(&shape, 100 + k as u64) };
         let (want_o, want_l) = reference::forward(&qkv, &shape).unwrap();
         let t = Tensor::from_slice(&qkv, &[shape.batch * shape.seq, 3 * shape.d()], dev).unwrap();
         let ctx = format!("{} {shape:?}", dev.name());
@@ -101,7 +110,7 @@ fn decode_matches_forward_rows(dev: &Device, full: AttnShape, max_len: usize) {
 
 fn backward_matches_reference(dev: &Device) {
     for (k, shape) in backward_shapes().into_iter().enumerate() {
-        let qkv = random_qkv(&shape, 200 + k as u64);
+        let qkv = if shape.seq > 64 { rising_qkv(&shape, 200 + k as u64) } else { random_qkv(&shape, 200 + k as u64) };
         let dout = random(shape.out_len(), 1.0, 300 + k as u64);
         let (o, l) = reference::forward(&qkv, &shape).unwrap();
         let want = reference::backward(&qkv, &o, &l, &dout, &shape).unwrap();

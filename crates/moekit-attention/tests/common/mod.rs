@@ -35,6 +35,18 @@ pub fn random_qkv(shape: &AttnShape, seed: u64) -> Vec<f32> {
     x
 }
 
+/// [`random_qkv`] with key `t` of each sequence scaled by `1 + t / 64`: the scores grow along
+/// the sequence, so a query's running max moves in every key tile (each rescale is exercised).
+pub fn rising_qkv(shape: &AttnShape, seed: u64) -> Vec<f32> {
+    let d = shape.d();
+    let mut x = random_qkv(shape, seed);
+    for (r, row) in x.chunks_mut(3 * d).enumerate() {
+        let f = 1.0 + (r % shape.seq) as f32 / 64.0;
+        row[d..2 * d].iter_mut().for_each(|v| *v *= f);
+    }
+    x
+}
+
 pub fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
