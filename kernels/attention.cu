@@ -39,7 +39,7 @@
 // No hardware exp2/log2 approximation (moekit's exp and log are polynomials).
 // moekit-sass: * forbid MUFU.EX2 MUFU.LG2
 // moekit-sass: moekit_attn_fwd_c2 require SHFL
-// Occupancy floors (static shared memory: at most 41.6 KiB forward, 43.4 KiB backward per block).
+// Occupancy floors (static shared memory per block: at most 41600 B forward, 43392 B backward).
 // moekit-budget: moekit_attn_fwd_* threads=128 blocks_per_sm>=3
 // moekit-budget: moekit_attn_bwd_dkdv_* threads=128 blocks_per_sm>=3
 // moekit-budget: moekit_attn_bwd_dq_* threads=128 blocks_per_sm>=3
