@@ -368,13 +368,12 @@ impl<T: Pod> Drop for DeviceBuffer<T> {
                 }
             }
             Owner::Stream { stream, pooled, capture } => {
-                let now = stream.open_capture();
-                match (capture, now) {
+                match capture {
                     // Allocated in a capture that has ended with this buffer alive: the memory
                     // was the graph's (end_capture reported it); never free it here.
-                    (Some(mine), _) if !mine.is_open() => {}
+                    Some(mine) if !mine.is_open() => {}
                     // Allocated and dropped in the open capture: a captured free node.
-                    (Some(mine), _) => {
+                    Some(mine) => {
                         if stream.gpu().bind().is_ok() {
                             // SAFETY: allocated with cuMemAllocAsync on this capturing stream,
                             // freed once.
@@ -382,9 +381,9 @@ impl<T: Pod> Drop for DeviceBuffer<T> {
                         }
                         mine.freed();
                     }
-                    // Allocated before a capture that is open now: the graph keeps it alive.
-                    (None, Some(open)) => open.defer(DeferredFree { ptr, pooled: *pooled, stream: stream.clone() }),
-                    (None, None) => DeferredFree { ptr, pooled: *pooled, stream: stream.clone() }.free(),
+                    // Allocated outside any capture: freed now, or kept alive by the graph of
+                    // a capture open now (see `DeferredFree::free`).
+                    None => DeferredFree { ptr, pooled: *pooled, stream: stream.clone() }.free(),
                 }
             }
         }

@@ -63,8 +63,14 @@ pub struct DeferredFree {
 }
 
 impl DeferredFree {
-    /// Frees the buffer now (stream-ordered when pooled).
+    /// Frees the buffer now (stream-ordered when pooled), or, while its stream is capturing,
+    /// hands it to that capture (a free enqueued now would become a node of the new graph and
+    /// free the buffer again on every launch).
     pub(crate) fn free(self) {
+        if let Some(open) = self.stream.open_capture() {
+            open.defer(self);
+            return;
+        }
         if self.stream.gpu.bind().is_err() {
             return;
         }
@@ -279,7 +285,8 @@ impl Graph {
         Ok(n)
     }
 
-    /// An executable graph to launch.
+    /// An executable graph to launch. A graph with memory nodes (allocations in the capture)
+    /// has one executable at a time: the driver refuses a second while the first lives.
     pub fn instantiate(&self) -> Result<GraphExec> {
         self.gpu.bind()?;
         // SAFETY: a valid graph of the bound context.

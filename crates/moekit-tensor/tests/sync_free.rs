@@ -272,3 +272,43 @@ fn gpu_validating_readback_inside_a_capture_is_a_capture_error() {
     // The stream works eagerly again.
     assert_eq!(step(&i).unwrap().counts.to_vec::<i32>().unwrap().iter().sum::<i32>() as usize, TOKENS * TOP_K);
 }
+
+/// With readback validation off, the grouped GEMM reads nothing back on a kernel device and
+/// its kernels clamp invalid `masked_m` / `offsets` (the emulator's guard zones prove nothing
+/// is accessed out of bounds): the result equals the op on the clamped values. The CPU still
+/// rejects them (host memory: no synchronisation to save).
+#[test]
+fn emu_gemm_without_readback_validation_clamps_and_never_reads_back() {
+    let Some(emu) = emulator_or_skip(
+        "emu_gemm_without_readback_validation_clamps_and_never_reads_back",
+        &[&moekit_gemm::kernels::GEMM_PORTABLE],
+        BlockOrder::Shuffled(3),
+    ) else {
+        return;
+    };
+    let dev = Device::Emulated(emu);
+    let t = |v: Vec<f32>, dims: &[usize], dev: &Device| Tensor::from_slice(&bf16s(&v), dims, dev).unwrap();
+    let ids = |v: &[i32], dev: &Device| Tensor::from_slice(v, &[v.len()], dev).unwrap();
+    let (a, b) = (t(random(2 * 8 * 16, 1), &[2, 8, 16], &dev), t(random(2 * 8 * 16, 2), &[2, 8, 16], &dev));
+    let (dy, x) = (t(random(16 * 8, 3), &[16, 8], &dev), t(random(16 * 8, 4), &[16, 8], &dev));
+    let masked =
+        |mm: &[i32]| moekit_gemm::m_grouped_masked(GemmInput::Bf16(&a), GemmInput::Bf16(&b), Some(&ids(mm, &dev)));
+    let kgrouped = |o: &[i32]| moekit_gemm::k_grouped(GemmInput::Bf16(&dy), GemmInput::Bf16(&x), &ids(o, &dev));
+    let clamped_masked = masked(&[3, 8]).unwrap().to_vec::<bf16>().unwrap();
+    let clamped_k = kgrouped(&[0, 5, 16]).unwrap().to_vec::<f32>().unwrap();
+    assert!(matches!(masked(&[3, 99]), Err(moekit_tensor::Error::InvalidArgument(_))), "validated by default");
+    assert!(matches!(kgrouped(&[0, 5, 40]), Err(moekit_tensor::Error::InvalidArgument(_))));
+
+    moekit_gemm::raw::set_readback_validation(false);
+    let region = SyncCounter::start();
+    let d = masked(&[3, 99]).unwrap();
+    let g = kgrouped(&[0, 5, 40]).unwrap();
+    assert_eq!(region.count(), 0, "{:?}", region.calls());
+    assert_eq!(d.to_vec::<bf16>().unwrap(), clamped_masked);
+    assert_eq!(g.to_vec::<f32>().unwrap(), clamped_k);
+    let cpu = Device::Cpu;
+    let (ca, cb) = (t(random(2 * 8 * 16, 1), &[2, 8, 16], &cpu), t(random(2 * 8 * 16, 2), &[2, 8, 16], &cpu));
+    let r = moekit_gemm::m_grouped_masked(GemmInput::Bf16(&ca), GemmInput::Bf16(&cb), Some(&ids(&[3, 99], &cpu)));
+    assert!(matches!(r, Err(moekit_tensor::Error::InvalidArgument(_))), "the CPU still validates");
+    moekit_gemm::raw::set_readback_validation(true);
+}
