@@ -10,11 +10,11 @@
 // group among its 128 rows (as the portable kernel), so padding rows cost no MMA unless they
 // share a tile with real rows. The epilogue converts to BF16 and stores from registers.
 //
-// NOT YET RUN ON A GPU: verified by compilation and SASS inspection only (see NOTES.md). The
-// dispatcher picks it only with MOEKIT_GEMM_SM90=1 until the GPU tests pass.
+// NOT YET RUN ON A GPU: verified by compilation, SASS inspection and the host emulation of
+// TMA, mbarrier and wgmma (moekit/emu/sm90.h; see NOTES.md). The dispatcher picks it only
+// with MOEKIT_GEMM_SM90=1 until the GPU tests pass.
 //
 // moekit-arch: hopper
-// moekit-emulate: no
 // moekit-sass: * forbid LDL STL
 // moekit-sass: moekit_gemm_sm90_bf16 require HGMMA UTMALDG SYNCS USETMAXREG
 // moekit-sass: moekit_gemm_sm90_fp8 require QGMMA UTMALDG SYNCS USETMAXREG
@@ -25,6 +25,7 @@
 
 #include "moekit/abi.h"
 #include "moekit/gemm/scheduler.cuh"
+#include "moekit/portable.cuh"
 #include "moekit/sm90/ptx_sm90.cuh"
 
 #include <cuda_bf16.h>
@@ -77,16 +78,16 @@ __device__ __forceinline__ int tile_passes(const MoekitGemmParams& p, const Sche
 // so that ptxas reserves only the barriers used.
 __device__ __forceinline__ void warpgroup_sync(int wg) {
   if (wg == 1) {
-    asm volatile("bar.sync 1, 128;\n" ::: "memory");
+    moekit::sm90::named_barrier_sync<1, 128>();
   } else {
-    asm volatile("bar.sync 2, 128;\n" ::: "memory");
+    moekit::sm90::named_barrier_sync<2, 128>();
   }
 }
 
 template <bool kFp8>
 __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
   const MoekitGemmParams& p = P.gemm;
-  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  MOEKIT_DYNAMIC_SMEM(unsigned char, smem_raw);
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   unsigned char* tiles = smem;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * 2 * kTileBytes);

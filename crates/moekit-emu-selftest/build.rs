@@ -1,3 +1,6 @@
 fn main() {
-    moekit_build::embed_kernel_sources(&["../../kernels/tests/emu_selftest.cu"]);
+    moekit_build::embed_kernel_sources(&[
+        "../../kernels/tests/emu_selftest.cu",
+        "../../kernels/tests/emu_selftest_sm90.cu",
+    ]);
 }

@@ -405,3 +405,242 @@ impl<T: Pod> EmuBuffer<T> {
         }
     }
 }
+
+// ---- TMA tensor maps -------------------------------------------------------------------------
+
+/// Element type of a tiled tensor map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TmaElem {
+    /// 1-byte elements (FP8 codes).
+    U8,
+    /// 2-byte BF16.
+    Bf16,
+    /// 4-byte f32.
+    F32,
+}
+
+impl TmaElem {
+    /// Bytes per element.
+    pub fn bytes(self) -> u64 {
+        match self {
+            TmaElem::U8 => 1,
+            TmaElem::Bf16 => 2,
+            TmaElem::F32 => 4,
+        }
+    }
+}
+
+/// Shared-memory swizzle of a TMA box (the 16-byte chunk index within each 32/64/128-byte
+/// span XOR shared-address bits 7-7/7-8/7-9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TmaSwizzle {
+    /// Row-major box, no swizzle.
+    None,
+    /// 32-byte swizzle.
+    B32,
+    /// 64-byte swizzle.
+    B64,
+    /// 128-byte swizzle.
+    B128,
+}
+
+impl TmaSwizzle {
+    /// The swizzle span in bytes (0 for none).
+    pub fn bytes(self) -> u64 {
+        match self {
+            TmaSwizzle::None => 0,
+            TmaSwizzle::B32 => 32,
+            TmaSwizzle::B64 => 64,
+            TmaSwizzle::B128 => 128,
+        }
+    }
+}
+
+/// Magic word 0 of an emulator tensor map ("MOEKTMAP"; `kTmapMagic` in
+/// `kernels/include/moekit/emu/sm90.h`).
+pub const EMU_TMAP_MAGIC: u64 = 0x4d4f_454b_544d_4150;
+
+/// A tiled TMA tensor map, described once by the parameters `cuTensorMapEncodeTiled` takes
+/// (element strides 1, no interleave, out-of-bounds elements read as zeros, 256-byte L2
+/// promotion), and encoded by [`TensorMapSpec::encode`] for the launcher at hand: the
+/// driver's opaque `CUtensorMap` on a GPU, the emulator's documented layout in the host
+/// emulation, so both run the same Rust code path with the same parameters.
+///
+/// Emulator layout (128 bytes as 16 little-endian u64 words; read by
+/// `kernels/include/moekit/emu/sm90.h`): word 0 [`EMU_TMAP_MAGIC`]; 1 global address; 2 rank
+/// (bits 0-7), element bytes (8-15), swizzle bytes (16-23), interleave (24-31, 0), out-of-bounds
+/// fill (32-39, 0 = zeros); 3-7 dims 0..4 (elements); 8-11 byte strides of dims 1..4; 12 box
+/// dims 0..3 (16 bits each); 13 box dim 4 (bits 0-15) and element strides 0..4 (8 bits each
+/// from bit 16).
+#[derive(Debug, Clone, Copy)]
+pub struct TensorMapSpec<'a> {
+    /// Global address of element 0 (16-byte aligned).
+    pub addr: u64,
+    /// Element type.
+    pub elem: TmaElem,
+    /// Global dims, innermost first (1 to 5 of them, each 1..=2^32).
+    pub dims: &'a [u64],
+    /// Byte strides of dims 1.. (`dims.len() - 1` of them, multiples of 16 below 2^40).
+    pub strides_bytes: &'a [u64],
+    /// Box dims in elements, innermost first (each 1..=256; the innermost a multiple of 16
+    /// bytes and, when swizzled, at most the swizzle span).
+    pub boxes: &'a [u32],
+    /// Shared-memory swizzle.
+    pub swizzle: TmaSwizzle,
+}
+
+impl TensorMapSpec<'_> {
+    /// The driver's documented constraints (the same outcome on every device), plus, for the
+    /// emulator only, what its TMA model covers (`emulated`): a swizzled box's inner dim spans
+    /// exactly the swizzle width.
+    pub fn check(&self, emulated: bool) -> Result<()> {
+        let bad = |why: String| Err(Error::InvalidArgument(format!("tensor map {self:?}: {why}")));
+        let rank = self.dims.len();
+        if !(1..=5).contains(&rank) || self.boxes.len() != rank || self.strides_bytes.len() + 1 != rank {
+            return bad("rank 1..=5 with one box dim per dim and a stride per dim above the first".into());
+        }
+        if self.addr % 16 != 0 {
+            return bad("global address not 16-byte aligned".into());
+        }
+        if self.dims.iter().any(|&d| d == 0 || d > 1 << 32) {
+            return bad("dims must be in 1..=2^32".into());
+        }
+        if self.strides_bytes.iter().any(|&s| s % 16 != 0 || s >= 1 << 40) {
+            return bad("strides must be multiples of 16 below 2^40".into());
+        }
+        if self.boxes.iter().any(|&b| b == 0 || b > 256) {
+            return bad("box dims must be in 1..=256".into());
+        }
+        let inner = self.boxes[0] as u64 * self.elem.bytes();
+        if inner % 16 != 0 {
+            return bad("the inner box dim must span a multiple of 16 bytes".into());
+        }
+        let sw = self.swizzle.bytes();
+        if sw != 0 && inner > sw {
+            return bad(format!("the inner box dim spans {inner} bytes, more than the {sw}-byte swizzle"));
+        }
+        if emulated && sw != 0 && inner != sw {
+            return bad(format!("the emulation models swizzled boxes whose inner dim spans the swizzle ({sw} bytes)"));
+        }
+        Ok(())
+    }
+
+    /// The tensor map for kernels launched on `on` (the host emulation when it reports no
+    /// compute capability).
+    pub fn encode(&self, on: &dyn Launcher) -> Result<moekit_abi::MoekitTensorMap> {
+        let emulated = on.compute_capability().is_none();
+        self.check(emulated)?;
+        if emulated {
+            Ok(self.encode_emulated())
+        } else {
+            self.encode_driver()
+        }
+    }
+
+    /// The emulator's layout (see the type docs); `check(true)` must have passed.
+    pub fn encode_emulated(&self) -> moekit_abi::MoekitTensorMap {
+        let mut w = [0u64; 16];
+        w[0] = EMU_TMAP_MAGIC;
+        w[1] = self.addr;
+        w[2] = self.dims.len() as u64 | (self.elem.bytes() << 8) | (self.swizzle.bytes() << 16);
+        for (i, &d) in self.dims.iter().enumerate() {
+            w[3 + i] = d;
+        }
+        for (i, &s) in self.strides_bytes.iter().enumerate() {
+            w[8 + i] = s;
+        }
+        for (i, &b) in self.boxes.iter().enumerate() {
+            if i < 4 {
+                w[12] |= (b as u64) << (16 * i);
+            } else {
+                w[13] |= b as u64;
+            }
+        }
+        for i in 0..self.dims.len() {
+            w[13] |= 1 << (16 + 8 * i); // element strides: 1
+        }
+        moekit_abi::MoekitTensorMap { opaque: w }
+    }
+
+    fn encode_driver(&self) -> Result<moekit_abi::MoekitTensorMap> {
+        use crate::sys;
+        let dtype = match self.elem {
+            TmaElem::U8 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+            TmaElem::Bf16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            TmaElem::F32 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+        };
+        let swizzle = match self.swizzle {
+            TmaSwizzle::None => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+            TmaSwizzle::B32 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_32B,
+            TmaSwizzle::B64 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
+            TmaSwizzle::B128 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+        };
+        let ones = vec![1u32; self.dims.len()];
+        let mut map = moekit_abi::MoekitTensorMap::default();
+        const _: () =
+            assert!(std::mem::size_of::<moekit_abi::MoekitTensorMap>() == std::mem::size_of::<sys::CUtensorMap>());
+        // SAFETY: MoekitTensorMap is 128 bytes, 64-byte aligned: the layout of CUtensorMap
+        // (asserted above; moekit-abi's layout test checks the C header). The pointers
+        // reference live slices of rank (dims, boxes, ones) and rank - 1 (strides) elements
+        // (checked); the call only encodes, it does not touch `addr`.
+        let r = unsafe {
+            sys::cuTensorMapEncodeTiled(
+                (&mut map as *mut moekit_abi::MoekitTensorMap).cast::<sys::CUtensorMap>(),
+                dtype,
+                self.dims.len() as u32,
+                self.addr as *mut c_void,
+                self.dims.as_ptr(),
+                self.strides_bytes.as_ptr(),
+                self.boxes.as_ptr(),
+                ones.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                swizzle,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(Error::InvalidArgument(format!("cuTensorMapEncodeTiled failed ({r:?}) for {self:?}")));
+        }
+        Ok(map)
+    }
+}
+
+#[cfg(test)]
+mod tensor_map_tests {
+    use super::*;
+
+    #[test]
+    fn emulator_layout_and_checks() {
+        let dims = [256u64, 300, 3];
+        let strides = [512u64, 512 * 300];
+        let s = TensorMapSpec {
+            addr: 0x1000,
+            elem: TmaElem::Bf16,
+            dims: &dims,
+            strides_bytes: &strides,
+            boxes: &[64, 128, 1],
+            swizzle: TmaSwizzle::B128,
+        };
+        s.check(true).unwrap();
+        let w = s.encode_emulated().opaque;
+        assert_eq!(w[0], EMU_TMAP_MAGIC);
+        assert_eq!(w[1], 0x1000);
+        assert_eq!(w[2], 3 | (2 << 8) | (128 << 16));
+        assert_eq!(&w[3..6], &dims);
+        assert_eq!(&w[8..10], &strides);
+        assert_eq!(w[12], 64 | (128 << 16) | (1 << 32));
+        assert_eq!(w[13], (1 << 16) | (1 << 24) | (1 << 32));
+        let e = Emulator::new();
+        assert_eq!(s.encode(&e).unwrap().opaque, w);
+        // The driver's constraints, on every target.
+        assert!(TensorMapSpec { addr: 0x1008, ..s }.check(false).is_err());
+        assert!(TensorMapSpec { strides_bytes: &[520, 520 * 300], ..s }.check(false).is_err());
+        assert!(TensorMapSpec { boxes: &[128, 128, 1], ..s }.check(false).is_err(), "256 bytes > 128B swizzle");
+        assert!(TensorMapSpec { boxes: &[4, 128, 1], ..s }.check(false).is_err(), "8 bytes inner");
+        assert!(TensorMapSpec { boxes: &[64, 257, 1], ..s }.check(false).is_err());
+        // What only the emulation's model restricts.
+        let narrow = TensorMapSpec { boxes: &[32, 128, 1], ..s };
+        assert!(narrow.check(false).is_ok() && narrow.check(true).is_err());
+    }
+}

@@ -1,8 +1,11 @@
 //! Self-tests of the host emulation (`kernels/include/moekit/emu/`): the kernels of
-//! `kernels/tests/emu_selftest.cu` and helpers to run them on any kernel device.
+//! `kernels/tests/emu_selftest.cu` (SIMT, `mma.sync`, `ldmatrix`, `cp.async`) and
+//! `kernels/tests/emu_selftest_sm90.cu` (Hopper: mbarrier, TMA, wgmma, named barriers,
+//! setmaxnreg, elect.sync) and helpers to run them on any kernel device.
 //!
-//! The tests live in `tests/selftest.rs`; correct kernels also run on a GPU (ignored tests
-//! `gpu_*`) against the same expectations, which checks the emulation against hardware.
+//! The tests live in `tests/selftest.rs` and `tests/selftest_sm90.rs`; correct kernels also
+//! run on a GPU (ignored tests `gpu_*`; the Hopper ones on compute capability 9.0 only)
+//! against the same expectations, which checks the emulation against hardware.
 
 use moekit_cuda::{Error, LaunchArgs, LaunchConfig, Result};
 use moekit_tensor::Device;
@@ -18,10 +21,43 @@ pub mod kernels {
 /// `args` must match the kernel's parameters in `kernels/tests/emu_selftest.cu` and give it
 /// buffers at least as large as it indexes.
 pub unsafe fn run<A: LaunchArgs>(dev: &Device, name: &str, grid: u32, block: u32, smem: u32, args: A) -> Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe { run_in(&kernels::EMU_SELFTEST, dev, name, grid, block, smem, args) }
+}
+
+/// As [`run`], for a kernel of `kernels/tests/emu_selftest_sm90.cu`.
+///
+/// # Safety
+/// As [`run`], for that file's kernels.
+pub unsafe fn run_sm90<A: LaunchArgs>(
+    dev: &Device,
+    name: &str,
+    grid: u32,
+    block: u32,
+    smem: u32,
+    args: A,
+) -> Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe { run_in(&kernels::EMU_SELFTEST_SM90, dev, name, grid, block, smem, args) }
+}
+
+/// Launches `name` of `image` on `dev` and waits for it.
+///
+/// # Safety
+/// As [`run`].
+unsafe fn run_in<A: LaunchArgs>(
+    image: &'static moekit_cuda::KernelImage,
+    dev: &Device,
+    name: &str,
+    grid: u32,
+    block: u32,
+    smem: u32,
+    args: A,
+) -> Result<()> {
     let on = dev.launcher().ok_or_else(|| Error::InvalidArgument("self-tests run on kernel devices".into()))?;
     let cfg = LaunchConfig { grid: (grid, 1, 1), block: (block, 1, 1), shared_mem_bytes: smem };
     // SAFETY: forwarded from the caller.
-    unsafe { moekit_cuda::launch(on, &kernels::EMU_SELFTEST, name, cfg, args) }?;
+    unsafe { moekit_cuda::launch(on, image, name, cfg, args) }?;
     if let Device::Cuda(d) = dev {
         d.stream().synchronize()?;
     }

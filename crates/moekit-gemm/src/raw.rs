@@ -67,14 +67,32 @@ pub fn readback_validation() -> bool {
     READBACK_VALIDATION.with(|v| v.get())
 }
 
-/// The kernel for `on`: an override if set on this thread; else the Hopper kernel on a
-/// compute capability 9.0 GPU when it is built and `MOEKIT_GEMM_SM90=1`; else portable.
+/// The kernel for `on`: an override if set on this thread; else [`choose`] from the
+/// launcher's compute capability, `MOEKIT_GEMM_SM90` and whether the Hopper image is built.
 pub fn kernel_for(on: &dyn Launcher) -> Kernel {
     if let Some(k) = OVERRIDE.with(|o| o.get()) {
         return k;
     }
     let opted_in = std::env::var("MOEKIT_GEMM_SM90").is_ok_and(|v| v == "1");
-    if opted_in && on.compute_capability() == Some((9, 0)) && crate::kernels::GEMM_SM90.is_built() {
+    choose(on.compute_capability(), opted_in, crate::kernels::GEMM_SM90.is_built())
+}
+
+/// The dispatcher's rule without an override: the Hopper kernel on a compute capability 9.0
+/// GPU (`cc`; None is the host emulation) when its sm_90a image is `built` and the user
+/// `opted_in` (`MOEKIT_GEMM_SM90=1`) until a GPU run has verified it; else portable.
+pub fn choose(cc: Option<(u32, u32)>, opted_in: bool, built: bool) -> Kernel {
+    if opted_in && cc == Some((9, 0)) && built {
+        Kernel::Sm90
+    } else {
+        Kernel::Portable
+    }
+}
+
+/// The kernel that runs `op` on `shape` where `on` runs: [`kernel_for`]'s choice, except that
+/// ops and shapes the Hopper kernel does not take ([`Op::KGrouped`], [`Op::Dgrad`], K not a
+/// multiple of one 128-byte row, an image not built for `on`) run on the portable kernel.
+pub fn kernel_for_op(on: &dyn Launcher, op: Op, shape: &Shape, fp8: bool) -> Kernel {
+    if kernel_for(on) == Kernel::Sm90 && crate::sm90::supports(on, op, shape, fp8) {
         Kernel::Sm90
     } else {
         Kernel::Portable
@@ -281,7 +299,7 @@ fn launch(on: &dyn Launcher, l: Launch<'_>) -> Result<()> {
         return Ok(());
     }
     let name = if fp8 { "moekit_gemm_portable_fp8" } else { "moekit_gemm_portable_bf16" };
-    let sm90 = kernel_for(on) == Kernel::Sm90 && crate::sm90::supports(l.op, &s, fp8);
+    let sm90 = kernel_for_op(on, l.op, &s, fp8) == Kernel::Sm90;
     // The persistent grid: every tile, at most what the device keeps resident (the driver's
     // occupancy for this kernel and shared memory, cached per function).
     let blocks =

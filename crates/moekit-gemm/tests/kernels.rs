@@ -431,6 +431,115 @@ fn gpu_grouped_gemm_sm90() {
     moekit_gemm::raw::set_kernel_override(None);
 }
 
+/// The Hopper kernel in the host emulation (its TMA, mbarrier and wgmma model: see
+/// `kernels/include/moekit/emu/sm90.h`), on the smallest shapes that reach every code path:
+/// several row and column tiles (a partial last one of each), tiles holding two groups and
+/// padding rows (one pass per group), a group of one row, masked groups with `masked_m` 0,
+/// below `m` and a partial tile, FP8 with several weight scale blocks along N and K (both
+/// token scale layouts), and K of 5 stages (BF16: 64 of K per stage) so the 4-stage ring wraps
+/// inside one pass and the phases flip. Same tolerances as every other kernel (module docs):
+/// the emulation's in-instruction summation order is a model, so the kernel is held to f32
+/// summation-order differences (`diff < 1e-5`) like the portable kernel, not to bits.
+fn sm90_emulated(dev: &Device) {
+    use moekit_gemm::raw::{kernel_for_op, Kernel};
+    use moekit_gemm::{Op, Shape};
+    let on = dev.launcher().unwrap();
+    let ids = contiguous_ids(&[(1, 1), (2, 100), (0, 150), (3, 20)], 32);
+    let m = ids.len();
+    let groups = 4;
+    let (n, k) = (136, 320);
+    let shape = Shape { groups, m, n, k };
+    assert_eq!(kernel_for_op(on, Op::Contiguous, &shape, false), Kernel::Sm90, "the Hopper kernel must run");
+    let (a, b) = (values(m * k, 31), values(groups * n * k, 32));
+    check_contiguous_bf16(dev, "sm90 contiguous bf16", &a, &b, &ids, groups, n, k);
+    let ids8 = contiguous_ids(&[(1, 1), (2, 100), (0, 30)], 32);
+    let (m8, n8, k8) = (ids8.len(), 256, 384);
+    assert_eq!(kernel_for_op(on, Op::Contiguous, &Shape { groups, m: m8, n: n8, k: k8 }, true), Kernel::Sm90);
+    let (a8, b8) = (values(m8 * k8, 33), values(groups * n8 * k8, 34));
+    check_contiguous_fp8(dev, "sm90 contiguous fp8", &a8, &b8, &ids8, groups, n8, k8);
+    let (gm, rows, mm) = (3, 160, vec![0i32, 130, 77]);
+    let mmt = |d: &Device| Tensor::from_slice(&mm, &[gm], d).unwrap();
+    let (a2, b2) = (values(gm * rows * k, 35), values(gm * n * k, 36));
+    check(
+        dev,
+        "sm90 masked bf16",
+        |d| {
+            m_grouped_masked(
+                GemmInput::Bf16(&bf16_tensor(&a2, &[gm, rows, k], d)),
+                GemmInput::Bf16(&bf16_tensor(&b2, &[gm, n, k], d)),
+                Some(&mmt(d)),
+            )
+            .unwrap()
+        },
+        None,
+    );
+    let (n9, k9) = (128, 256);
+    let (a9, b9) = (values(gm * rows * k9, 37), values(gm * n9 * k9, 38));
+    let mut exact = vec![0.0f32; gm * rows * n9];
+    reference::m_grouped_masked(&a9, &b9, &mm, rows, n9, k9, &mut exact).unwrap();
+    check(
+        dev,
+        "sm90 masked fp8 MN-major",
+        |d| {
+            let qa = fp8_tokens(&a9, gm * rows, k9, ScaleLayout::MnMajor, d);
+            let qa = Activation { data: qa.data.reshape(&[gm, rows, k9]).unwrap(), ..qa };
+            let (qb, sb) = fp8_weights(&b9, gm, n9, k9, d);
+            m_grouped_masked(
+                (&qa).into(),
+                GemmInput::Fp8 { data: &qb, scales: &sb, layout: ScaleLayout::MnMajor },
+                Some(&mmt(d)),
+            )
+            .unwrap()
+        },
+        Some(&exact),
+    );
+}
+
+fn emu_sm90(name: &str) -> Option<Device> {
+    emulator_or_skip(name, &[&GEMM_PORTABLE, &moekit_gemm::kernels::GEMM_SM90], BlockOrder::Shuffled(5))
+        .map(Device::Emulated)
+}
+
+#[test]
+fn emu_grouped_gemm_sm90() {
+    let Some(d) = emu_sm90("emu_grouped_gemm_sm90") else { return };
+    moekit_gemm::raw::set_kernel_override(Some(moekit_gemm::raw::Kernel::Sm90));
+    sm90_emulated(&d);
+    moekit_gemm::raw::set_kernel_override(None);
+}
+
+/// The dispatcher: portable unless opted in on a compute capability 9.0 GPU with the image
+/// built; with the Hopper kernel chosen, the ops and shapes it does not take still run on the
+/// portable kernel (and pass: the same calls as the part-1 tests).
+#[test]
+fn emu_dispatcher_choice() {
+    use moekit_gemm::raw::{choose, kernel_for, kernel_for_op, set_kernel_override, Kernel};
+    use moekit_gemm::{Op, Shape};
+    assert_eq!(choose(Some((9, 0)), true, true), Kernel::Sm90);
+    assert_eq!(choose(Some((9, 0)), false, true), Kernel::Portable, "opt-in until a GPU run passes");
+    assert_eq!(choose(Some((9, 0)), true, false), Kernel::Portable, "not built");
+    assert_eq!(choose(Some((8, 0)), true, true), Kernel::Portable);
+    assert_eq!(choose(Some((10, 0)), true, true), Kernel::Portable, "sm_90a code runs on 9.0 only");
+    assert_eq!(choose(None, true, true), Kernel::Portable, "the emulation only by override");
+    let Some(d) = emu_sm90("emu_dispatcher_choice") else { return };
+    let on = d.launcher().unwrap();
+    assert_eq!(kernel_for(on), Kernel::Portable);
+    let s = |k| Shape { groups: 2, m: 64, n: 16, k };
+    set_kernel_override(Some(Kernel::Sm90));
+    assert_eq!(kernel_for_op(on, Op::Contiguous, &s(64), false), Kernel::Sm90);
+    assert_eq!(kernel_for_op(on, Op::Masked, &s(128), true), Kernel::Sm90);
+    assert_eq!(kernel_for_op(on, Op::Contiguous, &s(40), false), Kernel::Portable, "K not a 128-byte row");
+    assert_eq!(kernel_for_op(on, Op::Contiguous, &s(64), true), Kernel::Portable, "FP8 K = 64");
+    assert_eq!(kernel_for_op(on, Op::KGrouped, &s(64), false), Kernel::Portable);
+    assert_eq!(kernel_for_op(on, Op::Dgrad, &s(64), false), Kernel::Portable);
+    // Calls that mix both kernels under the override: the part-1 BF16 contiguous and dgrad.
+    let ids = contiguous_ids(&[(0, 3), (1, 40)], 32);
+    let (m, n, k) = (ids.len(), 24, 40);
+    let (a, b) = (values(m * k, 41), values(2 * n * k, 42));
+    check_contiguous_bf16(&d, "override, K = 40 (portable)", &a, &b, &ids, 2, n, k);
+    set_kernel_override(None);
+}
+
 #[test]
 fn typed_errors_before_launch() {
     use moekit_tensor::Error;

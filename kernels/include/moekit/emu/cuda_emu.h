@@ -5,10 +5,11 @@
 //
 // What it provides: threadIdx/blockIdx/blockDim/gridDim, __syncthreads, __syncwarp, warp
 // shuffles, votes and __match_any_sync (full and partial masks), __activemask, bit intrinsics, atomics on any
-// memory, __ldg, per-block shared memory. What it cannot provide: inline PTX and Hopper
-// instructions (kernels keep those behind the wrappers of moekit/ptx.cuh, which have
-// reference implementations here where the PTX ISA fixes the result, or are device-only),
-// the memory model's weak orderings, and timing.
+// memory, __ldg, per-block shared memory. What it cannot provide: inline PTX (kernels keep it
+// behind the wrappers of moekit/ptx.cuh and, for Hopper's mbarrier, TMA, wgmma, named
+// barriers and setmaxnreg, moekit/sm90/ptx_sm90.cuh, whose reference implementations follow
+// the PTX ISA where it fixes the result: moekit/emu/sm90.h), the memory model's weak
+// orderings, and timing.
 #pragma once
 
 #ifndef MOEKIT_EMULATION
@@ -36,6 +37,9 @@
 
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
+#endif
+#ifndef __grid_constant__
+#define __grid_constant__
 #endif
 
 #define threadIdx (::moekit::emu::fiber().tid)

@@ -12,7 +12,13 @@
 // not OS thread wake-ups.
 //
 // Checks made here: a barrier that some live threads never reach (deadlock) and writes
-// outside the dynamic shared memory of a block (guard zones) fail the launch with a message.
+// outside the dynamic shared memory of a block (guard zones) fail the launch with a message;
+// so does any misuse an emulated instruction detects (`fault`, e.g. a non-uniform
+// warpgroup collective).
+//
+// Hopper's asynchronous units (moekit/emu/sm90.h) keep their state here: mbarrier waiters
+// (a fiber blocked on a phase sleeps until the phase completes), named barriers, warpgroup
+// collectives, TMA transfers not yet performed and each warpgroup's wgmma groups.
 #pragma once
 
 #include <sys/mman.h>
@@ -25,7 +31,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <functional>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -46,6 +55,11 @@ namespace emu {
 
 // Bytes of guard before and after each block's dynamic shared memory.
 constexpr size_t kSmemGuard = 256;
+// Alignment of each block's dynamic shared memory in host memory: the swizzle patterns of
+// TMA and wgmma are functions of shared-memory address bits 4-9, so the host address bits of
+// a 1024-aligned base agree with the shared-memory offsets (what the emulation calls the
+// shared address of a byte: its offset from the dynamic shared memory).
+constexpr size_t kSmemAlign = 1024;
 // The guard and fresh-shared-memory fill byte (uninitialised shared memory reads as NaN).
 constexpr unsigned char kPoison = 0xFF;
 
@@ -97,6 +111,35 @@ struct Fiber {
   unsigned lane = 0, warp = 0, linear = 0;
   uint3 tid{0, 0, 0};
   enum State { Ready, Waiting, Done } state = Ready;
+  // What a Waiting fiber waits on when it is not a __syncthreads or a warp exchange: an
+  // mbarrier, a named barrier or a warpgroup collective (woken only when that completes).
+  const void* wait_obj = nullptr;
+  uint32_t wait_parity = 0;  // mbarrier waits: the phase parity waited for
+};
+
+// An asynchronous operation not yet performed: a TMA transfer (writes `[lo, hi)` of shared
+// memory, then completes bytes on `bar`) or a wgmma (reads `[lo, hi)` and `[lo2, hi2)`).
+struct AsyncOp {
+  uint64_t* bar = nullptr;
+  size_t lo = 0, hi = 0, lo2 = 0, hi2 = 0;  // shared addresses (offsets into dynamic smem)
+  std::function<void()> perform;
+};
+
+// A named barrier (bar.sync / bar.arrive with a thread count); id 0 is __syncthreads.
+struct NamedBarrier {
+  unsigned arrived = 0, expected = 0;
+  uint64_t generation = 0;
+};
+
+// One warpgroup (4 consecutive warps, 128 threads): its collectives and wgmma state.
+struct Warpgroup {
+  unsigned arrived = 0;
+  uint64_t generation = 0;
+  uint64_t key[128] = {};  // what each thread passed to the current collective
+  void* ptr[128] = {};     // each thread's operand (e.g. its accumulator registers)
+  bool fenced = false;     // wgmma.fence since the accumulators were last accessible
+  std::vector<AsyncOp> uncommitted;          // wgmma.mma_async since the last commit_group
+  std::deque<std::vector<AsyncOp>> groups;   // committed, not yet waited for
 };
 
 // Per-warp exchange state for shuffles, votes and __syncwarp.
@@ -115,11 +158,17 @@ struct Block {
   std::vector<Warp> warps;
   unsigned live = 0;          // threads that have not exited
   unsigned at_barrier = 0;    // threads waiting in __syncthreads
-  std::vector<unsigned char> smem_storage;  // 128 bytes of slack for alignment
-  unsigned char* smem = nullptr;            // 128-aligned: guard | dynamic shared memory | guard
+  std::vector<unsigned char> smem_storage;  // kSmemAlign bytes of slack for alignment
+  unsigned char* smem = nullptr;            // guard | dynamic shared memory (kSmemAlign-aligned) | guard
   size_t smem_bytes = 0;
   size_t smem_span() const { return 2 * kSmemGuard + smem_bytes; }
   uint64_t spin_pauses = 0;  // spin_pause() calls in this block
+  std::string fault;         // set by an emulated instruction that detected misuse
+  NamedBarrier named[16];
+  std::vector<Warpgroup> warpgroups;
+  std::deque<AsyncOp> tma;   // TMA transfers issued, not yet performed
+  // Describes the mbarrier / named barrier / warpgroup waits of a deadlock (set by sm90.h).
+  std::string (*describe_wait)(const Block&) = nullptr;
 };
 
 // What one worker OS thread is running now.
@@ -199,6 +248,58 @@ inline void spin_pause() {
   yield_to_scheduler();
 }
 
+// Fails the launch with `msg` (the first fault of a block wins); the calling thread never
+// resumes (its block is abandoned, like every failed block).
+inline void fault(const std::string& msg) {
+  Block& b = block();
+  if (worker().current == nullptr) {
+    // Raised while the scheduler itself completes an asynchronous operation.
+    throw std::runtime_error("block (" + std::to_string(b.idx.x) + "," + std::to_string(b.idx.y) + "," +
+                             std::to_string(b.idx.z) + "): " + msg);
+  }
+  Fiber& f = fiber();
+  if (b.fault.empty()) {
+    b.fault = "thread " + std::to_string(f.linear) + ": " + msg;
+  }
+  for (;;) {
+    f.state = Fiber::Waiting;
+    f.wait_obj = &b.fault;
+    yield_to_scheduler();
+  }
+}
+
+// Wakes every fiber waiting on `obj` (an mbarrier, named barrier or warpgroup).
+inline void wake_waiters(Block& b, const void* obj) {
+  for (auto& f : b.fibers) {
+    if (f.state == Fiber::Waiting && f.wait_obj == obj) {
+      f.state = Fiber::Ready;
+      f.wait_obj = nullptr;
+    }
+  }
+}
+
+// Blocks the calling fiber until `done()` holds; it is woken when `obj` completes something.
+template <typename Done>
+inline void wait_on(const void* obj, Done done, uint32_t parity = 0) {
+  Fiber& f = fiber();
+  while (!done()) {
+    f.state = Fiber::Waiting;
+    f.wait_obj = obj;
+    f.wait_parity = parity;
+    yield_to_scheduler();
+  }
+}
+
+// The shared address of `p` (its offset in the block's dynamic shared memory), or -1 when
+// `p` (and `bytes` after it) is not inside it.
+inline int64_t smem_offset(const void* p, size_t bytes = 1) {
+  Block& b = block();
+  const auto* c = static_cast<const unsigned char*>(p);
+  const unsigned char* base = b.smem + kSmemGuard;
+  if (c < base || c + bytes > base + b.smem_bytes) return -1;
+  return int64_t(c - base);
+}
+
 inline void syncthreads() {
   Block& b = block();
   b.at_barrier++;
@@ -253,6 +354,10 @@ inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
   b.live = nthreads;
   b.at_barrier = 0;
   b.spin_pauses = 0;
+  b.fault.clear();
+  for (auto& nb : b.named) nb = NamedBarrier{};
+  b.warpgroups.assign((nthreads + 127) / 128, Warpgroup{});
+  b.tma.clear();
   MOEKIT_EMU_UNPOISON(b.smem, b.smem_span());
   std::memset(b.smem, kPoison, b.smem_span());
   // Under AddressSanitizer the guards are poisoned too: a read past the tile is reported.
@@ -265,6 +370,7 @@ inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
     f.warp = i / 32;
     f.tid = uint3{i % w.block_dim.x, (i / w.block_dim.x) % w.block_dim.y, i / (w.block_dim.x * w.block_dim.y)};
     f.state = Fiber::Ready;
+    f.wait_obj = nullptr;
     if (!f.stack.reserve(stack_bytes)) return "cannot map a " + std::to_string(stack_bytes) + "-byte fiber stack";
     b.warps[f.warp].live |= 1u << f.lane;
     b.warps[f.warp].converged |= 1u << f.lane;
@@ -275,6 +381,9 @@ inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
     makecontext(&f.ctx, fiber_main, 0);
   }
   w.block = &b;
+  auto where = [&b]() {
+    return "block (" + std::to_string(b.idx.x) + "," + std::to_string(b.idx.y) + "," + std::to_string(b.idx.z) + ")";
+  };
   for (;;) {
     bool progressed = false;
     for (auto& f : b.fibers) {
@@ -282,8 +391,21 @@ inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
       progressed = true;
       w.current = &f;
       swapcontext(&w.sched, &f.ctx);
+      if (!b.fault.empty()) return where() + " " + b.fault;
     }
     if (b.live == 0) break;
+    // Nothing can run: TMA transfers still in flight may complete now (the emulation
+    // performs them as late as possible: when waited for, or when nothing else can run).
+    if (!progressed && !b.tma.empty()) {
+      w.current = nullptr;
+      while (!b.tma.empty()) {
+        AsyncOp op = std::move(b.tma.front());
+        b.tma.pop_front();
+        op.perform();
+      }
+      if (!b.fault.empty()) return where() + " " + b.fault;
+      continue;
+    }
     if (!progressed && b.spin_pauses > kMaxSpinPauses) {
       return "block (" + std::to_string(b.idx.x) + "," + std::to_string(b.idx.y) + "," + std::to_string(b.idx.z) +
              ") spin-waited " + std::to_string(kMaxSpinPauses) + " times for something that never happened";
@@ -291,11 +413,26 @@ inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
     if (!progressed) {
       unsigned waiting = 0;
       for (auto& f : b.fibers) waiting += f.state == Fiber::Waiting;
-      return "deadlock in block (" + std::to_string(b.idx.x) + "," + std::to_string(b.idx.y) + "," +
-             std::to_string(b.idx.z) + "): " + std::to_string(waiting) + " of " + std::to_string(b.live) +
-             " live threads wait at a barrier or warp exchange that the others never reach";
+      std::string msg = "deadlock in " + where() + ": " + std::to_string(waiting) + " of " + std::to_string(b.live) +
+                        " live threads wait at a barrier or warp exchange that the others never reach";
+      if (b.describe_wait) msg += b.describe_wait(b);
+      return msg;
     }
   }
+  // Transfers still in flight land before the block's shared memory is checked.
+  w.current = nullptr;
+  while (!b.tma.empty()) {
+    AsyncOp op = std::move(b.tma.front());
+    b.tma.pop_front();
+    op.perform();
+  }
+  for (size_t g = 0; g < b.warpgroups.size(); ++g) {
+    if (!b.warpgroups[g].groups.empty() || !b.warpgroups[g].uncommitted.empty()) {
+      return where() + ": warpgroup " + std::to_string(g) +
+             " exited with wgmma operations it never waited for (wgmma.wait_group)";
+    }
+  }
+  if (!b.fault.empty()) return where() + " " + b.fault;
   MOEKIT_EMU_UNPOISON(b.smem, b.smem_span());
   for (size_t i = 0; i < kSmemGuard; ++i) {
     if (b.smem[i] != kPoison || b.smem[kSmemGuard + b.smem_bytes + i] != kPoison) {
@@ -357,8 +494,10 @@ inline int launch(const MoekitEmuLaunch& cfg, void (*run)(void*), void* arg, std
         tl_worker = &w;
         Block b;
         b.smem_bytes = cfg.shared_mem_bytes;
-        b.smem_storage.assign(b.smem_span() + 128, kPoison);
-        b.smem = b.smem_storage.data() + (128 - reinterpret_cast<uintptr_t>(b.smem_storage.data()) % 128) % 128;
+        b.smem_storage.assign(b.smem_span() + kSmemAlign, kPoison);
+        // The dynamic shared memory (after the guard) starts on a kSmemAlign boundary.
+        const uintptr_t raw = reinterpret_cast<uintptr_t>(b.smem_storage.data()) + kSmemGuard;
+        b.smem = b.smem_storage.data() + (kSmemAlign - raw % kSmemAlign) % kSmemAlign;
         for (size_t i; (i = next.fetch_add(1)) < order.size() && status.load() == MOEKIT_EMU_OK;) {
           const unsigned id = order[i];
           b.idx = uint3{id % cfg.grid[0], (id / cfg.grid[0]) % cfg.grid[1], id / (cfg.grid[0] * cfg.grid[1])};

@@ -1,12 +1,21 @@
-// Hopper (sm_90a) PTX wrappers: mbarrier, TMA, wgmma, register reallocation. Device-only:
-// modules that include this header are declared `// moekit-emulate: no`, and their tests run
-// on a GPU (the host emulation has no model of these asynchronous units).
+// Hopper (sm_90a) PTX wrappers: mbarrier, TMA, wgmma, register reallocation, named barriers,
+// elect.sync. One wrapper per instruction: on the device one inline `asm`; in the host
+// emulation (MOEKIT_EMULATION) the reference implementation of moekit/emu/sm90.h, exact to
+// the PTX ISA where it fixes the result (what is exact and what is a model is listed there).
+// Shared addresses in the emulation are offsets into the block's dynamic shared memory, so
+// barriers, TMA destinations and wgmma operands must live there (checked).
 #pragma once
 
 #include <stdint.h>
 
+#ifdef MOEKIT_EMULATION
+#include "moekit/emu/sm90.h"
+#endif
+
 namespace moekit {
 namespace sm90 {
+
+#ifndef MOEKIT_EMULATION
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -24,7 +33,8 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t by
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
 }
-// Waits until the phase with parity `phase` of the barrier has completed.
+// Waits until the phase with parity `phase` of the barrier has completed (on a fresh
+// barrier, parity 1 counts as completed).
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t phase) {
   asm volatile(
       "{\n.reg .pred done;\nwait_%=:\n"
@@ -51,8 +61,34 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const void* tmap, uint64_
       "l"(tmap), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2)
       : "memory");
 }
+__device__ __forceinline__ bool mbar_try_wait(uint64_t* bar, uint32_t phase) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(smem_addr(bar)), "r"(phase)
+      : "memory");
+  return done != 0;
+}
 __device__ __forceinline__ void prefetch_tmap(const void* tmap) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(tmap) : "memory");
+}
+
+// ---- named barriers (ids 1..15; 0 is __syncthreads), elect.sync ---------------------------------
+// Immediate ids and counts, so that ptxas reserves only the barriers used.
+template <int Id, int Threads>
+__device__ __forceinline__ void named_barrier_sync() {
+  asm volatile("bar.sync %0, %1;\n" ::"n"(Id), "n"(Threads) : "memory");
+}
+template <int Id, int Threads>
+__device__ __forceinline__ void named_barrier_arrive() {
+  asm volatile("bar.arrive %0, %1;\n" ::"n"(Id), "n"(Threads) : "memory");
+}
+// True in one lane of the (fully active) warp.
+__device__ __forceinline__ bool elect_one_sync() {
+  uint32_t pred;
+  asm volatile("{\n.reg .b32 r;\n.reg .pred p;\nelect.sync r|p, 0xffffffff;\nselp.u32 %0, 1, 0, p;\n}\n" : "=r"(pred));
+  return pred != 0;
 }
 
 // ---- register reallocation between warpgroup roles -------------------------------------------
@@ -62,15 +98,6 @@ template <int N>
 __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
 
 // ---- wgmma -----------------------------------------------------------------------------------
-// Shared-memory matrix descriptor of a K-major tile written by TMA with 128-byte swizzling:
-// rows of 128 bytes, 8-row (1024-byte) swizzle atoms; the tile must be 1024-byte aligned.
-// Start address >> 4 in bits 0-13, leading byte offset (unused here: 1) in 16-29, stride byte
-// offset 1024 >> 4 in 32-45, swizzle mode 1 (128B) in 62-63. Advancing along K inside the
-// atom adds the byte offset to the start address.
-__device__ __forceinline__ uint64_t smem_desc_k128(const void* tile, uint32_t k_byte_offset) {
-  const uint64_t addr = (smem_addr(tile) + k_byte_offset) & 0x3ffffu;
-  return (addr >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
-}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -103,5 +130,70 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t d
       : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)));
 }
 
+#else
+
+// ---- host emulation ---------------------------------------------------------------------------
+namespace emu90 = ::moekit::emu::sm90;
+inline uint32_t smem_addr(const void* p) {
+  const int64_t o = ::moekit::emu::smem_offset(p);
+  if (o < 0) ::moekit::emu::fault("a shared address of memory outside the block's dynamic shared memory");
+  return static_cast<uint32_t>(o);
+}
+inline void mbar_init(uint64_t* bar, uint32_t count) { emu90::mbar_init(bar, count); }
+inline void fence_barrier_init() {}
+inline void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) { emu90::mbar_arrive_expect_tx(bar, bytes); }
+inline void mbar_arrive(uint64_t* bar) { emu90::mbar_arrive(bar); }
+inline void mbar_wait(uint64_t* bar, uint32_t phase) { emu90::mbar_wait(bar, phase); }
+inline bool mbar_try_wait(uint64_t* bar, uint32_t phase) { return emu90::mbar_try_wait(bar, phase); }
+inline void tma_load_2d(void* dst, const void* tmap, uint64_t* bar, int c0, int c1) {
+  const int c[2] = {c0, c1};
+  emu90::tma_load(dst, tmap, bar, c, 2);
+}
+inline void tma_load_3d(void* dst, const void* tmap, uint64_t* bar, int c0, int c1, int c2) {
+  const int c[3] = {c0, c1, c2};
+  emu90::tma_load(dst, tmap, bar, c, 3);
+}
+inline void prefetch_tmap(const void* tmap) { (void)emu90::tmap_decode(tmap, "prefetch.tensormap"); }
+template <int Id, int Threads>
+inline void named_barrier_sync() { emu90::named_barrier(Id, Threads, true); }
+template <int Id, int Threads>
+inline void named_barrier_arrive() { emu90::named_barrier(Id, Threads, false); }
+inline bool elect_one_sync() { return emu90::elect_one(0xffffffffu); }
+template <int N>
+inline void regs_inc() { emu90::setmaxnreg(true, N); }
+template <int N>
+inline void regs_dec() { emu90::setmaxnreg(false, N); }
+inline void wgmma_fence() { emu90::wgmma_fence(); }
+inline void wgmma_commit() { emu90::wgmma_commit(); }
+template <int N>
+inline void wgmma_wait() { emu90::wgmma_wait(N); }
+inline void fence_regs(float (&)[64]) {}
+inline void wgmma_m64n128k16_bf16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+  emu90::wgmma<128>(d, desc_a, desc_b, accumulate, emu90::Kind::Bf16);
+}
+inline void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+  emu90::wgmma<128>(d, desc_a, desc_b, accumulate, emu90::Kind::E4m3);
+}
+
+#endif
+
+// ---- wgmma descriptors (both targets) ------------------------------------------------------------
+// Shared-memory matrix descriptor of a K-major operand: start address (the tile's shared
+// address plus a K byte offset) >> 4 in bits 0-13, leading byte offset >> 4 in 16-29, stride
+// byte offset >> 4 in 32-45, base offset 0 in 49-51, swizzle `mode` in 62-63 (0 none, 1 128B,
+// 2 64B, 3 32B).
+__device__ __forceinline__ uint64_t smem_desc(const void* tile, uint32_t k_byte_offset, uint32_t lbo, uint32_t sbo,
+                                              uint32_t mode) {
+  const uint64_t addr = (smem_addr(tile) + k_byte_offset) & 0x3ffffu;
+  return (addr >> 4) | (uint64_t((lbo >> 4) & 0x3fff) << 16) | (uint64_t((sbo >> 4) & 0x3fff) << 32) |
+         (uint64_t(mode & 3) << 62);
+}
+// The descriptor of a K-major tile written by TMA with 128-byte swizzling: rows of 128 bytes,
+// 8-row (1024-byte) swizzle atoms; the tile must be 1024-byte aligned. Leading byte offset
+// unused (1: 16 bytes), stride byte offset 1024. Advancing along K inside the atom adds the
+// byte offset to the start address (the swizzle is a function of the address bits).
+__device__ __forceinline__ uint64_t smem_desc_k128(const void* tile, uint32_t k_byte_offset) {
+  return smem_desc(tile, k_byte_offset, 16, 1024, 1);
+}
 }  // namespace sm90
 }  // namespace moekit

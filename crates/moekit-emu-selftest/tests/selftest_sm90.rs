@@ -1,0 +1,341 @@
+//! The host emulation of Hopper's instructions (`kernels/include/moekit/emu/sm90.h`): TMA
+//! boxes with every swizzle and zero fill, wgmma BF16 and E4M3 through 128-byte swizzled
+//! descriptors with its accumulator fragment, mbarrier phases, named barriers, setmaxnreg and
+//! elect.sync; and proof that it catches planted bugs (a wrong swizzle, a wrong descriptor
+//! offset, a wrong expect-tx count, a phase-parity mistake, a stage reloaded before the wgmma
+//! reading it completed, a missing wgmma.fence, a non-uniform setmaxnreg). The expectations are
+//! independent statements in Rust of what the PTX ISA and the CUDA driver documentation fix;
+//! correct kernels also run on a compute capability 9.0 GPU (`gpu_*`, ignored without one).
+
+use moekit_cuda::emu::{TensorMapSpec, TmaElem, TmaSwizzle};
+use moekit_cuda::testing::{emulator_or_skip, gpu_or_skip, skip_notice};
+use moekit_cuda::{BlockOrder, Error};
+use moekit_dtype::{bf16, F8E4M3};
+use moekit_emu_selftest::kernels::EMU_SELFTEST_SM90;
+use moekit_emu_selftest::run_sm90;
+use moekit_tensor::{CudaDevice, DType, Device, Tensor};
+
+fn emu(test: &str) -> Option<Device> {
+    emulator_or_skip(test, &[&EMU_SELFTEST_SM90], BlockOrder::InOrder).map(Device::Emulated)
+}
+
+fn gpu(test: &str) -> Option<Device> {
+    let g = gpu_or_skip(test, &[&EMU_SELFTEST_SM90])?;
+    if g.compute_capability() != (9, 0) {
+        skip_notice(test, "not a compute capability 9.0 GPU");
+        return None;
+    }
+    Some(Device::Cuda(CudaDevice::new(0).expect("GPU present")))
+}
+
+fn lcg(n: usize, seed: u64) -> Vec<u64> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s >> 33
+        })
+        .collect()
+}
+
+fn bytes_tensor(bytes: &[u8], dev: &Device) -> Tensor {
+    Tensor::from_slice(bytes, &[bytes.len()], dev).unwrap()
+}
+
+// ---- TMA: boxes, swizzles, zero fill ---------------------------------------------------------------
+
+const ROWS: usize = 40;
+const COLS: usize = 160; // bytes per row (a multiple of 16)
+const BOX_ROWS: u32 = 24;
+
+/// Where byte `off` of a box lands under a swizzle of `span` bytes (CUDA's TMA swizzle: the
+/// 16-byte chunk index within the span XOR shared-address bits 7.. (`row % 8` for 128B)).
+fn swizzled(off: usize, span: usize) -> usize {
+    let mask = match span {
+        128 => 7,
+        64 => 3,
+        32 => 1,
+        _ => 0,
+    };
+    off ^ (((off >> 7) & mask) << 4)
+}
+
+fn tma_box(dev: &Device, swizzle: TmaSwizzle, c0: i32, c1: i32) -> (Vec<u8>, Vec<u8>) {
+    let global: Vec<u8> = (0..ROWS * COLS).map(|i| ((i * 7 + 3) % 251 + 1) as u8).collect();
+    let inner = if swizzle == TmaSwizzle::None { 64 } else { swizzle.bytes() as usize };
+    let bytes = inner * BOX_ROWS as usize;
+    let g = bytes_tensor(&global, dev);
+    let mut out = Tensor::zeros(&[bytes], DType::U8, dev).unwrap();
+    let gp = g.dev_ptr::<u8>().unwrap();
+    let map = TensorMapSpec {
+        addr: gp.addr(),
+        elem: TmaElem::U8,
+        dims: &[COLS as u64, ROWS as u64],
+        strides_bytes: &[COLS as u64],
+        boxes: &[inner as u32, BOX_ROWS],
+        swizzle,
+    }
+    .encode(dev.launcher().unwrap())
+    .unwrap();
+    // SAFETY: (tensor map over `g`, out: `bytes` bytes, coordinates, bytes); 16 KiB + barrier
+    // + 1 KiB alignment slack of dynamic shared memory.
+    unsafe {
+        run_sm90(
+            dev,
+            "selftest_sm90_tma_box",
+            1,
+            128,
+            16384 + 8 + 1024,
+            (map, out.dev_ptr_mut::<u8>().unwrap(), c0, c1, bytes as i32),
+        )
+    }
+    .unwrap();
+    let mut want = vec![0u8; bytes];
+    for r in 0..BOX_ROWS as usize {
+        for c in 0..inner {
+            let (gr, gc) = (c1 as i64 + r as i64, c0 as i64 + c as i64);
+            let inside = (0..ROWS as i64).contains(&gr) && (0..COLS as i64).contains(&gc);
+            want[swizzled(r * inner + c, swizzle.bytes() as usize)] =
+                if inside { global[gr as usize * COLS + gc as usize] } else { 0 };
+        }
+    }
+    (out.to_vec::<u8>().unwrap(), want)
+}
+
+fn check_tma(dev: &Device) {
+    for swizzle in [TmaSwizzle::None, TmaSwizzle::B32, TmaSwizzle::B64, TmaSwizzle::B128] {
+        // Inside; past the last rows and columns; before the first column (negative).
+        for (c0, c1) in [(16, 8), (112, 20), (-16, 0)] {
+            let (got, want) = tma_box(dev, swizzle, c0, c1);
+            assert_eq!(got, want, "{swizzle:?} box at ({c0}, {c1})");
+        }
+    }
+}
+
+#[test]
+fn emu_tma_boxes_swizzles_and_zero_fill() {
+    let Some(d) = emu("emu_tma_boxes_swizzles_and_zero_fill") else { return };
+    check_tma(&d);
+    // The model is not trivially consistent with itself: the 128B pattern moves bytes.
+    assert_ne!(swizzled(128 + 16, 128), 128 + 16);
+}
+
+#[test]
+#[ignore = "needs a GPU: cargo test -- --include-ignored gpu_ (the GPU bundle does)"]
+fn gpu_tma_boxes_swizzles_and_zero_fill() {
+    let Some(d) = gpu("gpu_tma_boxes_swizzles_and_zero_fill") else { return };
+    check_tma(&d);
+}
+
+// ---- wgmma: descriptors, fragment layout, mbarrier phases -------------------------------------------
+
+const WG_M: usize = 64;
+const WG_N: usize = 128;
+
+/// Inputs of a `wgmma_tile` kernel: A [64, k], B [128, k] as values and as bytes.
+struct Tile {
+    k: usize,
+    fp8: bool,
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+
+impl Tile {
+    /// Small integers (every partial sum exact: any summation order gives the same bits), or
+    /// reals in [-2, 2] (BF16 only).
+    fn new(fp8: bool, small_ints: bool, seed: u64) -> Tile {
+        let k = if fp8 { 256 } else { 128 }; // two TMA steps: the mbarrier phase flips
+        let gen = |n: usize, s: u64| -> Vec<f32> {
+            lcg(n, s)
+                .iter()
+                .map(|&v| {
+                    let x = if small_ints { (v % 9) as f32 - 4.0 } else { (v % 40001) as f32 / 10000.0 - 2.0 };
+                    bf16::from_f32(x).to_f32()
+                })
+                .collect()
+        };
+        Tile { k, fp8, a: gen(WG_M * k, seed), b: gen(WG_N * k, seed + 1) }
+    }
+    fn bytes(&self, v: &[f32]) -> Vec<u8> {
+        if self.fp8 {
+            v.iter().map(|&x| F8E4M3::from_f32(x).0).collect()
+        } else {
+            v.iter().flat_map(|&x| bf16::from_f32(x).to_bits().to_le_bytes()).collect()
+        }
+    }
+    /// d = A . B^T in f64, and the sum of |terms| per element.
+    fn want(&self) -> (Vec<f64>, Vec<f64>) {
+        let (mut d, mut mag) = (vec![0f64; WG_M * WG_N], vec![0f64; WG_M * WG_N]);
+        for r in 0..WG_M {
+            for c in 0..WG_N {
+                for kk in 0..self.k {
+                    let p = self.a[r * self.k + kk] as f64 * self.b[c * self.k + kk] as f64;
+                    d[r * WG_N + c] += p;
+                    mag[r * WG_N + c] += p.abs();
+                }
+            }
+        }
+        (d, mag)
+    }
+}
+
+/// Runs `kernel` (a `wgmma_tile` instance) on `tile`: d [64, 128] f32, or the launch's error.
+fn wgmma(dev: &Device, kernel: &str, tile: &Tile) -> Result<Vec<f32>, Error> {
+    let on = dev.launcher().unwrap();
+    let (elem, e) = if tile.fp8 { (TmaElem::U8, 1) } else { (TmaElem::Bf16, 2) };
+    let (ab, bb) = (bytes_tensor(&tile.bytes(&tile.a), dev), bytes_tensor(&tile.bytes(&tile.b), dev));
+    let k = tile.k as u64;
+    let map = |t: &Tensor, rows: u32| {
+        TensorMapSpec {
+            addr: t.dev_ptr::<u8>().unwrap().addr(),
+            elem,
+            dims: &[k, rows as u64],
+            strides_bytes: &[k * e],
+            boxes: &[128 / e as u32, rows],
+            swizzle: TmaSwizzle::B128,
+        }
+        .encode(on)
+        .unwrap()
+    };
+    let (ta, tb) = (map(&ab, WG_M as u32), map(&bb, WG_N as u32));
+    let mut d = Tensor::zeros(&[WG_M * WG_N], DType::F32, dev).unwrap();
+    // SAFETY: (maps over A [64, k] and B [128, k], d: 64 x 128 f32, k); 24 KiB of tiles + the
+    // barrier + 1 KiB alignment slack of dynamic shared memory.
+    unsafe {
+        run_sm90(dev, kernel, 1, 128, 8192 + 16384 + 8 + 1024, (ta, tb, d.dev_ptr_mut::<f32>().unwrap(), k as i32))
+    }?;
+    Ok(d.to_vec::<f32>()?)
+}
+
+fn check_wgmma(dev: &Device) {
+    for fp8 in [false, true] {
+        let kernel = if fp8 { "selftest_sm90_wgmma_fp8" } else { "selftest_sm90_wgmma_bf16" };
+        // Exact: small integers.
+        let tile = Tile::new(fp8, true, 5);
+        let got = wgmma(dev, kernel, &tile).unwrap();
+        let (want, _) = tile.want();
+        for i in 0..got.len() {
+            assert_eq!(got[i] as f64, want[i], "{kernel} d[{}][{}]", i / WG_N, i % WG_N);
+        }
+    }
+    // Reals (BF16): within f32 rounding of a k-term sum (the tensor cores' order is unspecified).
+    let tile = Tile::new(false, false, 9);
+    let got = wgmma(dev, "selftest_sm90_wgmma_bf16", &tile).unwrap();
+    let (want, mag) = tile.want();
+    for i in 0..got.len() {
+        let tol = (tile.k + 1) as f64 * f32::EPSILON as f64 * mag[i];
+        assert!((got[i] as f64 - want[i]).abs() <= tol, "d[{}][{}] = {} vs {}", i / WG_N, i % WG_N, got[i], want[i]);
+    }
+}
+
+#[test]
+fn emu_wgmma_tma_mbarrier() {
+    let Some(d) = emu("emu_wgmma_tma_mbarrier") else { return };
+    check_wgmma(&d);
+}
+
+#[test]
+#[ignore = "needs a GPU: cargo test -- --include-ignored gpu_ (the GPU bundle does)"]
+fn gpu_wgmma_tma_mbarrier() {
+    let Some(d) = gpu("gpu_wgmma_tma_mbarrier") else { return };
+    check_wgmma(&d);
+}
+
+/// The correct kernel passes on `tile`; the planted one gives other results.
+fn wrong_results(dev: &Device, planted: &str) {
+    let tile = Tile::new(false, true, 13);
+    let (want, _) = tile.want();
+    let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+    assert_eq!(wgmma(dev, "selftest_sm90_wgmma_bf16", &tile).unwrap(), want);
+    let got = wgmma(dev, planted, &tile).unwrap();
+    assert_ne!(got, want, "{planted}: the emulation computed the right product with the planted bug");
+}
+
+/// The correct kernel passes; the planted one fails the launch with a message containing
+/// every one of `needles`.
+fn reported(dev: &Device, planted: &str, needles: &[&str]) {
+    let tile = Tile::new(false, true, 17);
+    assert!(wgmma(dev, "selftest_sm90_wgmma_bf16", &tile).is_ok());
+    match wgmma(dev, planted, &tile) {
+        Err(Error::KernelFault(m)) => {
+            for n in needles {
+                assert!(m.contains(n), "{planted}: {n:?} not in {m}");
+            }
+        }
+        other => panic!("{planted} not reported: {other:?}"),
+    }
+}
+
+#[test]
+fn emu_catches_planted_wrong_swizzle() {
+    let Some(d) = emu("emu_catches_planted_wrong_swizzle") else { return };
+    wrong_results(&d, "planted_sm90_wrong_swizzle");
+}
+
+#[test]
+fn emu_catches_planted_wrong_descriptor_offset() {
+    let Some(d) = emu("emu_catches_planted_wrong_descriptor_offset") else { return };
+    wrong_results(&d, "planted_sm90_wrong_desc_offset");
+}
+
+#[test]
+fn emu_reports_planted_wrong_expect_tx_as_deadlock() {
+    let Some(d) = emu("emu_reports_planted_wrong_expect_tx_as_deadlock") else { return };
+    reported(&d, "planted_sm90_wrong_expect_tx", &["deadlock", "mbarrier", "tx-count 16 bytes"]);
+}
+
+#[test]
+fn emu_catches_planted_phase_parity_mistake() {
+    let Some(d) = emu("emu_catches_planted_phase_parity_mistake") else { return };
+    reported(&d, "planted_sm90_wrong_parity", &["TMA load has not written", "phase parity"]);
+}
+
+#[test]
+fn emu_catches_planted_stage_reuse_before_wgmma_wait() {
+    let Some(d) = emu("emu_catches_planted_stage_reuse_before_wgmma_wait") else { return };
+    reported(&d, "planted_sm90_early_release", &["uncompleted wgmma", "before wgmma.wait_group"]);
+}
+
+#[test]
+fn emu_catches_planted_missing_wgmma_fence() {
+    let Some(d) = emu("emu_catches_planted_missing_wgmma_fence") else { return };
+    reported(&d, "planted_sm90_missing_fence", &["without wgmma.fence"]);
+}
+
+// ---- named barriers, setmaxnreg, elect.sync --------------------------------------------------------
+
+fn roles(dev: &Device) -> Vec<i32> {
+    let mut out = Tensor::zeros(&[256 + 8], DType::I32, dev).unwrap();
+    // SAFETY: out has 256 + 8 ints.
+    unsafe { run_sm90(dev, "selftest_sm90_warpgroup_roles", 1, 256, 0, (out.dev_ptr_mut::<i32>().unwrap(),)) }.unwrap();
+    let got = out.to_vec::<i32>().unwrap();
+    for wg in 0..2 {
+        for t in 0..128 {
+            assert_eq!(got[wg * 128 + t], ((t + 37) % 128 * 3 + wg) as i32, "warpgroup {wg} thread {t}");
+        }
+    }
+    got[256..].to_vec()
+}
+
+#[test]
+fn emu_named_barriers_setmaxnreg_elect() {
+    let Some(d) = emu("emu_named_barriers_setmaxnreg_elect") else { return };
+    // One lane elected per warp: the emulation elects the lowest (lane 0).
+    assert_eq!(roles(&d), vec![100; 8]);
+    let mut out = Tensor::zeros(&[128], DType::I32, &d).unwrap();
+    // SAFETY: out has one int per thread.
+    let r =
+        unsafe { run_sm90(&d, "planted_sm90_setmaxnreg_not_uniform", 1, 128, 0, (out.dev_ptr_mut::<i32>().unwrap(),)) };
+    match r {
+        Err(Error::KernelFault(m)) => assert!(m.contains("setmaxnreg") && m.contains("not uniform"), "{m}"),
+        other => panic!("non-uniform setmaxnreg not reported: {other:?}"),
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: cargo test -- --include-ignored gpu_ (the GPU bundle does)"]
+fn gpu_named_barriers_setmaxnreg_elect() {
+    let Some(d) = gpu("gpu_named_barriers_setmaxnreg_elect") else { return };
+    // Exactly one lane per warp (which one the ISA leaves to the hardware).
+    assert!(roles(&d).iter().all(|&v| v / 100 == 1), "one elected lane per warp");
+}
