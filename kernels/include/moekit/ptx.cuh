@@ -8,8 +8,8 @@
 // accumulates k = 0..15 in order with fused multiply-adds, so results agree exactly when all
 // partial sums are exact (e.g. small integers) and to f32 rounding otherwise.
 //
-// Requires sm_80 or newer. Hopper-only instructions (wgmma, TMA, setmaxnreg) do not belong
-// here: they live in *_sm90 headers and their modules are declared `// moekit-emulate: no`.
+// Requires sm_80 or newer. Hopper-only instructions (wgmma, TMA, mbarrier, setmaxnreg) do not
+// belong here: they live in moekit/sm90/ptx_sm90.cuh (emulated by moekit/emu/sm90.h).
 #pragma once
 
 #include <stdint.h>
