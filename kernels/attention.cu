@@ -1,7 +1,8 @@
 // Causal multi-head self-attention, flash style: forward (own keys, or a KV cache that the
 // kernel appends to), and the flash-attention-2 backward without float atomics.
 //
-// Layout (moekit-model's): qkv [B * S, 3 H hd] f32, each row query | key | value columns,
+// Layout (moekit-model's): qkv [B * S, 3 H hd] f32 or BF16 (widened exactly when loaded: all
+// arithmetic is f32), each row query | key | value columns,
 // head h at column h * hd of each third; out [B * S, H hd]; lse, delta [B, H, S]; caches
 // [B, H, max_len, hd]. Query i of a sequence is at position start + i and sees keys
 // 0 ..= start + i. Scores s = (q . k) * scale, scale = 1 / sqrt(hd) (passed by the host).
@@ -47,6 +48,7 @@
 
 #include "moekit/abi.h"
 #include "moekit/attention/lse.cuh"
+#include "moekit/convert.cuh"
 #include "moekit/fmath.cuh"
 
 namespace {
@@ -85,6 +87,12 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// Element `i` of qkv, f32 or bf16 (widened exactly): everything after the load is f32.
+__device__ __forceinline__ float ld_qkv(uint64_t base, int32_t dtype, size_t i) {
+  if (dtype == MOEKIT_ATTN_BF16) return ::moekit::bf16_bits_to_f32(reinterpret_cast<const uint16_t*>(base)[i]);
+  return reinterpret_cast<const float*>(base)[i];
+}
+
 // sum_c a[c] b[c], one fma chain from +0 in c order.
 __device__ __forceinline__ float dot(const float* a, const float* b, int n) {
   float acc = 0.0f;
@@ -112,7 +120,7 @@ __device__ __forceinline__ void attn_forward(const MoekitAttnParams& p) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const bool cached = p.k_cache != 0;
 
-  const float* qkv = reinterpret_cast<const float*>(p.qkv) + static_cast<size_t>(b) * seq * stride + h * hd;
+  const size_t qoff = static_cast<size_t>(b) * seq * stride + h * hd;  // element offset in qkv
   float* kc = reinterpret_cast<float*>(p.k_cache);
   float* vc = reinterpret_cast<float*>(p.v_cache);
   const size_t cache_head = static_cast<size_t>(bh) * p.max_len;
@@ -121,12 +129,12 @@ __device__ __forceinline__ void attn_forward(const MoekitAttnParams& p) {
   // tiles below read positions >= start from qkv, so no block waits for another's writes).
   for (int idx = tid; idx < rows * hd; idx += kThreads) {
     const int r = idx / hd, c = idx % hd;
-    const float* src = qkv + static_cast<size_t>(q0 + r) * stride + c;
-    q_s[r][c] = src[0];
+    const size_t src = qoff + static_cast<size_t>(q0 + r) * stride + c;
+    q_s[r][c] = ld_qkv(p.qkv, p.qkv_dtype, src);
     if (cached) {
       const size_t dst = (cache_head + start + q0 + r) * hd + c;
-      kc[dst] = src[d];
-      vc[dst] = src[2 * d];
+      kc[dst] = ld_qkv(p.qkv, p.qkv_dtype, src + d);
+      vc[dst] = ld_qkv(p.qkv, p.qkv_dtype, src + 2 * d);
     }
   }
 
@@ -153,9 +161,9 @@ __device__ __forceinline__ void attn_forward(const MoekitAttnParams& p) {
           kv = kc[src];
           vv = vc[src];
         } else {
-          const float* src = qkv + static_cast<size_t>(pos - start) * stride + c;
-          kv = src[d];
-          vv = src[2 * d];
+          const size_t src = qoff + static_cast<size_t>(pos - start) * stride + c;
+          kv = ld_qkv(p.qkv, p.qkv_dtype, src + d);
+          vv = ld_qkv(p.qkv, p.qkv_dtype, src + 2 * d);
         }
       }
       k_s[j][c] = kv;
@@ -230,14 +238,14 @@ __device__ __forceinline__ void attn_bwd_prep(const MoekitAttnBwdParams& p) {
   }
 }
 
-// Loads rows [i0, i0 + n) of one third (`col`: 0 query, d key, 2d value) of a head's qkv
-// columns, or of dout (`col` = 0, `stride` = d), into `dst` (row length `ld`); rows past n
-// are zero.
-__device__ __forceinline__ void load_rows(float* dst, int ld, int cap, const float* src, size_t stride, int i0, int n,
-                                          int hd) {
+// Loads rows [i0, i0 + n) of hd columns from `base` (f32 or bf16 by `dtype`; element
+// `off + row * stride + c`: a third of a head's qkv columns, or dout) into `dst` (row length
+// `ld`); rows n .. cap are zero.
+__device__ __forceinline__ void load_rows(float* dst, int ld, int cap, uint64_t base, int32_t dtype, size_t off,
+                                          size_t stride, int i0, int n, int hd) {
   for (int idx = threadIdx.x; idx < cap * hd; idx += kThreads) {
     const int r = idx / hd, c = idx % hd;
-    dst[r * ld + c] = r < n ? src[static_cast<size_t>(i0 + r) * stride + c] : 0.0f;
+    dst[r * ld + c] = r < n ? ld_qkv(base, dtype, off + static_cast<size_t>(i0 + r) * stride + c) : 0.0f;
   }
 }
 
@@ -278,13 +286,13 @@ __device__ __forceinline__ void attn_bwd_dkdv(const MoekitAttnBwdParams& p) {
   const int nkeys = imin(kKeyTile, seq - j0);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
-  const float* qkv = reinterpret_cast<const float*>(p.qkv) + static_cast<size_t>(b) * seq * stride + h * hd;
-  const float* dout = reinterpret_cast<const float*>(p.dout) + static_cast<size_t>(b) * seq * d + h * hd;
+  const size_t qoff = static_cast<size_t>(b) * seq * stride + h * hd;  // element offsets
+  const size_t doff = static_cast<size_t>(b) * seq * d + h * hd;
   const float* lse = reinterpret_cast<const float*>(p.lse) + static_cast<size_t>(bh) * seq;
   const float* delta = reinterpret_cast<const float*>(p.delta) + static_cast<size_t>(bh) * seq;
 
-  load_rows(&k_s[0][0], HP + 1, kKeyTile, qkv + d, stride, j0, nkeys, hd);
-  load_rows(&v_s[0][0], HP + 1, kKeyTile, qkv + 2 * d, stride, j0, nkeys, hd);
+  load_rows(&k_s[0][0], HP + 1, kKeyTile, p.qkv, p.qkv_dtype, qoff + d, stride, j0, nkeys, hd);
+  load_rows(&v_s[0][0], HP + 1, kKeyTile, p.qkv, p.qkv_dtype, qoff + 2 * d, stride, j0, nkeys, hd);
 
   float dk[KPW][NC], dv[KPW][NC];
 #pragma unroll
@@ -296,8 +304,8 @@ __device__ __forceinline__ void attn_bwd_dkdv(const MoekitAttnBwdParams& p) {
   for (int i0 = (j0 / BQ) * BQ; i0 < seq; i0 += BQ) {
     const int nrows = imin(BQ, seq - i0);
     __syncthreads();  // the previous query tile is consumed
-    load_rows(&q_s[0][0], HP, BQ, qkv, stride, i0, nrows, hd);
-    load_rows(&do_s[0][0], HP, BQ, dout, d, i0, nrows, hd);
+    load_rows(&q_s[0][0], HP, BQ, p.qkv, p.qkv_dtype, qoff, stride, i0, nrows, hd);
+    load_rows(&do_s[0][0], HP, BQ, p.dout, MOEKIT_ATTN_F32, doff, d, i0, nrows, hd);
     if (tid < nrows) {
       lse_s[tid] = lse[i0 + tid];
       delta_s[tid] = delta[i0 + tid];
@@ -377,13 +385,13 @@ __device__ __forceinline__ void attn_bwd_dq(const MoekitAttnBwdParams& p) {
   const int nrows = imin(BQ, seq - i0);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
-  const float* qkv = reinterpret_cast<const float*>(p.qkv) + static_cast<size_t>(b) * seq * stride + h * hd;
-  const float* dout = reinterpret_cast<const float*>(p.dout) + static_cast<size_t>(b) * seq * d + h * hd;
+  const size_t qoff = static_cast<size_t>(b) * seq * stride + h * hd;  // element offsets
+  const size_t doff = static_cast<size_t>(b) * seq * d + h * hd;
   const float* lse = reinterpret_cast<const float*>(p.lse) + static_cast<size_t>(bh) * seq;
   const float* delta = reinterpret_cast<const float*>(p.delta) + static_cast<size_t>(bh) * seq;
 
-  load_rows(&q_s[0][0], HP, BQ, qkv, stride, i0, nrows, hd);
-  load_rows(&do_s[0][0], HP, BQ, dout, d, i0, nrows, hd);
+  load_rows(&q_s[0][0], HP, BQ, p.qkv, p.qkv_dtype, qoff, stride, i0, nrows, hd);
+  load_rows(&do_s[0][0], HP, BQ, p.dout, MOEKIT_ATTN_F32, doff, d, i0, nrows, hd);
   if (tid < nrows) {
     lse_s[tid] = lse[i0 + tid];
     delta_s[tid] = delta[i0 + tid];
@@ -400,8 +408,8 @@ __device__ __forceinline__ void attn_bwd_dq(const MoekitAttnBwdParams& p) {
     const int j0 = kt * kKeyTile;
     const int nkeys = imin(kKeyTile, seq - j0);
     __syncthreads();  // the previous key tile is consumed (and, first, the queries are loaded)
-    load_rows(&k_s[0][0], HP + 1, kKeyTile, qkv + d, stride, j0, nkeys, hd);
-    load_rows(&v_s[0][0], HP + 1, kKeyTile, qkv + 2 * d, stride, j0, nkeys, hd);
+    load_rows(&k_s[0][0], HP + 1, kKeyTile, p.qkv, p.qkv_dtype, qoff + d, stride, j0, nkeys, hd);
+    load_rows(&v_s[0][0], HP + 1, kKeyTile, p.qkv, p.qkv_dtype, qoff + 2 * d, stride, j0, nkeys, hd);
     __syncthreads();
     // Phase A: this warp's rows (key = lane) into ds_s; invisible pairs are +0 (never read).
     for (int r = warp; r < nrows; r += kWarps) {

@@ -296,6 +296,9 @@ pub struct MoekitRopeParams {
     pub inverse: i32,
     pub _pad: i32,
 }
+pub const MOEKIT_ATTN_F32: MoekitAttnDtype = 0;
+pub const MOEKIT_ATTN_BF16: MoekitAttnDtype = 1;
+pub type MoekitAttnDtype = ::core::ffi::c_uint;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq)]
 pub struct MoekitAttnParams {
@@ -311,7 +314,7 @@ pub struct MoekitAttnParams {
     pub start: i32,
     pub max_len: i32,
     pub scale: f32,
-    pub _pad: i32,
+    pub qkv_dtype: i32,
 }
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq)]
@@ -327,7 +330,7 @@ pub struct MoekitAttnBwdParams {
     pub head_dim: i32,
     pub seq: i32,
     pub scale: f32,
-    pub _pad: i32,
+    pub qkv_dtype: i32,
 }
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]

@@ -12,8 +12,9 @@
 //!   emulator.
 //!
 //! # Layout (moekit-model's)
-//! - `qkv [B * S, 3 H hd]` f32: row `b * S + i` is query | key | value of token `i` of
-//!   sequence `b`, head `h` at column `h * hd` of each third;
+//! - `qkv [B * S, 3 H hd]` f32 or BF16 (widened exactly when loaded; all arithmetic is f32):
+//!   row `b * S + i` is query | key | value of token `i` of sequence `b`, head `h` at column
+//!   `h * hd` of each third;
 //! - `out [B * S, H hd]` f32; `lse [B, H, S]` f32, the log-sum-exp of the scaled scores of each
 //!   query (saved for the backward instead of the probabilities);
 //! - KV caches `[B, H, max_len, hd]` f32 (moekit-model's `KvCache`).

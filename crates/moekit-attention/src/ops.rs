@@ -2,8 +2,11 @@
 //! check (dtype, shape, device) happens here before dispatch, so every device gives the same
 //! outcome.
 
-use crate::{raw, reference, AttnShape, Error, Result};
+use crate::raw::{self, Qkv};
+use crate::{reference, AttnShape, Error, Result};
+use moekit_dtype::bf16;
 use moekit_tensor::{DType, Tensor};
+use std::borrow::Cow;
 
 /// Outputs of [`attention`] and [`attention_cached`].
 #[derive(Debug, Clone)]
@@ -22,6 +25,33 @@ fn expect(what: &str, t: &Tensor, dims: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// `qkv [B * S, 3 H hd]` of dtype F32 or BF16.
+fn expect_qkv(qkv: &Tensor, shape: &AttnShape) -> Result<()> {
+    if !matches!(qkv.dtype(), DType::F32 | DType::BF16) {
+        return Err(Error::Dtype { what: "qkv".into(), expected: "f32 or bf16".into(), got: qkv.dtype().to_string() });
+    }
+    let dims = [shape.batch * shape.seq, 3 * shape.d()];
+    if qkv.dims() != dims {
+        return Err(Error::Shape(format!("qkv {:?}, expected {dims:?}", qkv.dims())));
+    }
+    Ok(())
+}
+
+/// A CPU qkv as f32 (BF16 widened exactly, as the kernels load it).
+fn cpu_qkv(qkv: &Tensor) -> Result<Cow<'_, [f32]>> {
+    match qkv.dtype() {
+        DType::BF16 => Ok(Cow::Owned(qkv.cpu_slice::<bf16>()?.iter().map(|v| v.to_f32()).collect())),
+        _ => Ok(Cow::Borrowed(qkv.cpu_slice::<f32>()?)),
+    }
+}
+
+fn dev_qkv(qkv: &Tensor) -> Result<Qkv<'_>> {
+    match qkv.dtype() {
+        DType::BF16 => Ok(Qkv::BF16(qkv.dev_ptr::<bf16>()?)),
+        _ => Ok(Qkv::F32(qkv.dev_ptr::<f32>()?)),
+    }
+}
+
 fn same_device(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
     if a.device().same_as(b.device()) {
         Ok(())
@@ -38,19 +68,19 @@ fn outputs(shape: &AttnShape, qkv: &Tensor) -> Result<(Tensor, Tensor)> {
     ))
 }
 
-/// Causal attention of `qkv [B * S, 3 H hd]` F32 over its own keys (training, positions from
+/// Causal attention of `qkv [B * S, 3 H hd]` (F32, or BF16 widened exactly) over its own keys (training, positions from
 /// 0), on the tensor's device. See [`crate::reference::forward`].
 pub fn attention(qkv: &Tensor, shape: &AttnShape) -> Result<AttnOutput> {
     shape.validate(0)?;
-    expect("qkv", qkv, &[shape.batch * shape.seq, 3 * shape.d()])?;
+    expect_qkv(qkv, shape)?;
     let (mut out, mut lse) = outputs(shape, qkv)?;
     match qkv.device().launcher() {
         None => {
-            let (o, l) = reference::forward(qkv.cpu_slice()?, shape)?;
+            let (o, l) = reference::forward(&cpu_qkv(qkv)?, shape)?;
             out.cpu_slice_mut::<f32>()?.copy_from_slice(&o);
             lse.cpu_slice_mut::<f32>()?.copy_from_slice(&l);
         }
-        Some(on) => raw::forward(on, shape, qkv.dev_ptr()?, out.dev_ptr_mut()?, lse.dev_ptr_mut()?)?,
+        Some(on) => raw::forward(on, shape, dev_qkv(qkv)?, out.dev_ptr_mut()?, lse.dev_ptr_mut()?)?,
     }
     Ok(AttnOutput { out, lse })
 }
@@ -73,7 +103,7 @@ pub fn attention_cached(
     }
     let max_len = k_cache.dims()[2];
     shape.validate_cache(start, max_len)?;
-    expect("qkv", qkv, &[shape.batch * shape.seq, 3 * shape.d()])?;
+    expect_qkv(qkv, shape)?;
     let cache_dims = [shape.batch, shape.heads, max_len, shape.head_dim];
     expect("k_cache", k_cache, &cache_dims)?;
     expect("v_cache", v_cache, &cache_dims)?;
@@ -83,7 +113,7 @@ pub fn attention_cached(
     match qkv.device().launcher() {
         None => {
             let (o, l) = reference::forward_cached(
-                qkv.cpu_slice()?,
+                &cpu_qkv(qkv)?,
                 k_cache.cpu_slice_mut()?,
                 v_cache.cpu_slice_mut()?,
                 shape,
@@ -98,7 +128,7 @@ pub fn attention_cached(
             shape,
             start,
             max_len,
-            qkv.dev_ptr()?,
+            dev_qkv(qkv)?,
             k_cache.dev_ptr_mut()?,
             v_cache.dev_ptr_mut()?,
             out.dev_ptr_mut()?,
@@ -108,7 +138,7 @@ pub fn attention_cached(
     Ok(AttnOutput { out, lse })
 }
 
-/// Backward of [`attention`]: the gradient w.r.t. `qkv` (`[B * S, 3 H hd]` F32) from the
+/// Backward of [`attention`]: the gradient w.r.t. `qkv` (`[B * S, 3 H hd]`, F32 for either qkv dtype) from the
 /// forward's `qkv`, `out`, `lse` and the upstream gradient `dout [B * S, H hd]` F32.
 pub fn attention_backward(
     qkv: &Tensor,
@@ -119,7 +149,7 @@ pub fn attention_backward(
 ) -> Result<Tensor> {
     shape.validate(0)?;
     let rows = shape.batch * shape.seq;
-    expect("qkv", qkv, &[rows, 3 * shape.d()])?;
+    expect_qkv(qkv, shape)?;
     expect("out", out, &[rows, shape.d()])?;
     expect("lse", lse, &[shape.batch, shape.heads, shape.seq])?;
     expect("dout", dout, &[rows, shape.d()])?;
@@ -127,11 +157,10 @@ pub fn attention_backward(
     same_device(qkv, lse, "lse")?;
     same_device(qkv, dout, "dout")?;
     let dev = qkv.device();
-    let mut dqkv = Tensor::empty(qkv.dims(), DType::F32, dev)?;
+    let mut dqkv = Tensor::empty(qkv.dims(), DType::F32, dev)?; // f32 whatever qkv's dtype
     match dev.launcher() {
         None => {
-            let g =
-                reference::backward(qkv.cpu_slice()?, out.cpu_slice()?, lse.cpu_slice()?, dout.cpu_slice()?, shape)?;
+            let g = reference::backward(&cpu_qkv(qkv)?, out.cpu_slice()?, lse.cpu_slice()?, dout.cpu_slice()?, shape)?;
             dqkv.cpu_slice_mut::<f32>()?.copy_from_slice(&g);
         }
         Some(on) => {
@@ -139,7 +168,7 @@ pub fn attention_backward(
             raw::backward(
                 on,
                 shape,
-                qkv.dev_ptr()?,
+                dev_qkv(qkv)?,
                 out.dev_ptr()?,
                 lse.dev_ptr()?,
                 dout.dev_ptr()?,

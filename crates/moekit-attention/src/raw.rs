@@ -7,7 +7,51 @@
 
 use crate::kernels::ATTENTION;
 use crate::{AttnShape, Error, Result, KEY_TILE};
-use moekit_cuda::{DevPtr, DevPtrMut, LaunchConfig, Launcher};
+use moekit_cuda::{DevPtr, DevPtrMut, LaunchConfig, Launcher, MemSpace};
+use moekit_dtype::bf16;
+
+/// `qkv [B * S, 3 H hd]` on a device: f32, or BF16 (widened exactly when loaded; every
+/// operation after the load is f32, so BF16 input gives the bits of its f32 widening).
+#[derive(Debug, Clone, Copy)]
+pub enum Qkv<'a> {
+    /// F32 values.
+    F32(DevPtr<'a, f32>),
+    /// BF16 values.
+    BF16(DevPtr<'a, bf16>),
+}
+
+impl Qkv<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Qkv::F32(p) => p.len(),
+            Qkv::BF16(p) => p.len(),
+        }
+    }
+    fn addr(&self) -> u64 {
+        match self {
+            Qkv::F32(p) => p.addr(),
+            Qkv::BF16(p) => p.addr(),
+        }
+    }
+    fn space(&self) -> MemSpace {
+        match self {
+            Qkv::F32(p) => p.space(),
+            Qkv::BF16(p) => p.space(),
+        }
+    }
+    fn abi_dtype(&self) -> i32 {
+        (match self {
+            Qkv::F32(_) => moekit_abi::MOEKIT_ATTN_F32,
+            Qkv::BF16(_) => moekit_abi::MOEKIT_ATTN_BF16,
+        }) as i32
+    }
+}
+
+impl<'a> From<DevPtr<'a, f32>> for Qkv<'a> {
+    fn from(p: DevPtr<'a, f32>) -> Self {
+        Qkv::F32(p)
+    }
+}
 
 /// Threads per block of every attention kernel (4 warps).
 pub const BLOCK: u32 = 128;
@@ -43,7 +87,7 @@ fn grid(tiles: usize, shape: &AttnShape) -> Result<LaunchConfig> {
 #[allow(clippy::too_many_arguments)]
 fn fwd_params(
     shape: &AttnShape,
-    qkv: u64,
+    qkv: &Qkv<'_>,
     out: u64,
     lse: u64,
     caches: (u64, u64),
@@ -51,7 +95,7 @@ fn fwd_params(
     max_len: usize,
 ) -> Result<moekit_abi::MoekitAttnParams> {
     Ok(moekit_abi::MoekitAttnParams {
-        qkv,
+        qkv: qkv.addr(),
         out,
         lse,
         k_cache: caches.0,
@@ -63,16 +107,16 @@ fn fwd_params(
         start: i32_of("start", start)?,
         max_len: i32_of("max_len", max_len)?,
         scale: shape.scale(),
-        _pad: 0,
+        qkv_dtype: qkv.abi_dtype(),
     })
 }
 
-/// Causal attention over the call's own keys: reads `qkv [B * S, 3 H hd]`, writes
+/// Causal attention over the call's own keys: reads `qkv [B * S, 3 H hd]` (F32 or BF16), writes
 /// `out [B * S, H hd]` and `lse [B, H, S]` (see [`crate::reference::forward`]).
 pub fn forward(
     on: &dyn Launcher,
     shape: &AttnShape,
-    qkv: DevPtr<'_, f32>,
+    qkv: Qkv<'_>,
     out: DevPtrMut<'_, f32>,
     lse: DevPtrMut<'_, f32>,
 ) -> Result<()> {
@@ -81,7 +125,7 @@ pub fn forward(
     expect_len("out", out.len(), shape.out_len())?;
     expect_len("lse", lse.len(), shape.lse_len())?;
     moekit_cuda::ensure_addressable(on, &[qkv.space(), out.space(), lse.space()])?;
-    let params = fwd_params(shape, qkv.addr(), out.addr(), lse.addr(), (0, 0), 0, 0)?;
+    let params = fwd_params(shape, &qkv, out.addr(), lse.addr(), (0, 0), 0, 0)?;
     let cfg = grid(shape.seq.div_ceil(FWD_ROWS), shape)?;
     let name = format!("moekit_attn_fwd_c{}", shape.chunks());
     // SAFETY: the kernel takes one MoekitAttnParams by value (layout checked by moekit-abi's
@@ -102,7 +146,7 @@ pub fn forward_cached(
     shape: &AttnShape,
     start: usize,
     max_len: usize,
-    qkv: DevPtr<'_, f32>,
+    qkv: Qkv<'_>,
     k_cache: DevPtrMut<'_, f32>,
     v_cache: DevPtrMut<'_, f32>,
     out: DevPtrMut<'_, f32>,
@@ -115,8 +159,7 @@ pub fn forward_cached(
     expect_len("out", out.len(), shape.out_len())?;
     expect_len("lse", lse.len(), shape.lse_len())?;
     moekit_cuda::ensure_addressable(on, &[qkv.space(), k_cache.space(), v_cache.space(), out.space(), lse.space()])?;
-    let params =
-        fwd_params(shape, qkv.addr(), out.addr(), lse.addr(), (k_cache.addr(), v_cache.addr()), start, max_len)?;
+    let params = fwd_params(shape, &qkv, out.addr(), lse.addr(), (k_cache.addr(), v_cache.addr()), start, max_len)?;
     let cfg = grid(shape.seq.div_ceil(FWD_ROWS), shape)?;
     let name = format!("moekit_attn_fwd_c{}", shape.chunks());
     // SAFETY: as in `forward`; in addition block (x, b * H + h) reads cache positions
@@ -132,7 +175,7 @@ pub fn forward_cached(
 pub fn backward(
     on: &dyn Launcher,
     shape: &AttnShape,
-    qkv: DevPtr<'_, f32>,
+    qkv: Qkv<'_>,
     out: DevPtr<'_, f32>,
     lse: DevPtr<'_, f32>,
     dout: DevPtr<'_, f32>,
@@ -162,7 +205,7 @@ pub fn backward(
         head_dim: i32_of("head_dim", shape.head_dim)?,
         seq: i32_of("seq", shape.seq)?,
         scale: shape.scale(),
-        _pad: 0,
+        qkv_dtype: qkv.abi_dtype(),
     };
     let warps = BLOCK as usize / 32;
     let pairs = shape.batch * shape.seq * shape.heads;

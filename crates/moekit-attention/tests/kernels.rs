@@ -126,6 +126,35 @@ fn backward_matches_reference(dev: &Device) {
     }
 }
 
+/// BF16 qkv: the kernels widen it exactly when loading, so forward, cached steps and backward
+/// equal the reference on the widened values bit for bit.
+fn bf16_matches_reference(dev: &Device) {
+    use moekit_dtype::bf16;
+    for (k, shape) in [s(2, 2, 32, 33), s(1, 1, 128, 9)].into_iter().enumerate() {
+        let h: Vec<bf16> = random_qkv(&shape, 400 + k as u64).iter().map(|&x| bf16::from_f32(x)).collect();
+        let wide: Vec<f32> = h.iter().map(|x| x.to_f32()).collect();
+        let (d, rows) = (shape.d(), shape.batch * shape.seq);
+        let ctx = format!("{} bf16 {shape:?}", dev.name());
+        let qt = Tensor::from_slice(&h, &[rows, 3 * d], dev).unwrap();
+        let (want_o, want_l) = reference::forward(&wide, &shape).unwrap();
+        let got = attention(&qt, &shape).unwrap();
+        assert_bits(&format!("{ctx} out"), &got.out.to_vec::<f32>().unwrap(), &want_o);
+        assert_bits(&format!("{ctx} lse"), &got.lse.to_vec::<f32>().unwrap(), &want_l);
+        let dout = random(shape.out_len(), 1.0, 500 + k as u64);
+        let dt = Tensor::from_slice(&dout, &[rows, d], dev).unwrap();
+        let want_g = reference::backward(&wide, &want_o, &want_l, &dout, &shape).unwrap();
+        let g = attention_backward(&qt, &got.out, &got.lse, &dt, &shape).unwrap();
+        assert_eq!(g.dtype(), DType::F32);
+        assert_bits(&format!("{ctx} dqkv"), &g.to_vec::<f32>().unwrap(), &want_g);
+        // Whole sequences through a cache in one call: the same rows.
+        let cache_dims = [shape.batch, shape.heads, shape.seq, shape.head_dim];
+        let mut kc = Tensor::zeros(&cache_dims, DType::F32, dev).unwrap();
+        let mut vc = Tensor::zeros(&cache_dims, DType::F32, dev).unwrap();
+        let c = attention_cached(&qt, &mut kc, &mut vc, &shape, 0).unwrap();
+        assert_bits(&format!("{ctx} cached out"), &c.out.to_vec::<f32>().unwrap(), &want_o);
+    }
+}
+
 /// Every rejected input gives the same error on `dev` as on the CPU.
 fn error_outcomes(dev: &Device) -> Vec<String> {
     let ok = s(2, 2, 8, 3);
@@ -139,8 +168,8 @@ fn error_outcomes(dev: &Device) -> Vec<String> {
     push(attention(&qt, &s(2, 2, 0, 3)).map(|_| ()));
     push(attention(&qt, &s(2, 2, 8, 0)).map(|_| ()));
     push(attention(&qt, &s(1, 1, 8, moekit_attention::MAX_SEQ_LEN + 1)).map(|_| ()));
-    let h16: Vec<moekit_dtype::bf16> = qkv.iter().map(|&x| moekit_dtype::bf16::from_f32(x)).collect();
-    push(attention(&Tensor::from_slice(&h16, &[6, 48], dev).unwrap(), &ok).map(|_| ()));
+    let ints: Vec<i32> = (0..6 * 48).collect();
+    push(attention(&Tensor::from_slice(&ints, &[6, 48], dev).unwrap(), &ok).map(|_| ()));
     let cache_dims = [2, 2, 4, 8];
     let mut kc = Tensor::zeros(&cache_dims, DType::F32, dev).unwrap();
     let mut vc = Tensor::zeros(&cache_dims, DType::F32, dev).unwrap();
@@ -188,6 +217,15 @@ fn emu_backward_matches_reference_bitwise() {
 }
 
 #[test]
+fn emu_bf16_qkv_matches_reference_bitwise() {
+    let Some(emu) = emulator_or_skip("emu_bf16_qkv_matches_reference_bitwise", &[&ATTENTION], BlockOrder::Reversed)
+    else {
+        return;
+    };
+    bf16_matches_reference(&Device::Emulated(emu));
+}
+
+#[test]
 fn emu_errors_match_the_cpu() {
     let Some(emu) = emulator_or_skip("emu_errors_match_the_cpu", &[&ATTENTION], BlockOrder::InOrder) else { return };
     let cpu = error_outcomes(&Device::Cpu);
@@ -206,11 +244,11 @@ fn emu_raw_rejects_bad_lengths_before_launch() {
     let qkv = EmuBuffer::from_host(&emu, &random_qkv(&shape, 3)).unwrap();
     let mut out = EmuBuffer::<f32>::from_host(&emu, &vec![9.0; shape.out_len() - 1]).unwrap();
     let mut lse = EmuBuffer::<f32>::zeros(&emu, shape.lse_len()).unwrap();
-    let r = raw::forward(&emu, &shape, qkv.view(), out.view_mut(), lse.view_mut());
+    let r = raw::forward(&emu, &shape, qkv.view().into(), out.view_mut(), lse.view_mut());
     assert!(matches!(r, Err(Error::Shape(ref m)) if m.contains("out")), "{r:?}");
     assert!(out.as_slice().iter().all(|&x| x == 9.0));
     let mut out = EmuBuffer::<f32>::zeros(&emu, shape.out_len()).unwrap();
-    raw::forward(&emu, &shape, qkv.view(), out.view_mut(), lse.view_mut()).unwrap();
+    raw::forward(&emu, &shape, qkv.view().into(), out.view_mut(), lse.view_mut()).unwrap();
 }
 
 #[test]
@@ -231,6 +269,12 @@ fn gpu_decode_matches_forward_rows_bitwise() {
 fn gpu_backward_matches_reference_bitwise() {
     let Some(_) = gpu_or_skip("gpu_backward_matches_reference_bitwise", &[&ATTENTION]) else { return };
     backward_matches_reference(&Device::Cuda(CudaDevice::new(0).unwrap()));
+}
+
+#[test]
+fn gpu_bf16_qkv_matches_reference_bitwise() {
+    let Some(_) = gpu_or_skip("gpu_bf16_qkv_matches_reference_bitwise", &[&ATTENTION]) else { return };
+    bf16_matches_reference(&Device::Cuda(CudaDevice::new(0).unwrap()));
 }
 
 #[test]

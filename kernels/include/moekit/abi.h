@@ -263,6 +263,59 @@ typedef struct MoekitGemmSm90Params {
 /* end moekit-norm */
 
 /* ---- moekit-attention (kernels/attention.cu: causal flash attention, KV-cache decode) ---- */
+/* Element type of attention's qkv input (f32 or bf16, widened exactly; everything else f32). */
+typedef enum MoekitAttnDtype {
+  MOEKIT_ATTN_F32 = 0,
+  MOEKIT_ATTN_BF16 = 1
+} MoekitAttnDtype;
+
+/*
+ * Causal multi-head attention, forward and KV-cache forward (kernels/attention.cu).
+ * Semantics: moekit-attention's reference module, which the kernels match bit for bit.
+ * Layout of the model (moekit-model `attention`): `qkv [batch * seq, 3 * heads * head_dim]`
+ * f32, each row the query | key | value columns, head h at column h * head_dim of each third.
+ * Query i of a sequence is at position start + i and sees the keys 0 ..= start + i.
+ * Own keys (k_cache = 0, start = 0): keys and values come from qkv. KV cache (k_cache != 0):
+ * keys and values of positions < start come from k_cache / v_cache `[batch, heads, max_len,
+ * head_dim]`, those of positions start .. start + seq from qkv, and the kernel writes the
+ * latter into the caches (position start + i of every sequence and head).
+ */
+typedef struct MoekitAttnParams {
+  uint64_t qkv;     /* [batch * seq, 3 * heads * head_dim] f32 or bf16 (qkv_dtype) */
+  uint64_t out;     /* [batch * seq, heads * head_dim] f32 (written) */
+  uint64_t lse;     /* [batch, heads, seq] f32 log-sum-exp of the scaled scores (written) */
+  uint64_t k_cache; /* [batch, heads, max_len, head_dim] f32, or 0 for own keys */
+  uint64_t v_cache; /* same shape as k_cache, or 0 */
+  int32_t batch;
+  int32_t heads;
+  int32_t head_dim; /* 1 ..= the kernel variant's 32 * chunks */
+  int32_t seq;      /* queries per sequence */
+  int32_t start;    /* position of query 0 (0 without a cache) */
+  int32_t max_len;  /* positions per (sequence, head) of the caches; start + seq <= max_len */
+  float scale;      /* score scale, 1 / sqrt(head_dim) */
+  int32_t qkv_dtype; /* MoekitAttnDtype of qkv (and of nothing else) */
+} MoekitAttnParams;
+
+/*
+ * Backward of the own-keys forward (kernels/attention.cu), flash-attention-2 style, no float
+ * atomics: `moekit_attn_bwd_prep` writes delta = rowsum(dout * out), `moekit_attn_bwd_dkdv_*`
+ * (one block per key tile) the key and value columns of dqkv, `moekit_attn_bwd_dq_*` (one
+ * block per query tile) the query columns. Every element of dqkv is written exactly once.
+ */
+typedef struct MoekitAttnBwdParams {
+  uint64_t qkv;   /* [batch * seq, 3 * heads * head_dim] f32 or bf16 (forward input) */
+  uint64_t out;   /* [batch * seq, heads * head_dim] f32 (forward output) */
+  uint64_t lse;   /* [batch, heads, seq] f32 (forward output) */
+  uint64_t dout;  /* [batch * seq, heads * head_dim] f32 upstream gradient */
+  uint64_t delta; /* [batch, heads, seq] f32 (prep: written; dkdv, dq: read) */
+  uint64_t dqkv;  /* [batch * seq, 3 * heads * head_dim] f32 (written) */
+  int32_t batch;
+  int32_t heads;
+  int32_t head_dim;
+  int32_t seq;
+  float scale;
+  int32_t qkv_dtype; /* MoekitAttnDtype of qkv (and of nothing else) */
+} MoekitAttnBwdParams;
 /* end moekit-attention */
 
 /* ---- moekit-logits (kernels/logits.cu, kernels/sampling.cu: log-softmax, entropy, CE gradient, sampling) ---- */
@@ -307,50 +360,3 @@ typedef struct MoekitEmuLaunch {
 #endif
 
 #endif /* MOEKIT_ABI_H */
-/*
- * Causal multi-head attention, forward and KV-cache forward (kernels/attention.cu).
- * Semantics: moekit-attention's reference module, which the kernels match bit for bit.
- * Layout of the model (moekit-model `attention`): `qkv [batch * seq, 3 * heads * head_dim]`
- * f32, each row the query | key | value columns, head h at column h * head_dim of each third.
- * Query i of a sequence is at position start + i and sees the keys 0 ..= start + i.
- * Own keys (k_cache = 0, start = 0): keys and values come from qkv. KV cache (k_cache != 0):
- * keys and values of positions < start come from k_cache / v_cache `[batch, heads, max_len,
- * head_dim]`, those of positions start .. start + seq from qkv, and the kernel writes the
- * latter into the caches (position start + i of every sequence and head).
- */
-typedef struct MoekitAttnParams {
-  uint64_t qkv;     /* [batch * seq, 3 * heads * head_dim] f32 */
-  uint64_t out;     /* [batch * seq, heads * head_dim] f32 (written) */
-  uint64_t lse;     /* [batch, heads, seq] f32 log-sum-exp of the scaled scores (written) */
-  uint64_t k_cache; /* [batch, heads, max_len, head_dim] f32, or 0 for own keys */
-  uint64_t v_cache; /* same shape as k_cache, or 0 */
-  int32_t batch;
-  int32_t heads;
-  int32_t head_dim; /* 1 ..= the kernel variant's 32 * chunks */
-  int32_t seq;      /* queries per sequence */
-  int32_t start;    /* position of query 0 (0 without a cache) */
-  int32_t max_len;  /* positions per (sequence, head) of the caches; start + seq <= max_len */
-  float scale;      /* score scale, 1 / sqrt(head_dim) */
-  int32_t _pad;
-} MoekitAttnParams;
-
-/*
- * Backward of the own-keys forward (kernels/attention.cu), flash-attention-2 style, no float
- * atomics: `moekit_attn_bwd_prep` writes delta = rowsum(dout * out), `moekit_attn_bwd_dkdv_*`
- * (one block per key tile) the key and value columns of dqkv, `moekit_attn_bwd_dq_*` (one
- * block per query tile) the query columns. Every element of dqkv is written exactly once.
- */
-typedef struct MoekitAttnBwdParams {
-  uint64_t qkv;   /* [batch * seq, 3 * heads * head_dim] f32 (forward input) */
-  uint64_t out;   /* [batch * seq, heads * head_dim] f32 (forward output) */
-  uint64_t lse;   /* [batch, heads, seq] f32 (forward output) */
-  uint64_t dout;  /* [batch * seq, heads * head_dim] f32 upstream gradient */
-  uint64_t delta; /* [batch, heads, seq] f32 (prep: written; dkdv, dq: read) */
-  uint64_t dqkv;  /* [batch * seq, 3 * heads * head_dim] f32 (written) */
-  int32_t batch;
-  int32_t heads;
-  int32_t head_dim;
-  int32_t seq;
-  float scale;
-  int32_t _pad;
-} MoekitAttnBwdParams;
