@@ -319,6 +319,96 @@ typedef struct MoekitAttnBwdParams {
 /* end moekit-attention */
 
 /* ---- moekit-logits (kernels/logits.cu, kernels/sampling.cu: log-softmax, entropy, CE gradient, sampling) ---- */
+/*
+ * Log-softmax statistics of LM-head logits (kernels/logits.cu, `moekit_logsoftmax_fwd`), one
+ * block of 256 threads per row (grid-stride over rows). Semantics: moekit-logits' reference
+ * module, which the kernel matches bit for bit. For row r with target y = targets[r]:
+ * row_max = max_j z (NaN ignored), row_lse = max + log(sum_j e^(z_j - max)),
+ * entropy = -sum_j p_j log p_j, logp = z_y - row_lse when 0 <= y < vocab, else 0.
+ * A target < 0 is ignored; a target >= vocab is invalid: logp 0, and *status is increased
+ * by one (integer atomic: start it at 0).
+ */
+typedef struct MoekitLogsoftmaxFwdParams {
+  uint64_t logits;  /* [rows, vocab] f32 */
+  uint64_t targets; /* [rows] int32 */
+  uint64_t logp;    /* [rows] f32 out */
+  uint64_t entropy; /* [rows] f32 out */
+  uint64_t row_max; /* [rows] f32 out */
+  uint64_t row_lse; /* [rows] f32 out */
+  uint64_t status;  /* [1] int32, += invalid targets */
+  uint64_t rows;
+  int32_t vocab;    /* >= 1 */
+  int32_t _pad;
+} MoekitLogsoftmaxFwdParams;
+
+/*
+ * Gradient w.r.t. the logits of sum_r dlogp[r] logp[r] + dentropy[r] entropy[r]
+ * (`moekit_logsoftmax_bwd`), from the logits and the forward's row_lse and entropy, one row
+ * block at a time (no probabilities tensor): with lp = z_j - lse, p = e^lp,
+ * grad_j = dl (1[j == y] - p) - (p > 0 ? de p (lp + H) : 0), dl = dlogp[r] for a valid
+ * target (else 0), de = dentropy[r]. A row with de == 0 and dl == 0 gets zeros. `grad` may
+ * be `logits` (in place: each element is read and then written by the same thread).
+ */
+typedef struct MoekitLogsoftmaxBwdParams {
+  uint64_t logits;   /* [rows, vocab] f32 */
+  uint64_t grad;     /* [rows, vocab] f32 out (may equal logits) */
+  uint64_t targets;  /* [rows] int32 */
+  uint64_t row_lse;  /* [rows] f32 (forward) */
+  uint64_t entropy;  /* [rows] f32 (forward) */
+  uint64_t dlogp;    /* [rows] f32, or 0: no log-prob term */
+  uint64_t dentropy; /* [rows] f32, or 0: no entropy term */
+  uint64_t rows;
+  int32_t vocab;
+  int32_t _pad;
+} MoekitLogsoftmaxBwdParams;
+
+/*
+ * Mean cross-entropy from the forward's logp (`moekit_cross_entropy_reduce`, one block):
+ * count = rows with 0 <= target < vocab, loss = -(sum of logp) / max(count, 1), and the
+ * backward's per-row dlogp = -1 / count at counted rows, 0 elsewhere. All on the device:
+ * no host synchronisation.
+ */
+typedef struct MoekitCrossEntropyParams {
+  uint64_t logp;    /* [rows] f32 (forward; 0 at rows without a valid target) */
+  uint64_t targets; /* [rows] int32 */
+  uint64_t loss;    /* [1] f32 out */
+  uint64_t count;   /* [1] int32 out */
+  uint64_t dlogp;   /* [rows] f32 out */
+  uint64_t rows;
+  int32_t vocab;
+  int32_t _pad;
+} MoekitCrossEntropyParams;
+
+/*
+ * Sampling one token per row of logits (kernels/sampling.cu, `moekit_sample`), one block of
+ * 256 threads per row. temperature 0: argmax (ties to the lowest id). Otherwise weights
+ * w_j = e^((z_j - max) / T) (scratch `weights`), candidates sorted by w descending then id
+ * ascending, the first top_k kept (0 = all), then the shortest prefix whose mass reaches
+ * top_p of theirs (1 = all), and the token drawn with u = (x0 >> 8) 2^-24 from
+ * Philox4x32-10 (moekit/philox.cuh), key = seed, counter = (row, step). Semantics and the
+ * exact arithmetic: moekit-logits' reference module.
+ */
+typedef struct MoekitSampleParams {
+  uint64_t logits;   /* [rows, vocab] f32 */
+  uint64_t weights;  /* [rows, vocab] f32 scratch (not touched when temperature == 0) */
+  uint64_t tokens;   /* [rows] int32 out */
+  uint64_t seed;     /* Philox key (low word k0, high word k1) */
+  uint64_t step;     /* counter words 2 (low) and 3 (high); words 0, 1 = row */
+  uint64_t rows;
+  int32_t vocab;     /* >= 1 */
+  int32_t top_k;     /* 0 (off) .. vocab */
+  float temperature; /* finite, >= 0 */
+  float top_p;       /* in (0, 1] */
+} MoekitSampleParams;
+
+/* Philox4x32-10 known-answer probe (`moekit_philox_probe`): out[4 i .. 4 i + 3] = the block of
+ * counter ctr[4 i ..] under key key[2 i ..], for i < n (one thread each). */
+typedef struct MoekitPhiloxProbeParams {
+  uint64_t ctr; /* [n, 4] uint32 */
+  uint64_t key; /* [n, 2] uint32 */
+  uint64_t out; /* [n, 4] uint32 out */
+  uint64_t n;
+} MoekitPhiloxProbeParams;
 /* end moekit-logits */
 
 /* ---- moekit-optim (kernels/optim.cu: AdamW, global grad norm, clipping) ---- */
