@@ -267,7 +267,8 @@ impl<T: Pod> DeviceBuffer<T> {
     }
 
     /// Copies elements `start..start + out.len()` into `out`, on `stream` (as
-    /// [`DeviceBuffer::to_host`]: one counted synchronisation point).
+    /// [`DeviceBuffer::to_host`]: one counted synchronisation point). [`Error::Capture`] while
+    /// `stream` is capturing (a readback cannot be part of a graph).
     pub fn copy_range_to_host(&self, stream: &Stream, start: usize, out: &mut [T]) -> Result<()> {
         self.check_range(start, out.len())?;
         if !stream.gpu().same_as(self.gpu()) {
@@ -276,6 +277,15 @@ impl<T: Pod> DeviceBuffer<T> {
         self.gpu().bind()?;
         let src = self.ptr + (start * std::mem::size_of::<T>()) as u64;
         synchronizing_point("cuMemcpyDtoHAsync + cuStreamSynchronize", || {
+            if stream.is_capturing() {
+                // The host would read before the graph ever ran: refused before the driver is
+                // asked (whose answer for a pageable copy in a capture varies).
+                return Err(Error::Capture {
+                    call: "cuMemcpyDtoHAsync",
+                    name: "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED".into(),
+                    code: sys::CUresult::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED as u32,
+                });
+            }
             if !out.is_empty() {
                 // SAFETY: the range is inside the allocation (checked); `out` stays borrowed
                 // until the stream synchronisation below, after which the copy has landed.

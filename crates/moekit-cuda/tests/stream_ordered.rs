@@ -125,7 +125,10 @@ fn gpu_graph_replays_memsets_copies_and_memory_nodes() {
 #[ignore = "needs a GPU: cargo test -- --include-ignored gpu_ (the GPU bundle does)"]
 fn gpu_synchronising_inside_a_capture_is_a_capture_error() {
     let Some((_gpu, s)) = setup("gpu_synchronising_inside_a_capture_is_a_capture_error") else { return };
+    let before = DeviceBuffer::<u32>::zeros(&s, 4).unwrap();
     s.begin_capture().unwrap();
+    let r = before.to_host(&s);
+    assert!(matches!(r, Err(Error::Capture { .. })), "a readback cannot be captured: {r:?}");
     assert!(matches!(s.begin_capture(), Err(Error::InvalidArgument(_))), "one capture at a time");
     let r = s.synchronize();
     assert!(matches!(r, Err(Error::Capture { .. })), "{r:?}");
