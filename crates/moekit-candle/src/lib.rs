@@ -54,9 +54,9 @@
 //!   argues. Their weight gradient lays each group's rows out with moekit's dispatch layout
 //!   (`top_k = 1`, alignment 1), permutes them and runs moekit's k-grouped GEMM (f32, rounded
 //!   to BF16); so on CUDA the number of groups is at most moekit-dispatch's 1024 experts.
-//! - **Differences from the CPU path**: [`route_replay`] has no kernel (moekit replays on the
-//!   CPU only): a CUDA tensor is an error; `masked_m` values past `M` are clamped by the
-//!   kernel instead of rejected (they are in device memory).
+//! - **Differences from the CPU path**: [`route_replay`] reads the ids back once on CUDA to
+//!   reject ids out of range (its kernel would give them weight 0); `masked_m` values past `M`
+//!   are clamped by the kernel instead of rejected (they are in device memory).
 //! - Errors are `candle_core::Error::Msg` or moekit's wrapped, never panics.
 //!
 //! Linking a test binary with the feature needs libcuda at build time (candle's cudarc is

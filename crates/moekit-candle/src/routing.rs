@@ -66,16 +66,21 @@ pub fn route(logits: &Tensor, bias: Option<&Tensor>, cfg: &RouterConfig) -> Resu
 /// Router replay: the weights `[T, k]` F32 of given `topk_ids [T, k]` (U32 or I32, in
 /// `[0, E)`; recorded while sampling) instead of choosing them, differentiable w.r.t.
 /// `logits [T, E]` (F32 or BF16). With the ids [`route`] chose, equal to its weights bit for
-/// bit. An id outside `[0, E)` is an error.
+/// bit. An id outside `[0, E)` is an error (on CUDA tensors the ids are read back once to
+/// check them; the weights come from moekit's replay kernel, `moekit_gating::raw::route_replay`).
 pub fn route_replay(logits: &Tensor, topk_ids: &Tensor, cfg: &RouterConfig) -> Result<Tensor> {
     let tokens = check_logits(logits, cfg)?;
     expect_cpu("replayed topk_ids", topk_ids)?;
     expect_dtype("replayed topk_ids", topk_ids, &[DType::U32, DType::I32])?;
     expect_dims("replayed topk_ids", topk_ids, &[tokens, cfg.top_k])?;
-    if logits.device().is_cuda() || topk_ids.device().is_cuda() {
-        return bad("router replay of CUDA tensors: moekit has no replay kernel (only the CPU reference \
-             replays); replay on CPU tensors, or use `route`'s weights"
-            .into());
+    if !logits.device().same_device(topk_ids.device()) {
+        return bad("replayed topk_ids and the router logits are on different devices".into());
+    }
+    if logits.device().is_cuda() {
+        let ids = topk_ids.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
+        if let Some(bad_id) = ids.into_iter().find(|&e| e < 0 || e >= cfg.experts as i64) {
+            return bad(format!("replayed expert id {bad_id} outside [0, {})", cfg.experts));
+        }
     }
     replay_op(logits, topk_ids, cfg)
 }
@@ -102,6 +107,17 @@ impl CustomOp2 for RouteWeights {
         Ok((CpuStorage::F32(r.weights), Shape::from_dims(ids.dims())))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::replay(&self.cfg, s1, l1, s2, l2)
+    }
+
     fn bwd(
         &self,
         logits: &Tensor,
@@ -109,6 +125,12 @@ impl CustomOp2 for RouteWeights {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if logits.device().is_cuda() {
+            let g = grad.to_dtype(DType::F32)?.contiguous()?;
+            let gl = logits.contiguous()?.apply_op3_no_bwd(ids, &g, &cuda::RouteBwd { cfg: self.cfg })?;
+            return Ok((Some(gl.to_dtype(logits.dtype())?), None));
+        }
         let g = moekit_gating::route_backward(
             &tensor_to_mt(logits, "router logits")?,
             &ids_to_mt(ids, "topk_ids")?,
@@ -233,9 +255,31 @@ mod cuda {
         }
     }
 
+    /// The CUDA forward of the replay op: `(logits [T, E], topk_ids [T, k]) -> weights [T, k]`
+    /// F32 by `raw::route_replay` (ids checked in range by [`super::route_replay`]).
+    pub(super) fn replay(
+        cfg: &RouterConfig,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let tokens = l1.dims()[0];
+        let x = Exec::new(&s1.device)?;
+        let (logits, _gl) = logits_view(&x, s1, l1)?;
+        let (ids, _gi) = x.input::<i32>(s2, l2, "replayed topk_ids")?;
+        // raw::route_replay writes every weight.
+        let mut weights = x.uninit::<f32>(tokens * cfg.top_k)?;
+        {
+            let (wp, _gw) = x.output::<f32, f32>(&mut weights)?;
+            raw::route_replay(x.on(), cfg, logits, ids, wp, None).map_err(wrap)?;
+        }
+        Ok((x.storage(weights), Shape::from_dims(&[tokens, cfg.top_k])))
+    }
+
     /// `(logits [T, E], topk_ids [T, k], grad_weights [T, k] F32) -> grad_logits [T, E]` F32.
-    struct RouteBwd {
-        cfg: RouterConfig,
+    pub(super) struct RouteBwd {
+        pub(super) cfg: RouterConfig,
     }
 
     impl CustomOp3 for RouteBwd {

@@ -128,11 +128,23 @@ fn gpu_route_matches_cpu_bit_for_bit() -> R {
             same("grad of the logits", gg, gc)?;
         }
     }
-    // Replay has no kernel: a CUDA tensor is an error, not a panic.
-    let l = rand_t(&mut rng, &[T, E], 0.0, 3.0)?.to_device(&dev)?;
-    let cfg = RouterConfig::new(E, K, ScoreFunc::Softmax);
-    let r = route(&l, None, &cfg)?;
-    assert!(route_replay(&l, &r.topk_ids, &cfg).is_err());
+    // Replay on CUDA (moekit's replay kernel): the chosen ids give the routing's weights bit
+    // for bit, the gradient is the CPU path's, and an id out of range is an error.
+    let l = rand_t(&mut rng, &[T, E], 0.0, 3.0)?;
+    let (lc, lg) = (var_on(&l, &CPU)?, var_on(&l, &dev)?);
+    let cfg = RouterConfig::new(E, K, ScoreFunc::Softmax).with_renormalize(true);
+    let rg = route(lg.as_tensor(), None, &cfg)?;
+    same("replayed weights", &route_replay(lg.as_tensor(), &rg.topk_ids, &cfg)?, &rg.topk_weights)?;
+    let ids_c = rg.topk_ids.to_device(&CPU)?;
+    let wc = route_replay(lc.as_tensor(), &ids_c, &cfg)?;
+    let wg = route_replay(lg.as_tensor(), &rg.topk_ids, &cfg)?;
+    same("replay on CUDA and CPU", &wg, &wc)?;
+    let coef = rand_t(&mut rng, &[T, K], 0.1, 1.0)?;
+    let gc = (&wc * &coef)?.sum_all()?.backward()?;
+    let gg = (&wg * coef.to_device(&dev)?)?.sum_all()?.backward()?;
+    same("replay grad", gg.get(lg.as_tensor()).expect("grad"), gc.get(lc.as_tensor()).expect("grad"))?;
+    let bad_ids = Tensor::full(E as u32, (T, K), &dev)?;
+    assert!(route_replay(lg.as_tensor(), &bad_ids, &cfg).is_err());
     Ok(())
 }
 
