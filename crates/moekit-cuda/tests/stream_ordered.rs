@@ -38,7 +38,9 @@ fn gpu_pool_reuses_freed_memory_without_synchronising() {
     assert_eq!(region.count(), 0, "{:?}", region.calls());
     s.synchronize().unwrap();
     let after = gpu.pool_reserved_bytes().unwrap().unwrap();
-    assert!(after <= reserved + (N * 4) as u64, "100 alloc/free cycles reuse the cache: {reserved} -> {after} bytes");
+    // Without reuse the 100 cycles would reserve 100 MiB more; the slack of 32 MiB leaves room
+    // for the pool's chunk granularity and for tests running in parallel on the same pool.
+    assert!(after <= reserved + (32 << 20), "100 alloc/free cycles reuse the cache: {reserved} -> {after} bytes");
     eprintln!("gpu_pool_reuses_freed_memory: {same_address}/100 allocations at the first address");
 }
 
