@@ -260,6 +260,121 @@ typedef struct MoekitGemmSm90Params {
 } MoekitGemmSm90Params;
 
 /* ---- moekit-norm (kernels/norm.cu: embedding, RMSNorm, residual, RoPE) ---- */
+
+/* Element type of a norm-crate output (MoekitEmbedParams.out_dtype, MoekitRmsNormParams.y_dtype). */
+typedef enum MoekitNormDtype {
+  MOEKIT_NORM_F32 = 0,
+  MOEKIT_NORM_BF16 = 1 /* round to nearest even, every NaN -> 0x7fc0 */
+} MoekitNormDtype;
+
+/*
+ * Id range check (one block): status[0] = ids outside [0, bound), status[1] = the first such
+ * position, or -1. Token ids of the embedding, positions of RoPE.
+ */
+typedef struct MoekitIdsCheckParams {
+  uint64_t ids;    /* [n] int32 */
+  uint64_t status; /* [2] int32 out */
+  uint64_t n;
+  int32_t bound;
+  int32_t _pad;
+} MoekitIdsCheckParams;
+
+/* Embedding forward: out[t, :] = table[ids[t], :]; a zero row for an id outside [0, vocab). */
+typedef struct MoekitEmbedParams {
+  uint64_t table; /* [vocab, dim] f32 */
+  uint64_t ids;   /* [tokens] int32 */
+  uint64_t out;   /* [tokens, dim] f32 or bf16 (out_dtype) */
+  uint64_t tokens;
+  int32_t vocab;
+  int32_t dim;
+  int32_t out_dtype; /* MoekitNormDtype */
+  int32_t _pad;
+} MoekitEmbedParams;
+
+/*
+ * Embedding backward (five launches: count, columns, offsets, scatter, sum; see norm.cu):
+ * grad_table[v, :] = (accumulate ? grad_table[v, :] : 0) + sum over t with ids[t] == v of
+ * grad_out[t, :], added in increasing t. Ids outside [0, vocab) are skipped.
+ */
+typedef struct MoekitEmbedBackwardParams {
+  uint64_t ids;          /* [tokens] int32 */
+  uint64_t grad_out;     /* [tokens, dim] f32 */
+  uint64_t grad_table;   /* [vocab, dim] f32 out (in/out with accumulate) */
+  uint64_t chunk_counts; /* scratch [chunks, vocab] int32 */
+  uint64_t offsets;      /* scratch [vocab + 1] int32 */
+  uint64_t order;        /* scratch [tokens] int32 */
+  uint64_t tokens;
+  int32_t vocab;
+  int32_t dim;
+  int32_t chunks;        /* ceil(tokens / 256) */
+  int32_t accumulate;    /* 0 or 1 */
+} MoekitEmbedBackwardParams;
+
+/*
+ * RMSNorm forward over rows of dim: x' = x (+ residual, then written to sum_out),
+ * inv_rms = 1 / sqrt(mean(x'^2) + eps) in f32 (fixed lane order, see norm.cu), y = x' inv g.
+ */
+typedef struct MoekitRmsNormParams {
+  uint64_t x;        /* [rows, dim] f32 */
+  uint64_t residual; /* [rows, dim] f32 added to x first, or 0 */
+  uint64_t sum_out;  /* [rows, dim] f32 out: x + residual (when residual), else 0 */
+  uint64_t weight;   /* [dim] f32 */
+  uint64_t y;        /* [rows, dim] f32 or bf16 (y_dtype) out */
+  uint64_t inv_rms;  /* [rows] f32 out */
+  uint64_t rows;
+  int32_t dim;
+  float eps;
+  int32_t y_dtype;   /* MoekitNormDtype */
+  int32_t _pad;
+} MoekitRmsNormParams;
+
+/*
+ * RMSNorm backward (two launches: rows, then dg): grad_x = (grad_residual +) dy g inv - x k,
+ * k = (sum(dy g x) / dim) inv^3; grad_weight = (accumulate ? grad_weight : 0) + the per-64-row
+ * partial sums of dy x inv, in block order.
+ */
+typedef struct MoekitRmsNormBackwardParams {
+  uint64_t x;             /* [rows, dim] f32: the forward's x' */
+  uint64_t weight;        /* [dim] f32 */
+  uint64_t inv_rms;       /* [rows] f32 (from the forward) */
+  uint64_t grad_y;        /* [rows, dim] f32 */
+  uint64_t grad_residual; /* [rows, dim] f32 added to grad_x, or 0 */
+  uint64_t grad_x;        /* [rows, dim] f32 out */
+  uint64_t grad_weight;   /* [dim] f32 out (in/out with accumulate) */
+  uint64_t partial;       /* scratch [blocks, dim] f32 */
+  uint64_t rows;
+  int32_t dim;
+  int32_t blocks;         /* ceil(rows / 64) */
+  int32_t accumulate;     /* 0 or 1 */
+  int32_t _pad;
+} MoekitRmsNormBackwardParams;
+
+/* Residual add: out[i] = a[i] + b[i], n f32. */
+typedef struct MoekitAddParams {
+  uint64_t a;
+  uint64_t b;
+  uint64_t out;
+  uint64_t n;
+} MoekitAddParams;
+
+/*
+ * RoPE in place, rotate-half pairs (i, i + head_dim / 2) of the first `heads` heads of each row
+ * (the q and k heads of a packed qkv row): a' = a cos - b sin, b' = b cos + a sin, with -sin when
+ * inverse (the backward). Row r at positions[r]; rows at positions outside [0, max_pos) untouched.
+ */
+typedef struct MoekitRopeParams {
+  uint64_t x;         /* [rows, row_stride] f32, in place */
+  uint64_t positions; /* [rows] int32 */
+  uint64_t cos;       /* [max_pos, head_dim / 2] f32 */
+  uint64_t sin;       /* [max_pos, head_dim / 2] f32 */
+  uint64_t rows;
+  int32_t row_stride; /* floats per row, >= heads * head_dim */
+  int32_t heads;      /* heads rotated per row */
+  int32_t head_dim;   /* even */
+  int32_t max_pos;
+  int32_t inverse;    /* 0 or 1 */
+  int32_t _pad;
+} MoekitRopeParams;
 /* end moekit-norm */
 
 /* ---- moekit-attention (kernels/attention.cu: causal flash attention, KV-cache decode) ---- */
