@@ -37,8 +37,11 @@ fn partials(n: usize, mut step: impl FnMut(f32, usize) -> f32) -> [f32; BLOCK] {
 /// by the odd series to `s^11`, plus `e ln2` in two parts. `0 -> -inf`, `+inf -> +inf`,
 /// negative or NaN -> NaN.
 pub fn log_f32(x: f32) -> f32 {
-    if !(x > 0.0) {
-        return if x == 0.0 { f32::NEG_INFINITY } else { f32::from_bits(0x7fc0_0000) };
+    if x == 0.0 {
+        return f32::NEG_INFINITY;
+    }
+    if x.is_nan() || x < 0.0 {
+        return f32::from_bits(0x7fc0_0000);
     }
     if x == f32::INFINITY {
         return x;

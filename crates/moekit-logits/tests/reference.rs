@@ -147,14 +147,14 @@ fn backward_matches_finite_differences_and_f64() {
         for r in 0..rows {
             let (_, lp, hh) = lsm64(&z[r * v..][..v]);
             let valid = t[r] >= 0;
-            for j in 0..v {
+            for (j, &lpj) in lp.iter().enumerate() {
                 let i = r * v + j;
-                let p = lp[j].exp();
+                let p = lpj.exp();
                 let oh = if valid && t[r] as usize == j { 1.0 } else { 0.0 };
-                let closed = if valid { dl[r] as f64 * (oh - p) } else { 0.0 } - de[r] as f64 * p * (lp[j] + hh);
+                let closed = if valid { dl[r] as f64 * (oh - p) } else { 0.0 } - de[r] as f64 * p * (lpj + hh);
                 // Plus the three roundings of (oh - p), dl (oh - p) and the final subtraction, each
                 // 2^-24 relative of a magnitude <= |dl| (1 + p) + |closed|.
-                let tol = 64.0 * U * (dl[r].abs() as f64 + de[r].abs() as f64 * (1.0 + lp[j].abs() + hh)) * p
+                let tol = 64.0 * U * (dl[r].abs() as f64 + de[r].abs() as f64 * (1.0 + lpj.abs() + hh)) * p
                     + 4.0 * U * (dl[r].abs() as f64 * (1.0 + p) + closed.abs())
                     + 1e-30;
                 assert!((g[i] as f64 - closed).abs() <= tol, "V={v} [{r}][{j}]: {} vs {closed} (tol {tol:e})", g[i]);
@@ -198,7 +198,7 @@ fn cross_entropy_matches_f64() {
         let (_, lp, _) = lsm64(&z[r * v..][..v]);
         for j in 0..v {
             let p = lp[j].exp();
-            let want = if t[r] >= 0 { ((t[r] as usize == j) as i32 as f64 - p) * -1.0 / n as f64 } else { 0.0 };
+            let want = if t[r] >= 0 { -((t[r] as usize == j) as i32 as f64 - p) / n as f64 } else { 0.0 };
             assert!((g[r * v + j] as f64 - want).abs() <= 64.0 * U * p / n as f64 + U * want.abs(), "[{r}][{j}]");
         }
     }
@@ -368,8 +368,8 @@ fn sampled_distribution_matches_the_softmax() {
             counts[t as usize] += 1;
         }
         let kept: Vec<usize> = p.iter().map(|x| x.1).collect();
-        for j in 0..v {
-            assert!(counts[j] == 0 || kept.contains(&j), "{cfg:?}: token {j} outside the kept set");
+        for (j, &cj) in counts.iter().enumerate() {
+            assert!(cj == 0 || kept.contains(&j), "{cfg:?}: token {j} outside the kept set");
         }
         let chi2: f64 = p
             .iter()
