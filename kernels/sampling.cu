@@ -50,14 +50,21 @@ struct SumCount {
 };
 
 struct Shared {
-  float sum[kWarps + 1];
-  int count[kWarps + 1];
+  float sum[2][kWarps];  // double-buffered warp partials: one barrier per reduction
+  int count[2][kWarps];
   float val[kWarps];
   int idx[kWarps];
 };
 
 // Block (sum, count) in the fixed order (see logits.cu `block_sum`); every thread gets it.
-__device__ __forceinline__ SumCount block_sum_count(float s, int n, Shared& sh) {
+// After the warp butterflies, lane 0 of each warp writes its partial to one of two slot sets
+// (alternating per call) and every thread then sums the 8 partials itself in the order lane 0
+// of a 32-lane butterfly over them would (lanes 8..31 holding +0: each partial gets + 0 twice,
+// then ((x0 + x4) + (x2 + x6)) + ((x1 + x5) + (x3 + x7))), so the bits equal the reference's
+// `warp_sum` of the 8 partials. One barrier: a warp can only rewrite a slot set after the next
+// call's barrier, which every reader of the previous use has passed. `parity` is each thread's
+// own register; every thread flips it in lockstep (reductions are block-uniform calls).
+__device__ __forceinline__ SumCount block_sum_count(float s, int n, Shared& sh, int& parity) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
@@ -65,41 +72,34 @@ __device__ __forceinline__ SumCount block_sum_count(float s, int n, Shared& sh) 
     n += __shfl_xor_sync(kFull, n, off);
   }
   if (lane == 0) {
-    sh.sum[warp] = s;
-    sh.count[warp] = n;
+    sh.sum[parity][warp] = s;
+    sh.count[parity][warp] = n;
   }
   __syncthreads();
-  if (warp == 0) {
-    float x = lane < kWarps ? sh.sum[lane] : 0.0f;
-    int c = lane < kWarps ? sh.count[lane] : 0;
+  float x[kWarps];
+  int c = 0;
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      x = fm::add(x, __shfl_xor_sync(kFull, x, off));
-      c += __shfl_xor_sync(kFull, c, off);
-    }
-    if (lane == 0) {
-      sh.sum[kWarps] = x;
-      sh.count[kWarps] = c;
-    }
+  for (int w = 0; w < kWarps; ++w) {
+    x[w] = fm::add(fm::add(sh.sum[parity][w], 0.0f), 0.0f);
+    c += sh.count[parity][w];
   }
-  __syncthreads();
-  return SumCount{sh.sum[kWarps], sh.count[kWarps]};
+  parity ^= 1;
+  const float t = fm::add(fm::add(fm::add(x[0], x[4]), fm::add(x[2], x[6])),
+                          fm::add(fm::add(x[1], x[5]), fm::add(x[3], x[7])));
+  return SumCount{t, c};
 }
 
 __device__ __forceinline__ float block_max(float v, Shared& sh) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, off));
-  if (lane == 0) sh.sum[warp] = v;
+  if (lane == 0) sh.val[warp] = v;
   __syncthreads();
-  if (warp == 0) {
-    float x = lane < kWarps ? sh.sum[lane] : -kFltMax;
+  float m = sh.val[0];
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(kFull, x, off));
-    if (lane == 0) sh.sum[kWarps] = x;
-  }
-  __syncthreads();
-  return sh.sum[kWarps];
+  for (int w = 1; w < kWarps; ++w) m = fmaxf(m, sh.val[w]);
+  __syncthreads();  // sh.val is reused by the next row's argmax / max
+  return m;
 }
 
 // (v, i) before (bv, bi) in the greedy order: larger value, then lower id; NaN never.
@@ -153,7 +153,8 @@ struct Threshold {
 };
 
 // (sum, count) of the weights in A(a, c) and in the kept set A(f.a, f.c).
-__device__ __forceinline__ SumCount reduce_set(const float* w, int v, uint32_t a, int c, Threshold f, Shared& sh) {
+__device__ __forceinline__ SumCount reduce_set(const float* w, int v, uint32_t a, int c, Threshold f, Shared& sh,
+                                            int& parity) {
   float s = 0.0f;
   int n = 0;
   for (int j = threadIdx.x; j < v; j += kBlock) {
@@ -164,7 +165,7 @@ __device__ __forceinline__ SumCount reduce_set(const float* w, int v, uint32_t a
       n += 1;
     }
   }
-  return block_sum_count(s, n, sh);
+  return block_sum_count(s, n, sh, parity);
 }
 
 enum Pred { kCountAtLeastK, kMassAtLeast, kMassAbove };
@@ -183,16 +184,16 @@ __device__ __forceinline__ bool holds(Pred pred, SumCount r, int k, float target
 // The largest threshold (a, then the smallest c) whose set within `f` satisfies `pred`
 // (which holds for the whole of `f`).
 __device__ Threshold search(const float* w, int v, Threshold f, Pred pred, int k, float target, bool positive,
-                            Shared& sh) {
+                            Shared& sh, int& parity) {
   uint32_t a = 0;
   for (int b = 30; b >= 0; --b) {
     const uint32_t cand = a | (1u << b);
-    if (holds(pred, reduce_set(w, v, cand, v - 1, f, sh), k, target, positive)) a = cand;
+    if (holds(pred, reduce_set(w, v, cand, v - 1, f, sh, parity), k, target, positive)) a = cand;
   }
   int lo = 0, hi = v - 1;
   while (lo < hi) {
     const int mid = lo + (hi - lo) / 2;
-    if (holds(pred, reduce_set(w, v, a, mid, f, sh), k, target, positive))
+    if (holds(pred, reduce_set(w, v, a, mid, f, sh, parity), k, target, positive))
       hi = mid;
     else
       lo = mid + 1;
@@ -204,6 +205,7 @@ __device__ Threshold search(const float* w, int v, Threshold f, Pred pred, int k
 
 extern "C" __global__ void __launch_bounds__(kBlock) moekit_sample(const MoekitSampleParams p) {
   __shared__ Shared sh;
+  int parity = 0;
   const int v = p.vocab;
   for (uint64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const float* z = reinterpret_cast<const float*>(p.logits) + row * static_cast<uint64_t>(v);
@@ -231,17 +233,17 @@ extern "C" __global__ void __launch_bounds__(kBlock) moekit_sample(const MoekitS
         w[j] = wj;  // read back only by this thread
       }
       Threshold f{0u, v - 1};  // every candidate
-      if (p.top_k > 0 && p.top_k < v) f = search(w, v, f, kCountAtLeastK, p.top_k, 0.0f, false, sh);
+      if (p.top_k > 0 && p.top_k < v) f = search(w, v, f, kCountAtLeastK, p.top_k, 0.0f, false, sh, parity);
       if (p.top_p < 1.0f) {
-        const float s = reduce_set(w, v, 0u, v - 1, f, sh).sum;
-        f = search(w, v, f, kMassAtLeast, 0, fm::mul(p.top_p, s), false, sh);
+        const float s = reduce_set(w, v, 0u, v - 1, f, sh, parity).sum;
+        f = search(w, v, f, kMassAtLeast, 0, fm::mul(p.top_p, s), false, sh, parity);
       }
-      const float mass = reduce_set(w, v, 0u, v - 1, f, sh).sum;
+      const float mass = reduce_set(w, v, 0u, v - 1, f, sh, parity).sum;
       const moekit::philox::Block rnd = moekit::philox::philox4x32_10(
           static_cast<uint32_t>(row), static_cast<uint32_t>(row >> 32), static_cast<uint32_t>(p.step),
           static_cast<uint32_t>(p.step >> 32), static_cast<uint32_t>(p.seed), static_cast<uint32_t>(p.seed >> 32));
       const float r = fm::mul(moekit::philox::uniform24(rnd.x[0]), mass);
-      token = search(w, v, f, kMassAbove, 0, r, mass > r, sh).c;
+      token = search(w, v, f, kMassAbove, 0, r, mass > r, sh, parity).c;
     }
     if (threadIdx.x == 0) reinterpret_cast<int32_t*>(p.tokens)[row] = token;
   }

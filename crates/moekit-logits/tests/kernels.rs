@@ -206,6 +206,7 @@ fn same_outcome_as_cpu(dev: &Device) {
         (vec![3, 0], t.clone(), vec![3]),        // empty vocabulary
         (vec![3, 13], vec![0, 13, -1], vec![3]), // id out of range
         (vec![3, 13], vec![0, -7, 1 << 30], vec![3]),
+        (vec![0, 13], vec![], vec![0]), // no rows: nothing to do
     ];
     for (zd, tv, td) in cases {
         let want = run_lsm(&Device::Cpu, &zd, &tv, &td);
@@ -227,6 +228,8 @@ fn same_outcome_as_cpu(dev: &Device) {
         (SampleConfig::with_temperature(f32::NAN), vec![3, 13]),
         (SampleConfig::default(), vec![39]),
         (SampleConfig::default(), vec![3, 0]),
+        (SampleConfig::default(), vec![0, 13]),
+        (SampleConfig::greedy(), vec![0, 13]),
     ] {
         let want = run_sample(&Device::Cpu, &cfg, &dims);
         assert_eq!(run_sample(dev, &cfg, &dims), want, "sample {cfg:?} {dims:?}");
