@@ -24,7 +24,8 @@
 //!   as [`Error::InvalidArgument`], identically on every device (the device cannot report it
 //!   without a synchronisation, so the check is the caller's one read-back).
 //! - Entropy `H = -sum p log p` (in nats), of the untempered softmax.
-//! - NaN logits make the row's outputs NaN (canonical `0x7fc00000`); `-inf` logits are fine.
+//! - NaN logits (or a row of only `-inf`) make the row's outputs NaN (canonical `0x7fc00000`);
+//!   some `-inf` logits (a masked vocabulary) are fine.
 //!
 //! ```
 //! use moekit_logits::{cross_entropy, log_softmax, sample, SampleConfig};
