@@ -527,6 +527,70 @@ typedef struct MoekitPhiloxProbeParams {
 /* end moekit-logits */
 
 /* ---- moekit-optim (kernels/optim.cu: AdamW, global grad norm, clipping) ---- */
+/*
+ * Multi-tensor optimizer (kernels/optim.cu). Semantics: moekit-optim's reference module, which
+ * the kernels match bit for bit. Every tensor is cut into chunks of `chunk` elements (its last
+ * chunk shorter); chunks are numbered globally in tensor order (MoekitOptimTensor.chunk_start).
+ * f32 pointers 16-byte aligned; tensors of length 0 have no chunks.
+ */
+typedef struct MoekitOptimTensor {
+  uint64_t p;           /* float[len] master weights (in/out; 0 in a norm-only table) */
+  uint64_t g;           /* const float[len] gradient */
+  uint64_t m;           /* float[len] first moment (in/out; 0 in a norm-only table) */
+  uint64_t v;           /* float[len] second moment (in/out; 0 in a norm-only table) */
+  uint64_t p_bf16;      /* __nv_bfloat16[len] copy of the updated p (RNE), or 0 for none */
+  uint64_t len;         /* elements */
+  uint64_t chunk_start; /* global index of this tensor's first chunk */
+  uint32_t decay;       /* 1: decoupled weight decay applies, 0: not */
+  uint32_t pad;
+} MoekitOptimTensor;
+
+/*
+ * What one norm + update computed, in device memory (written by moekit_optim_norm_finalize,
+ * read by moekit_optim_adamw; the host reads it only when it wants the metrics).
+ */
+typedef struct MoekitOptimScalars {
+  uint64_t step;     /* updates taken; +1 by a finalize with `advance` whose norm is finite */
+  float grad_norm;   /* global L2 norm of the gradients (before clipping) */
+  float clip;        /* factor applied to every gradient: 1 or clip_norm / grad_norm */
+  float lr;          /* learning rate of the update (of step `step` before the increment) */
+  float bc1;         /* 1 - beta1^t, t = step after the increment */
+  float bc2;         /* 1 - beta2^t */
+  uint32_t skipped;  /* 1: the norm was not finite, the update is skipped (step unchanged) */
+} MoekitOptimScalars;
+
+/*
+ * Global gradient norm: moekit_optim_sumsq writes partials[c] = sum of g^2 over chunk c (f64),
+ * moekit_optim_norm_finalize (one block) reduces them in index order and fills `scalars`.
+ */
+typedef struct MoekitOptimNormParams {
+  uint64_t tensors;      /* const MoekitOptimTensor[n_tensors] */
+  uint64_t partials;     /* double[n_chunks] */
+  uint64_t scalars;      /* MoekitOptimScalars* */
+  uint64_t lr_table;     /* const float[lr_table_len]: lr of step s = lr_table[min(s, len - 1)]; 0: use `lr` */
+  uint64_t n_chunks;     /* total chunks of all tensors */
+  uint32_t n_tensors;
+  uint32_t chunk;        /* elements per chunk, a multiple of 1024 */
+  uint32_t lr_table_len;
+  float lr;              /* learning rate when lr_table == 0 */
+  float clip_norm;       /* clip to this global norm; 0 = no clipping */
+  float beta1;
+  float beta2;
+  uint32_t advance;      /* 1: this norm belongs to an update (increment step, fill lr, bc1, bc2) */
+} MoekitOptimNormParams;
+
+/* AdamW over every tensor of the table, reading MoekitOptimScalars (skips all when skipped). */
+typedef struct MoekitOptimAdamWParams {
+  uint64_t tensors;   /* const MoekitOptimTensor[n_tensors] */
+  uint64_t scalars;   /* const MoekitOptimScalars* */
+  uint64_t n_chunks;
+  uint32_t n_tensors;
+  uint32_t chunk;
+  float beta1;
+  float beta2;
+  float eps;
+  float weight_decay; /* applied to tensors with decay = 1 */
+} MoekitOptimAdamWParams;
 /* end moekit-optim */
 
 /* Block visiting order of the host emulation (MoekitEmuLaunch.block_order). */

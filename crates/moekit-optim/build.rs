@@ -1,0 +1,3 @@
+fn main() {
+    moekit_build::embed_kernel_sources(&["../../kernels/optim.cu"]);
+}
