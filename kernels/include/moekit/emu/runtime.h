@@ -167,6 +167,7 @@ struct Block {
   NamedBarrier named[16];
   std::vector<Warpgroup> warpgroups;
   std::deque<AsyncOp> tma;   // TMA transfers issued, not yet performed
+  bool restart = false;      // start the next round at thread 0 (see sm90.h: mbar_arrive)
   // Describes the mbarrier / named barrier / warpgroup waits of a deadlock (set by sm90.h).
   std::string (*describe_wait)(const Block&) = nullptr;
 };
@@ -358,6 +359,7 @@ inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
   for (auto& nb : b.named) nb = NamedBarrier{};
   b.warpgroups.assign((nthreads + 127) / 128, Warpgroup{});
   b.tma.clear();
+  b.restart = false;
   MOEKIT_EMU_UNPOISON(b.smem, b.smem_span());
   std::memset(b.smem, kPoison, b.smem_span());
   // Under AddressSanitizer the guards are poisoned too: a read past the tile is reported.
@@ -392,6 +394,10 @@ inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
       w.current = &f;
       swapcontext(&w.sched, &f.ctx);
       if (!b.fault.empty()) return where() + " " + b.fault;
+      if (b.restart) {
+        b.restart = false;
+        break;
+      }
     }
     if (b.live == 0) break;
     // Nothing can run: TMA transfers still in flight may complete now (the emulation

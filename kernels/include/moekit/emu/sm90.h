@@ -37,6 +37,8 @@
 //   TMA load has not yet written, a TMA load into shared memory that an uncompleted wgmma
 //   still reads (a stage released before wgmma.wait_group), and a wgmma.mma_async without a
 //   wgmma.fence since the warpgroup last waited each fail the launch.
+// - the schedule after an mbarrier arrival that completes a phase: the released threads run
+//   before the arriving one continues (so a stage released too early is refilled at once).
 // - a wait that can never complete (e.g. an expect_tx count larger than the bytes that
 //   arrive) is a deadlock report naming the mbarrier and its state, never a hang.
 #pragma once
@@ -93,15 +95,17 @@ inline std::string mbar_describe(const uint64_t* bar) {
 }
 // The phase completes when no arrival and no transaction byte is pending: the parity flips
 // and the arrival count is re-armed (tx-count is 0 by then).
-inline void mbar_maybe_complete(uint64_t* bar, Mbar& m) {
+// Returns whether a phase completed.
+inline bool mbar_maybe_complete(uint64_t* bar, Mbar& m) {
   if (m.pending == 0 && m.tx == 0) {
     m.phase ^= 1u;
     m.pending = m.expected;
     mbar_store(bar, m);
     wake_waiters(block(), bar);
-  } else {
-    mbar_store(bar, m);
+    return true;
   }
+  mbar_store(bar, m);
+  return false;
 }
 
 inline void mbar_init(uint64_t* bar, uint32_t count) {
@@ -121,7 +125,13 @@ inline void mbar_arrive(uint64_t* bar, const char* op = "mbarrier.arrive") {
   Mbar m = mbar_load(bar, op);
   if (m.pending == 0) fault(std::string(op) + ": more arrivals than the barrier's count in one phase");
   m.pending--;
-  mbar_maybe_complete(bar, m);
+  if (mbar_maybe_complete(bar, m)) {
+    // The threads this arrival releases run at once, before the arriving thread goes on
+    // (the scheduler's next round starts at thread 0): a consumer that releases a stage
+    // before its wgmma completed meets the producer's refill while the wgmma still reads.
+    block().restart = true;
+    yield_to_scheduler();
+  }
 }
 inline void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
   mbar_expect_tx(bar, bytes, "mbarrier.arrive.expect_tx");
