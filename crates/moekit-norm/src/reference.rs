@@ -145,7 +145,7 @@ pub fn rmsnorm_backward(
             for c in 0..d {
                 let mut o = dr[c] * g[c] * iv - xr[c] * k;
                 if let Some(r) = grad_residual {
-                    o = r[i * d + c] + o;
+                    o += r[i * d + c]; // = r + o (IEEE addition commutes)
                 }
                 dx[i * d + c] = o;
                 part[c] += dr[c] * xr[c] * iv;

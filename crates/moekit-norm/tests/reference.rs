@@ -2,8 +2,132 @@
 //! replace): RoPE bit for bit (same tables, same rotation), the embedding gradient bit for bit
 //! (same order), RMSNorm's `dg` bit for bit given the same `inv`, and RMSNorm's `y`, `inv` and
 //! `dx` within bounds argued from the f32 statistics (the model sums in f64), plus an f64 loop.
+//!
+//! moekit-model is about to depend on this crate, so it is not a dev-dependency (a cycle): the
+//! module `layers` below is a verbatim single-threaded copy of the model's functions
+//! (crates/moekit-model/src/layers.rs: `rmsnorm`, `rmsnorm_backward`, `Rope`; the rayon chunks
+//! of 64 rows are the blocks here). Keep it in step with the model.
 
-use moekit_model::layers;
+#[allow(clippy::needless_range_loop)]
+mod layers {
+    const ROWS: usize = 64;
+
+    fn sum_sq_f64(x: &[f32]) -> f64 {
+        let mut acc = [0.0f64; 8];
+        let xc = x.chunks_exact(8);
+        let xr = xc.remainder();
+        for c in xc {
+            for l in 0..8 {
+                acc[l] += (c[l] * c[l]) as f64;
+            }
+        }
+        for (l, v) in xr.iter().enumerate() {
+            acc[l] += (v * v) as f64;
+        }
+        ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+    }
+
+    pub fn rmsnorm(x: &[f32], g: &[f32], d: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
+        let (mut y, mut inv) = (vec![0.0f32; x.len()], vec![0.0f32; x.len() / d]);
+        for ((xr, yr), iv) in x.chunks(d).zip(y.chunks_mut(d)).zip(inv.iter_mut()) {
+            let ms = sum_sq_f64(xr) / d as f64;
+            *iv = (1.0 / (ms + eps as f64).sqrt()) as f32;
+            for ((o, &v), &gg) in yr.iter_mut().zip(xr).zip(g) {
+                *o = v * *iv * gg;
+            }
+        }
+        (y, inv)
+    }
+
+    pub fn rmsnorm_backward(x: &[f32], g: &[f32], inv: &[f32], dy: &[f32], d: usize, dg: &mut [f32]) -> Vec<f32> {
+        let mut dx = vec![0.0f32; x.len()];
+        let mut partial = Vec::new();
+        for (i, dxb) in dx.chunks_mut(ROWS * d).enumerate() {
+            let n = dxb.len();
+            let (xb, dyb, ib) = (&x[i * ROWS * d..][..n], &dy[i * ROWS * d..][..n], &inv[i * ROWS..][..n / d]);
+            let mut dgb = vec![0.0f32; d];
+            for (((xr, dyr), dxr), &iv) in xb.chunks(d).zip(dyb.chunks(d)).zip(dxb.chunks_mut(d)).zip(ib) {
+                for j in 0..d {
+                    dgb[j] += dyr[j] * xr[j] * iv;
+                }
+                let mut lanes = [0.0f64; 8];
+                let (xc, dc, gc) = (xr.chunks_exact(8), dyr.chunks_exact(8), g.chunks_exact(8));
+                let tail = xc.remainder().len();
+                for ((xs, ds), gs) in xc.zip(dc).zip(gc) {
+                    for l in 0..8 {
+                        lanes[l] += (ds[l] * gs[l]) as f64 * xs[l] as f64;
+                    }
+                }
+                for (l, lane) in lanes.iter_mut().enumerate().take(tail) {
+                    let j = d - tail + l;
+                    *lane += (dyr[j] * g[j]) as f64 * xr[j] as f64;
+                }
+                let total =
+                    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+                let c = (total / d as f64) as f32 * iv * iv * iv;
+                for j in 0..d {
+                    dxr[j] = dyr[j] * g[j] * iv - xr[j] * c;
+                }
+            }
+            partial.push(dgb);
+        }
+        for p in &partial {
+            for (a, b) in dg.iter_mut().zip(p) {
+                *a += b;
+            }
+        }
+        dx
+    }
+
+    pub struct Rope {
+        half: usize,
+        cos: Vec<f32>,
+        sin: Vec<f32>,
+    }
+
+    impl Rope {
+        pub fn new(hd: usize, max_pos: usize, theta: f32) -> Self {
+            let half = hd / 2;
+            let mut cos = Vec::with_capacity(max_pos * half);
+            let mut sin = Vec::with_capacity(max_pos * half);
+            for p in 0..max_pos {
+                for i in 0..half {
+                    let freq = (theta as f64).powf(-(2.0 * i as f64) / hd as f64);
+                    let a = p as f64 * freq;
+                    cos.push(a.cos() as f32);
+                    sin.push(a.sin() as f32);
+                }
+            }
+            Rope { half, cos, sin }
+        }
+
+        fn rotate(&self, v: &mut [f32], pos: usize, inverse: bool) {
+            let (c, s) = (&self.cos[pos * self.half..][..self.half], &self.sin[pos * self.half..][..self.half]);
+            for i in 0..self.half {
+                let (a, b) = (v[i], v[i + self.half]);
+                let sn = if inverse { -s[i] } else { s[i] };
+                v[i] = a * c[i] - b * sn;
+                v[i + self.half] = b * c[i] + a * sn;
+            }
+        }
+
+        pub fn apply(
+            &self,
+            x: &mut [f32],
+            (width, rotated): (usize, usize),
+            pos: impl Fn(usize) -> usize,
+            inverse: bool,
+        ) {
+            let hd = 2 * self.half;
+            for (r, row) in x.chunks_mut(width).enumerate() {
+                for head in row[..rotated].chunks_mut(hd) {
+                    self.rotate(head, pos(r), inverse);
+                }
+            }
+        }
+    }
+}
+
 use moekit_norm::reference::{self, RopeTable};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
