@@ -4,7 +4,7 @@
 //! backward without float atomics.
 //!
 //! Three layers, as in every moekit kernel crate:
-//! - [`reference`]: the CPU reference (it also serves `Device::Cpu`);
+//! - [`reference`](mod@reference): the CPU reference (it also serves `Device::Cpu`);
 //! - [`raw`]: launches on device buffers and a [`moekit_cuda::Launcher`] (a GPU stream or the
 //!   host emulator);
 //! - [`attention`], [`attention_cached`], [`attention_backward`]: ops on `moekit-tensor`
@@ -24,10 +24,15 @@
 //!
 //! # Same bits on every device
 //! The kernels and the reference compute the same bits (moekit's `exp`, a reproducible `log`,
-//! explicitly rounded operations in one documented order, see [`reference`]), so a forward,
+//! explicitly rounded operations in one documented order, see [`reference`](mod@reference)), so a forward,
 //! a decode step and a backward are bit-identical on the CPU, in the emulation and on a GPU,
 //! and from run to run. A decode step equals the matching row of the full forward bit for bit
 //! (the key tiles are at the same absolute positions).
+//!
+//! # Performance (SIMT version 1)
+//! No tensor cores yet; a decode step runs one warp per (sequence, head) over the cache's key
+//! tiles in order (what keeps it equal to the forward), so it is latency bound at long caches.
+//! See the attention section of `kernels/NOTES.md` for FLOPs, bytes and the expected ceiling.
 //!
 //! ```
 //! use moekit_attention::{attention, AttnShape};
