@@ -8,6 +8,7 @@
 // moekit-arch: hopper
 // moekit-sass: * forbid LDL STL
 // moekit-sass: selftest_sm90_tma_box require UTMALDG SYNCS
+// moekit-sass: selftest_sm90_tma_store require UTMALDG UTMASTG
 // moekit-sass: selftest_sm90_wgmma_bf16 require HGMMA UTMALDG
 // moekit-sass: selftest_sm90_wgmma_fp8 require QGMMA UTMALDG
 // moekit-sass: selftest_sm90_warpgroup_roles require USETMAXREG
@@ -46,6 +47,32 @@ extern "C" __global__ void selftest_sm90_tma_box(const __grid_constant__ MoekitT
   }
   sm90::mbar_wait(bar, 0);
   for (int i = threadIdx.x; i < bytes; i += blockDim.x) out[i] = smem[i];
+}
+
+// One box loaded through map `src` at (c0, c1) and stored through map `dst` at (d0, d1) from
+// the same shared memory (both maps with the same box and swizzle): out-of-bounds source
+// elements arrive as zeros and are stored; out-of-bounds destination elements are not written.
+extern "C" __global__ void selftest_sm90_tma_store(const __grid_constant__ MoekitTensorMap src,
+                                                   const __grid_constant__ MoekitTensorMap dst, int c0, int c1, int d0,
+                                                   int d1, int bytes) {
+  unsigned char* smem = smem_1024();
+  uint64_t* bar = reinterpret_cast<uint64_t*>(smem + 16384);
+  if (threadIdx.x == 0) {
+    sm90::mbar_init(bar, 1);
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    sm90::mbar_arrive_expect_tx(bar, bytes);
+    sm90::tma_load_2d(smem, &src, bar, c0, c1);
+  }
+  sm90::mbar_wait(bar, 0);
+  if (threadIdx.x == 0) {
+    sm90::fence_proxy_async();
+    sm90::tma_store_2d(&dst, smem, d0, d1);
+    sm90::bulk_commit();
+    sm90::bulk_wait<0>();
+  }
 }
 
 namespace {

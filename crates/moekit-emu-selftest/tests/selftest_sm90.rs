@@ -127,6 +127,69 @@ fn gpu_tma_boxes_swizzles_and_zero_fill() {
     check_tma(&d);
 }
 
+/// A box loaded at (c0, c1) and stored at (d0, d1) through maps of the same box and swizzle:
+/// the destination tensor after the store, and what it must be.
+fn tma_store(dev: &Device, swizzle: TmaSwizzle, (c0, c1): (i32, i32), (d0, d1): (i32, i32)) -> (Vec<u8>, Vec<u8>) {
+    let x: Vec<u8> = (0..ROWS * COLS).map(|i| ((i * 7 + 3) % 251 + 1) as u8).collect();
+    let y0: Vec<u8> = (0..ROWS * COLS).map(|i| ((i * 5 + 11) % 241 + 3) as u8).collect();
+    let inner = if swizzle == TmaSwizzle::None { 64 } else { swizzle.bytes() as usize };
+    let xt = bytes_tensor(&x, dev);
+    let mut yt = bytes_tensor(&y0, dev);
+    let on = dev.launcher().unwrap();
+    let map = |addr: u64| {
+        TensorMapSpec {
+            addr,
+            elem: TmaElem::U8,
+            dims: &[COLS as u64, ROWS as u64],
+            strides_bytes: &[COLS as u64],
+            boxes: &[inner as u32, BOX_ROWS],
+            swizzle,
+        }
+        .encode(on)
+        .unwrap()
+    };
+    let (mx, my) = (map(xt.dev_ptr::<u8>().unwrap().addr()), map(yt.dev_ptr_mut::<u8>().unwrap().addr()));
+    let bytes = (inner * BOX_ROWS as usize) as i32;
+    // SAFETY: maps over x and y (ROWS x COLS bytes each, alive), coordinates, box bytes; 16 KiB +
+    // barrier + 1 KiB slack of dynamic shared memory.
+    unsafe { run_sm90(dev, "selftest_sm90_tma_store", 1, 128, 16384 + 8 + 1024, (mx, my, c0, c1, d0, d1, bytes)) }
+        .unwrap();
+    let mut want = y0.clone();
+    for r in 0..BOX_ROWS as i64 {
+        for c in 0..inner as i64 {
+            let (sr, sc, dr, dc) = (c1 as i64 + r, c0 as i64 + c, d1 as i64 + r, d0 as i64 + c);
+            let inside = |r: i64, c: i64| (0..ROWS as i64).contains(&r) && (0..COLS as i64).contains(&c);
+            if inside(dr, dc) {
+                want[(dr * COLS as i64 + dc) as usize] =
+                    if inside(sr, sc) { x[(sr * COLS as i64 + sc) as usize] } else { 0 };
+            }
+        }
+    }
+    (yt.to_vec::<u8>().unwrap(), want)
+}
+
+fn check_tma_store(dev: &Device) {
+    for swizzle in [TmaSwizzle::None, TmaSwizzle::B128] {
+        for (src, dst) in [((16, 8), (0, 0)), ((112, 20), (-32, 24))] {
+            let (got, want) = tma_store(dev, swizzle, src, dst);
+            assert_eq!(got, want, "{swizzle:?} {src:?} -> {dst:?}");
+        }
+    }
+}
+
+#[test]
+fn emu_tma_store_round_trip() {
+    let Some(d) = emu("emu_tma_store_round_trip") else { return };
+    check_tma_store(&d);
+}
+
+#[test]
+#[ignore = "needs a GPU: cargo test -- --include-ignored gpu_ (the GPU bundle does)"]
+fn gpu_tma_store_round_trip() {
+    let Some(d) = gpu("gpu_tma_store_round_trip") else { return };
+    check_tma_store(&d);
+}
+
 // ---- wgmma: descriptors, fragment layout, mbarrier phases -------------------------------------------
 
 const WG_M: usize = 64;

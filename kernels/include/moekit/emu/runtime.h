@@ -105,6 +105,14 @@ class Stack {
   size_t size_ = 0;
 };
 
+// An asynchronous operation not yet performed: a TMA transfer (writes `[lo, hi)` of shared
+// memory, then completes bytes on `bar`) or a wgmma (reads `[lo, hi)` and `[lo2, hi2)`).
+struct AsyncOp {
+  uint64_t* bar = nullptr;
+  size_t lo = 0, hi = 0, lo2 = 0, hi2 = 0;  // shared addresses (offsets into dynamic smem)
+  std::function<void()> perform;
+};
+
 struct Fiber {
   ucontext_t ctx{};
   Stack stack;
@@ -115,14 +123,9 @@ struct Fiber {
   // mbarrier, a named barrier or a warpgroup collective (woken only when that completes).
   const void* wait_obj = nullptr;
   uint32_t wait_parity = 0;  // mbarrier waits: the phase parity waited for
-};
-
-// An asynchronous operation not yet performed: a TMA transfer (writes `[lo, hi)` of shared
-// memory, then completes bytes on `bar`) or a wgmma (reads `[lo, hi)` and `[lo2, hi2)`).
-struct AsyncOp {
-  uint64_t* bar = nullptr;
-  size_t lo = 0, hi = 0, lo2 = 0, hi2 = 0;  // shared addresses (offsets into dynamic smem)
-  std::function<void()> perform;
+  // This thread's bulk async-groups (TMA stores): uncommitted, then committed and not waited.
+  std::vector<AsyncOp> bulk_open;
+  std::deque<std::vector<AsyncOp>> bulk_groups;
 };
 
 // A named barrier (bar.sync / bar.arrive with a thread count); id 0 is __syncthreads.
@@ -239,6 +242,16 @@ inline auto warp_exchange(unsigned mask, uint64_t value, Read read) {
   return result;
 }
 
+// Performs every bulk async-group of `f` (committed or not), oldest first.
+inline void perform_bulk_groups(Fiber& f) {
+  while (!f.bulk_groups.empty()) {
+    for (auto& op : f.bulk_groups.front()) op.perform();
+    f.bulk_groups.pop_front();
+  }
+  for (auto& op : f.bulk_open) op.perform();
+  f.bulk_open.clear();
+}
+
 // Spin-wait pause: lets the other threads of the block run. A block whose threads pause this
 // often is waiting for something that never comes (e.g. a later block while every worker is
 // busy): its spinning threads are parked, and the launch reports it instead of hanging.
@@ -315,9 +328,12 @@ inline void syncthreads() {
   yield_to_scheduler();
 }
 
+inline void perform_bulk_groups(Fiber& f);
+
 inline void fiber_main() {
   Worker& w = worker();
   w.run(w.run_arg);
+  perform_bulk_groups(*w.current);  // TMA stores in flight land before the thread is gone
   Block& b = *w.block;
   Fiber& f = *w.current;
   f.state = Fiber::Done;
@@ -373,6 +389,8 @@ inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
     f.tid = uint3{i % w.block_dim.x, (i / w.block_dim.x) % w.block_dim.y, i / (w.block_dim.x * w.block_dim.y)};
     f.state = Fiber::Ready;
     f.wait_obj = nullptr;
+    f.bulk_open.clear();
+    f.bulk_groups.clear();
     if (!f.stack.reserve(stack_bytes)) return "cannot map a " + std::to_string(stack_bytes) + "-byte fiber stack";
     b.warps[f.warp].live |= 1u << f.lane;
     b.warps[f.warp].converged |= 1u << f.lane;

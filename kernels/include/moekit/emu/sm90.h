@@ -8,7 +8,8 @@
 //   arrive.expect_tx, complete_tx and try_wait.parity (a wait for parity P returns once the
 //   phase with parity P has completed: on a fresh barrier, parity 1 at once). State lives in
 //   the barrier's own 8 bytes (layout below); an uninitialised barrier is a fault.
-// - TMA: the box of a tiled tensor map (emulator layout: moekit_cuda::emu::TensorMapSpec),
+// - TMA: loads (and stores: bulk async-groups per thread, out-of-bounds elements not
+//   written) of the box of a tiled tensor map (emulator layout: moekit_cuda::emu::TensorMapSpec),
 //   coordinates innermost first, out-of-bounds elements as zeros, the full box counted in
 //   bytes on the mbarrier, and the 32/64/128-byte swizzles as functions of the shared address:
 //   the 16-byte chunk index (address bits 4-6, 4-5, 4) XOR address bits 7-9, 7-8, 7, i.e.
@@ -404,6 +405,65 @@ inline void tma_load(void* dst, const void* map, uint64_t* bar, const int* coord
     mbar_complete_tx(bar, uint32_t(bytes));
   };
   block().tma.push_back(std::move(a));
+}
+
+// cp.async.bulk.tensor.Nd.global.shared::cta.bulk_group [map, {c0, ..}], [src]: queues the
+// store of one box in the calling thread's open bulk async-group. The emulation reads the
+// shared source (through the map's swizzle) and writes global memory at the
+// cp.async.bulk.wait_group that completes the group (or when the thread exits), so a thread
+// that reuses the source before waiting stores the new bytes. Out-of-bounds elements are not
+// written.
+inline void tma_store(const void* map, const void* src, const int* coords, unsigned rank) {
+  const char* op = "cp.async.bulk.tensor (store)";
+  const Tmap m = tmap_decode(map, op);
+  if (m.rank != rank) {
+    fault(std::string(op) + "." + std::to_string(rank) + "d with a rank-" + std::to_string(m.rank) + " tensor map");
+  }
+  size_t box_elems = 1;
+  for (unsigned i = 0; i < rank; ++i) box_elems *= m.box[i];
+  const size_t bytes = box_elems * m.elem;
+  const int64_t lo = smem_offset(src, bytes);
+  if (lo < 0) fault(std::string(op) + ": the box does not fit in the block's dynamic shared memory at src");
+  const size_t align = m.swizzle ? 8 * size_t(m.swizzle) : 128;
+  if (size_t(lo) % align != 0) fault(std::string(op) + ": src not " + std::to_string(align) + "-byte aligned");
+  int c[5] = {0, 0, 0, 0, 0};
+  for (unsigned i = 0; i < rank; ++i) c[i] = coords[i];
+  const unsigned char* base = static_cast<const unsigned char*>(src) - lo;
+  AsyncOp a;
+  a.lo = size_t(lo);
+  a.hi = size_t(lo) + bytes;
+  a.perform = [m, c, base, lo, bytes]() {
+    for (size_t e = 0; e < bytes / m.elem; ++e) {
+      size_t rest = e;
+      bool in = true;
+      int64_t off = 0;
+      for (unsigned i = 0; i < m.rank; ++i) {
+        const int64_t g = int64_t(c[i]) + int64_t(rest % m.box[i]);
+        rest /= m.box[i];
+        in = in && g >= 0 && uint64_t(g) < m.dims[i];
+        off += g * int64_t(m.strides[i]);
+      }
+      if (in) {
+        std::memcpy(reinterpret_cast<unsigned char*>(m.addr) + off, base + swizzle(size_t(lo) + e * m.elem, m.swizzle),
+                    m.elem);
+      }
+    }
+  };
+  fiber().bulk_open.push_back(std::move(a));
+}
+inline void bulk_commit() {
+  Fiber& f = fiber();
+  f.bulk_groups.push_back(std::move(f.bulk_open));
+  f.bulk_open.clear();
+}
+// cp.async.bulk.wait_group[.read] N: the calling thread's oldest groups complete until at
+// most N are pending (.read only promises the sources are read; the emulation completes both).
+inline void bulk_wait(int n) {
+  Fiber& f = fiber();
+  while (f.bulk_groups.size() > size_t(n)) {
+    for (auto& o : f.bulk_groups.front()) o.perform();
+    f.bulk_groups.pop_front();
+  }
 }
 
 // ---- wgmma ------------------------------------------------------------------------------------------

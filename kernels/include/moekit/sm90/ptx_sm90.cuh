@@ -70,6 +70,18 @@ __device__ __forceinline__ bool mbar_try_wait(uint64_t* bar, uint32_t phase) {
       : "memory");
   return done != 0;
 }
+// Tile store through a tensor map from shared memory (out-of-bounds elements are not
+// written), in the calling thread's bulk async-group; fence_proxy_async() first makes the
+// threads' shared-memory writes visible to TMA, bulk_wait<N>() before the source is reused.
+__device__ __forceinline__ void tma_store_2d(const void* tmap, const void* src, int c0, int c1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"(tmap),
+               "r"(smem_addr(src)), "r"(c0), "r"(c1)
+               : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory"); }
 __device__ __forceinline__ void prefetch_tmap(const void* tmap) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(tmap) : "memory");
 }
@@ -153,6 +165,14 @@ inline void tma_load_3d(void* dst, const void* tmap, uint64_t* bar, int c0, int 
   const int c[3] = {c0, c1, c2};
   emu90::tma_load(dst, tmap, bar, c, 3);
 }
+inline void tma_store_2d(const void* tmap, const void* src, int c0, int c1) {
+  const int c[2] = {c0, c1};
+  emu90::tma_store(tmap, src, c, 2);
+}
+inline void fence_proxy_async() {}
+inline void bulk_commit() { emu90::bulk_commit(); }
+template <int N>
+inline void bulk_wait() { emu90::bulk_wait(N); }
 inline void prefetch_tmap(const void* tmap) { (void)emu90::tmap_decode(tmap, "prefetch.tensormap"); }
 template <int Id, int Threads>
 inline void named_barrier_sync() { emu90::named_barrier(Id, Threads, true); }
