@@ -11,7 +11,9 @@
 //! - [`loss`]: log-probabilities, entropies, cross-entropy and their gradients;
 //! - [`generate`]: batched sampling (temperature, top-k, top-p, EOS);
 //! - [`optim`]: AdamW, clipping, warmup + cosine;
-//! - [`checkpoint`]: safetensors checkpoints, written atomically.
+//! - [`checkpoint`]: safetensors checkpoints, written atomically;
+//! - [`device`]: the whole training step on moekit's kernels, device-resident
+//!   ([`device::DeviceTrainer`]).
 //!
 //! ```
 //! use moekit_model::{loss, Model, ModelConfig, AdamW, AdamWConfig};
@@ -54,6 +56,7 @@ macro_rules! simd_fn {
 
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 pub mod generate;
 pub mod layers;
 pub mod linalg;

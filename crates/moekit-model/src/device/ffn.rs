@@ -1,0 +1,148 @@
+//! The feed-forward layers on the device: the dense SwiGLU FFN (also the shared experts) and
+//! the MoE layer (router GEMM, `moekit-gating` routing, `moekit-dispatch` layout / permute /
+//! SwiGLU / combine, the experts' grouped GEMMs), forward beside backward, every tensor on
+//! the device and nothing read back (the layout is made with the host-known row bound
+//! `moekit_dispatch::max_rows`, so its check is never needed).
+
+use super::linear::Consts;
+use crate::Result;
+use moekit_dispatch::{ActFormat, DispatchConfig, DispatchLayout, Padding};
+use moekit_gating::RouterConfig;
+use moekit_gemm::GemmInput;
+use moekit_tensor::Tensor;
+
+/// What the dense FFN's backward needs: `h [N, 2F]` and `a [N, F]`, BF16.
+#[derive(Debug)]
+pub(crate) struct DenseCache {
+    h: Tensor,
+    a: Tensor,
+}
+
+/// Dense SwiGLU: `x [N, D]` BF16, `w1 [2F, D]`, `w2 [D, F]` BF16 -> `[N, D]` BF16.
+pub(crate) fn dense_forward(c: &Consts, x: &Tensor, w1: &Tensor, w2: &Tensor) -> Result<(Tensor, DenseCache)> {
+    let h = c.linear(x, w1)?;
+    let a = moekit_dispatch::swiglu(&h, ActFormat::Bf16)?.data;
+    let y = c.linear(&a, w2)?;
+    Ok((y, DenseCache { h, a }))
+}
+
+/// Backward of [`dense_forward`] from `dy [N, D]` BF16: `(dx [N, D] BF16, dw1, dw2 F32)`.
+pub(crate) fn dense_backward(
+    c: &Consts,
+    x: &Tensor,
+    w1: &Tensor,
+    w2: &Tensor,
+    cache: &DenseCache,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dw2 = c.linear_dw(dy, &cache.a)?;
+    let da = c.linear_dx(dy, w2)?;
+    let dh = moekit_dispatch::swiglu_backward(&cache.h, &da)?;
+    let dw1 = c.linear_dw(&dh, x)?;
+    let dx = c.linear_dx(&dh, w1)?;
+    Ok((dx, dw1, dw2))
+}
+
+/// One MoE layer's weights on the device (BF16 copies) and its router bias (F32).
+pub(crate) struct MoeWeights<'a> {
+    pub router: &'a Tensor,
+    pub w1: &'a Tensor,
+    pub w2: &'a Tensor,
+    pub shared: Option<(&'a Tensor, &'a Tensor)>,
+    pub bias: Option<&'a Tensor>,
+}
+
+/// What the MoE backward needs.
+#[derive(Debug)]
+pub(crate) struct MoeCache {
+    /// Router logits `[N, E]` BF16.
+    logits: Tensor,
+    ids: Tensor,
+    weights: Tensor,
+    /// Tokens per expert `[E]` I32 (the bias update's input).
+    pub counts: Tensor,
+    layout: DispatchLayout,
+    xp: Tensor,
+    h: Tensor,
+    act: Tensor,
+    y: Tensor,
+    shared: Option<DenseCache>,
+}
+
+/// Gradients of one MoE layer, F32 in the parameters' shapes.
+pub(crate) struct MoeGrads {
+    pub router: Tensor,
+    pub w1: Tensor,
+    pub w2: Tensor,
+    pub shared: Option<(Tensor, Tensor)>,
+}
+
+/// MoE forward of `x [N, D]` BF16: `(routed [N, D] BF16, shared [N, D] BF16 or None, cache)`.
+pub(crate) fn moe_forward(
+    c: &Consts,
+    rcfg: &RouterConfig,
+    dcfg: &DispatchConfig,
+    w: &MoeWeights<'_>,
+    x: &Tensor,
+) -> Result<(Tensor, Option<Tensor>, MoeCache)> {
+    use moekit_gemm::m_grouped_contiguous;
+    let logits = c.linear(x, w.router)?;
+    let r = moekit_gating::route(&logits, w.bias, rcfg)?;
+    let layout = moekit_dispatch::dispatch_layout(&r.topk_ids, dcfg, None)?;
+    let xp = moekit_dispatch::permute(x, &layout, ActFormat::Bf16)?.data;
+    let h = m_grouped_contiguous(GemmInput::Bf16(&xp), GemmInput::Bf16(w.w1), &layout.m_indices)?;
+    let act = moekit_dispatch::swiglu(&h, ActFormat::Bf16)?.data;
+    let y = m_grouped_contiguous(GemmInput::Bf16(&act), GemmInput::Bf16(w.w2), &layout.m_indices)?;
+    let routed = moekit_dispatch::combine(&y, &layout, Some(&r.topk_weights))?;
+    let (shared_out, shared) = match w.shared {
+        Some((s1, s2)) => {
+            let (o, sc) = dense_forward(c, x, s1, s2)?;
+            (Some(o), Some(sc))
+        }
+        None => (None, None),
+    };
+    let cache =
+        MoeCache { logits, ids: r.topk_ids, weights: r.topk_weights, counts: r.counts, layout, xp, h, act, y, shared };
+    Ok((routed, shared_out, cache))
+}
+
+/// MoE backward from `dy [N, D]` BF16: the input gradient as F32 `[N, D]` (routed experts +
+/// shared experts + router, each widened and added in that order) and the gradients.
+pub(crate) fn moe_backward(
+    c: &Consts,
+    rcfg: &RouterConfig,
+    w: &MoeWeights<'_>,
+    x: &Tensor,
+    cache: &MoeCache,
+    dy: &Tensor,
+) -> Result<(Tensor, MoeGrads)> {
+    use moekit_gemm::{dgrad, k_grouped};
+    let l = &cache.layout;
+    let (gy, gw) = moekit_dispatch::combine_backward(&cache.y, dy, l, Some(&cache.weights))?;
+    let gw = gw.ok_or_else(|| crate::Error::InvalidInput("combine backward gave no weight gradient".into()))?;
+    let dw2 = k_grouped(GemmInput::Bf16(&gy), GemmInput::Bf16(&cache.act), &l.offsets)?;
+    let dact = dgrad(GemmInput::Bf16(&gy), GemmInput::Bf16(w.w2), &l.m_indices)?;
+    let dh = moekit_dispatch::swiglu_backward(&cache.h, &dact)?;
+    let dw1 = k_grouped(GemmInput::Bf16(&dh), GemmInput::Bf16(&cache.xp), &l.offsets)?;
+    let dxp = dgrad(GemmInput::Bf16(&dh), GemmInput::Bf16(w.w1), &l.m_indices)?;
+    let mut dx = c.widen(&moekit_dispatch::combine(&dxp, l, None)?)?;
+    let shared = match (w.shared, &cache.shared) {
+        (Some((s1, s2)), Some(sc)) => {
+            let (dxs, g1, g2) = dense_backward(c, x, s1, s2, sc, dy)?;
+            dx = moekit_norm::add(&dx, &c.widen(&dxs)?)?;
+            Some((g1, g2))
+        }
+        _ => None,
+    };
+    // The router: through the routing weights (the choice has no gradient).
+    let dlogits = moekit_gating::route_backward(&cache.logits, &cache.ids, &gw, rcfg)?;
+    let dl = c.narrow(&dlogits)?;
+    let router = c.linear_dw(&dl, x)?;
+    dx = moekit_norm::add(&dx, &c.widen(&c.linear_dx(&dl, w.router)?)?)?;
+    Ok((dx, MoeGrads { router, w1: dw1, w2: dw2, shared }))
+}
+
+/// The dispatch configuration of the model's MoE layers (as `moe.rs`).
+pub(crate) fn dispatch_config(cfg: &crate::ModelConfig) -> DispatchConfig {
+    DispatchConfig::new(cfg.moe.experts, cfg.moe.top_k).with_align(cfg.moe.align).with_padding(Padding::Zero)
+}
