@@ -153,7 +153,7 @@ impl AdamW {
         &mut self,
         params: &mut [Tensor],
         grads: &[Tensor],
-        bf16_out: Option<&mut [Tensor]>,
+        mut bf16_out: Option<&mut [Tensor]>,
         lr: Option<f32>,
     ) -> Result<()> {
         let n = self.dims.len();
@@ -186,7 +186,6 @@ impl AdamW {
             ));
         }
         let AdamW { cfg, chunk, device, decays, m, v, scalars, partials, lr_table, table, .. } = self;
-        let mut bf16_out = bf16_out;
         match device.launcher() {
             None => {
                 let mut state = StepInfo::from_bytes(scalars.cpu_slice::<u8>()?)?;
@@ -216,7 +215,7 @@ impl AdamW {
                 scalars.copy_from_slice(&state.to_bytes())?;
             }
             Some(on) => {
-                let mut outs: Vec<Option<moekit_cuda::DevPtrMut<'_, bf16>>> = match bf16_out.as_deref_mut() {
+                let mut outs: Vec<Option<moekit_cuda::DevPtrMut<'_, bf16>>> = match bf16_out {
                     Some(b) => b.iter_mut().map(|t| t.dev_ptr_mut::<bf16>().map(Some)).collect::<Result<_>>()?,
                     None => (0..n).map(|_| None).collect(),
                 };

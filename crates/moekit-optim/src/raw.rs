@@ -45,6 +45,7 @@ pub struct Table {
     update: bool,
 }
 
+#[allow(clippy::too_many_arguments)] // one per descriptor field
 fn desc(p: u64, g: u64, m: u64, v: u64, b: u64, len: usize, start: u64, decay: bool) -> MoekitOptimTensor {
     MoekitOptimTensor { p, g, m, v, p_bf16: b, len: len as u64, chunk_start: start, decay: decay as u32, pad: 0 }
 }

@@ -415,3 +415,34 @@ fn gpu_adamw_bit_identical_to_reference() {
         run(&pb, &cfg(1.0), DEFAULT_CHUNK, &[None], &dev)
     );
 }
+
+/// The per-chunk f64 partial sums, bit for bit: the f32 norm alone could hide a wrong
+/// summation order (f64 differences rarely survive the rounding to f32).
+#[test]
+fn emu_partials_bit_identical_to_reference() {
+    let Some(Device::Emulated(e)) = emu("emu_partials_bit_identical_to_reference", BlockOrder::Reversed) else {
+        return;
+    };
+    let mut rng = StdRng::seed_from_u64(77);
+    // Partial last vectors owned by threads other than 0 (1027 = 256 vectors + 3 in a chunk
+    // of 1024...), besides the lengths.
+    let lens: Vec<usize> = LENS.iter().copied().chain([1027, 2045, 771, 4094, 1029 + 4096]).collect();
+    let gs: Vec<Vec<f32>> = lens.iter().map(|&n| values(n, 3.0, &mut rng)).collect();
+    let bufs: Vec<EmuBuffer<f32>> = gs.iter().map(|g| EmuBuffer::from_host(&e, g).unwrap()).collect();
+    let refs: Vec<&[f32]> = gs.iter().map(|g| g.as_slice()).collect();
+    for chunk in [64, 1028, 4096, DEFAULT_CHUNK] {
+        let t = raw::Table::for_norm(&bufs.iter().map(|b| b.view()).collect::<Vec<_>>(), chunk).unwrap();
+        let desc = EmuBuffer::from_host(&e, &t.to_bytes()).unwrap();
+        let mut partials = EmuBuffer::<u8>::zeros(&e, t.partials_bytes()).unwrap();
+        let mut scalars = EmuBuffer::from_host(&e, &StepInfo::initial(5).to_bytes()).unwrap();
+        let mut b = raw::Buffers { table: desc.view(), partials: partials.view_mut(), scalars: scalars.view_mut() };
+        // SAFETY: the gradient buffers are alive and only read.
+        unsafe { raw::grad_norm(&e, &t, &mut b, &cfg(1.0), None) }.unwrap();
+        let got: Vec<u64> = partials.as_slice().chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+        let want: Vec<u64> = reference::partials(&refs, chunk).unwrap().iter().map(|x| x.to_bits()).collect();
+        assert_eq!(got, want, "chunk {chunk}");
+        let info = StepInfo::from_bytes(scalars.as_slice()).unwrap();
+        assert_eq!(info.step, 5, "a norm without `advance` leaves the step alone");
+        assert_eq!(info.grad_norm.to_bits(), reference::grad_norm(&refs, chunk).unwrap().to_bits());
+    }
+}
