@@ -6,8 +6,9 @@
 // warpgroups 1 and 2 consume (each a 64 x 128 half of the 128 x 128 output tile with
 // wgmma.m64n128, accumulators in registers), then release the stage on its "empty" mbarrier.
 // Registers move from the producer (40) to the consumers (232) with setmaxnreg. Tiles are
-// scheduled persistently over all groups' tiles; a contiguous tile runs one pass per distinct
-// group among its 128 rows (as the portable kernel), so padding rows cost no MMA unless they
+// scheduled persistently over all groups' tiles; a contiguous tile runs one pass per run of
+// equal group ids among its 128 rows (one per group in the contiguous layout; found in one
+// pass over the rows, moekit::gemm::group_runs), so padding rows cost no MMA unless they
 // share a tile with real rows. The epilogue converts to BF16 and stores from registers.
 //
 // NOT YET RUN ON A GPU: verified by compilation, SASS inspection and the host emulation of
@@ -71,7 +72,7 @@ __device__ __forceinline__ int tile_passes(const MoekitGemmParams& p, const Sche
     groups[0] = g_sched;
     return 1;
   }
-  return moekit::gemm::distinct_groups(reinterpret_cast<const int*>(p.m_indices), row0, kBM, p.m, p.groups, groups);
+  return moekit::gemm::group_runs(reinterpret_cast<const int*>(p.m_indices), row0, kBM, p.m, p.groups, groups);
 }
 
 // Named barrier over one consumer warpgroup (ids 1 and 2; 0 is __syncthreads). Immediate ids,
@@ -211,16 +212,23 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
         }
       }
       // Epilogue: acc[4 j + 2 h + e] is row (warp * 16 + lane / 4 + 8 h), column 8 j + 2 (lane % 4) + e.
+      // The thread's two rows and whether this pass writes them: read once per pass, not per
+      // column block (the stores below may alias m_indices for the compiler).
       const int d_rows = masked ? valid : p.m;
       uint32_t* d = reinterpret_cast<uint32_t*>(p.d) + (masked ? static_cast<int64_t>(g) * p.m * p.n / 2 : 0);
+      bool row_ok[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = row0 + half * 64 + warp * 16 + lane / 4 + 8 * h;
+        row_ok[h] = r < d_rows && (masked || m_indices[r] == g);
+      }
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int r = row0 + half * 64 + warp * 16 + lane / 4 + 8 * h;
           const int c = col0 + 8 * j + 2 * (lane % 4);
-          if (r >= d_rows || c >= p.n) continue;
-          if (!masked && m_indices[r] != g) continue;
+          if (!row_ok[h] || c >= p.n) continue;
           const __nv_bfloat162 v = __floats2bfloat162_rn(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
           d[(static_cast<int64_t>(r) * p.n + c) / 2] = *reinterpret_cast<const uint32_t*>(&v);
         }

@@ -444,7 +444,8 @@ fn sm90_emulated(dev: &Device) {
     use moekit_gemm::raw::{kernel_for_op, Kernel};
     use moekit_gemm::{Op, Shape};
     let on = dev.launcher().unwrap();
-    let ids = contiguous_ids(&[(1, 1), (2, 100), (0, 150), (3, 20)], 32);
+    // Group 1 in two runs of the first tile (one pass per run: a repeated pass must not hurt).
+    let ids = contiguous_ids(&[(1, 1), (2, 30), (1, 3), (2, 100), (0, 150), (3, 20)], 32);
     let m = ids.len();
     let groups = 4;
     let (n, k) = (136, 320);

@@ -21,5 +21,24 @@ __device__ __forceinline__ int distinct_groups(const int* m_indices, int row0, i
   return count;
 }
 
+// The group runs among rows [row0, row0 + tile_rows) of the m-grouped contiguous layout (rows
+// past m ignored): the group of every valid row (0 <= id < groups) whose id differs from the
+// previous row's, in row order, into `out` (at least tile_rows entries); returns their count.
+// One pass over the rows and no search of the list (distinct_groups compares each row with
+// every group found so far). In the contiguous layout each group's rows are one run, so this
+// equals distinct_groups; on other inputs a group split into runs gets one pass per run: the
+// same values written again, never a wrong row (a pass writes only its group's rows).
+__device__ __forceinline__ int group_runs(const int* m_indices, int row0, int tile_rows, int m, int groups, int* out) {
+  int count = 0, prev = -1;
+  const int end = row0 + tile_rows < m ? row0 + tile_rows : m;
+  for (int r = row0; r < end; ++r) {
+    const int g = m_indices[r];
+    const int id = (g < 0 || g >= groups) ? -1 : g;
+    if (id >= 0 && id != prev) out[count++] = id;
+    prev = id;
+  }
+  return count;
+}
+
 }  // namespace gemm
 }  // namespace moekit
