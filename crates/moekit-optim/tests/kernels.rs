@@ -127,12 +127,11 @@ fn reference_norm_matches_model() {
     }
 }
 
+/// Per step: the model's params, m, v (bits), norm and lr.
+type ModelTrace = Vec<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Vec<u32>>, f32, f32)>;
+
 /// Runs moekit-model's AdamW on the same problem; its trace of params, m, v.
-fn model_run(
-    pb: &Problem,
-    cfg: &OptimConfig,
-    shapes: &[Vec<usize>],
-) -> Vec<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Vec<u32>>, f32, f32)> {
+fn model_run(pb: &Problem, cfg: &OptimConfig, shapes: &[Vec<usize>]) -> ModelTrace {
     let mcfg = moekit_model::AdamWConfig {
         lr: cfg.lr,
         min_lr: cfg.min_lr,
@@ -373,7 +372,6 @@ fn emu_raw_checks_buffers() {
         [raw::Slot { p: p.view_mut(), g: g.view(), m: m.view_mut(), v: v.view_mut(), p_bf16: None, decay: true }];
     let t = raw::Table::for_update(&slots, 16).unwrap();
     assert_eq!((t.len(), t.n_chunks()), (1, 3));
-    drop(slots);
     let desc = EmuBuffer::from_host(&e, &t.to_bytes()).unwrap();
     let mut partials = EmuBuffer::<u8>::zeros(&e, 16).unwrap(); // 2 chunks' worth: too small
     let mut scalars = EmuBuffer::from_host(&e, &StepInfo::initial(0).to_bytes()).unwrap();
