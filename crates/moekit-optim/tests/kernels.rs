@@ -444,3 +444,51 @@ fn emu_partials_bit_identical_to_reference() {
         assert_eq!(info.grad_norm.to_bits(), reference::grad_norm(&refs, chunk).unwrap().to_bits());
     }
 }
+
+/// Outcome of one step on `dev`: the error variant, or the weights' bits and the scalars.
+fn outcome(
+    lens: &[usize],
+    glens: &[usize],
+    lr: Option<f32>,
+    chunk: usize,
+    dev: &Device,
+) -> Result<(Vec<Vec<u32>>, StepInfo), std::mem::Discriminant<Error>> {
+    let mut rng = StdRng::seed_from_u64(lens.len() as u64 * 31 + glens.iter().sum::<usize>() as u64);
+    let p: Vec<Vec<f32>> = lens.iter().map(|&n| values(n, 0.5, &mut rng)).collect();
+    let g: Vec<Vec<f32>> = glens.iter().map(|&n| values(n, 0.5, &mut rng)).collect();
+    let mut params = tensors(&p, dev);
+    let decays: Vec<bool> = (0..lens.len()).map(|i| i % 2 == 1).collect();
+    let mut opt = ops::AdamW::with_chunk(cfg(1.0), &params, &decays, chunk).map_err(|e| kind(&e))?;
+    opt.step(&mut params, &tensors(&g, dev), None, lr).map_err(|e| kind(&e))?;
+    Ok((params.iter().map(|t| bits(&t.to_vec::<f32>().unwrap())).collect(), opt.info().unwrap()))
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..Default::default() })]
+    /// Random (often bad) inputs: the CPU and the emulation give the same outcome, and the
+    /// same bits when they succeed.
+    #[test]
+    fn emu_random_inputs_same_outcome_on_cpu_and_emulation(
+        lens in proptest::collection::vec(0usize..40, 0..4),
+        bump in proptest::option::of((0usize..4, 1usize..3)),
+        drop_last in proptest::bool::ANY,
+        lr in proptest::option::of(-1.0f32..1.0),
+        chunk in proptest::sample::select(vec![4usize, 6, 8, 64, 0]),
+    ) {
+        let Some(dev) = emu("emu_random_inputs_same_outcome_on_cpu_and_emulation", BlockOrder::InOrder) else {
+            return Ok(());
+        };
+        let mut glens = lens.clone();
+        if let Some((i, d)) = bump {
+            if let Some(l) = glens.get_mut(i) {
+                *l += d;
+            }
+        }
+        if drop_last && glens.len() > 1 {
+            glens.pop();
+        }
+        let cpu = outcome(&lens, &glens, lr, chunk, &Device::Cpu);
+        let emu = outcome(&lens, &glens, lr, chunk, &dev);
+        proptest::prop_assert_eq!(cpu, emu);
+    }
+}
