@@ -355,4 +355,4 @@ const size_t moekit_abi_c_layout[] = {
     offsetof(MoekitEmuLaunch, _pad),
     offsetof(MoekitEmuLaunch, stack_bytes),
 };
-const size_t moekit_abi_c_layout_len = 146;
+const size_t moekit_abi_c_layout_len = 350;
