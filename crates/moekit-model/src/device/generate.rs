@@ -56,7 +56,6 @@ use crate::generate::{Generation, SampleConfig};
 use crate::params::FfnKind;
 use crate::{Error, Result};
 use moekit_attention::AttnShape;
-use moekit_cuda::GraphExec;
 use moekit_tensor::{DType, Device, Tensor};
 
 /// Device generation over the weights of a [`DeviceTrainer`] (borrowed: what it trains is
@@ -93,8 +92,9 @@ pub struct DeviceGenerator<'a> {
     positions: Tensor,
     /// Constants of a decode step (`rows` tokens).
     consts: Consts,
-    /// Captured decode forwards, by position (GPU only).
-    graphs: Vec<Option<GraphExec>>,
+    /// Captured decode forwards, by position (GPU only): each launches its instantiated
+    /// graph (`moekit_cuda::GraphExec`, kept inside) on the device's stream.
+    graphs: Vec<Option<Replay>>,
     use_graphs: bool,
     eos_check_every: usize,
     keep_logits: bool,
@@ -115,6 +115,9 @@ impl std::fmt::Debug for DeviceGenerator<'_> {
         )
     }
 }
+
+/// A captured decode step: launches its graph on the device's stream.
+type Replay = Box<dyn Fn(&Device) -> Result<()>>;
 
 /// What [`DeviceGenerator::generate`] returns.
 #[derive(Debug, Clone, PartialEq)]
@@ -203,6 +206,37 @@ impl<'a> DeviceGenerator<'a> {
         self.captures
     }
 
+    /// One decode step, the building block of [`DeviceGenerator::generate`]: `tokens [rows]`
+    /// I32 (`rows` = the batch rounded up to a multiple of 8, see [`DeviceGenerator::rows`])
+    /// at position `pos` of every sequence, whose caches must hold positions `0..pos` (from
+    /// earlier steps or a generation); appends their keys and values at `pos` and returns the
+    /// logits `[rows, V]` F32 (the generator's buffer, overwritten by the next step). Enqueues
+    /// only: no host synchronisation (a graph replay on a GPU).
+    pub fn decode_step(&mut self, tokens: &Tensor, pos: usize) -> Result<&Tensor> {
+        if pos >= self.max_len {
+            return Err(Error::InvalidInput(format!("position {pos} outside the cache of {}", self.max_len)));
+        }
+        tokens.expect_dtype("decode tokens", DType::I32)?;
+        if tokens.dims() != [self.rows] || !tokens.device().same_as(&self.t.device) {
+            return Err(Error::InvalidInput(format!(
+                "decode tokens {:?} on {}: expected [{}] I32 on {}",
+                tokens.dims(),
+                tokens.device().name(),
+                self.rows,
+                self.t.device.name()
+            )));
+        }
+        let _guard = NoReadbackValidation::new();
+        self.ids_in.copy_from(tokens)?;
+        self.decode(pos)?;
+        Ok(&self.logits)
+    }
+
+    /// Rows of a decode step: the batch rounded up to a multiple of 8.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
     /// The sequences per generation.
     pub fn batch(&self) -> usize {
         self.batch
@@ -251,16 +285,15 @@ impl<'a> DeviceGenerator<'a> {
         }
         let _guard = NoReadbackValidation::new();
         let scfg = logits_config(cfg);
-        let dev = self.t.device.clone();
         let mut toks: Vec<Tensor> = Vec::with_capacity(cfg.max_new_tokens);
         let mut logps: Vec<Tensor> = Vec::with_capacity(cfg.max_new_tokens);
         let mut kept: Vec<Tensor> = Vec::new();
         // ---- prefill: every prompt position through the caches, logits of the last one.
         let first = self.prefill(prompts, p)?;
-        self.sample_into(&first, &scfg, seed, p, &mut toks, &mut logps, &mut kept)?;
+        let keep = self.keep_logits;
+        sample_into(&first, &scfg, seed, p, keep, (&mut toks, &mut logps, &mut kept))?;
         drop(first);
         let mut read: Vec<Vec<i32>> = Vec::new();
-        let mut all_done = false;
         for t in 1..cfg.max_new_tokens {
             if self.eos_check_every > 0 && t % self.eos_check_every == 0 {
                 if let Some(eos) = cfg.eos {
@@ -268,7 +301,6 @@ impl<'a> DeviceGenerator<'a> {
                         read.push(tok.to_vec::<i32>()?);
                     }
                     if (0..batch).all(|b| read.iter().any(|r| r[b] == eos as i32)) {
-                        all_done = true;
                         break;
                     }
                 }
@@ -276,12 +308,8 @@ impl<'a> DeviceGenerator<'a> {
             let pos = p + t - 1;
             self.ids_in.copy_from(&toks[t - 1])?;
             self.decode(pos)?;
-            let logits = std::mem::replace(&mut self.logits, Tensor::zeros(&[0], DType::F32, &dev)?);
-            let r = self.sample_into(&logits, &scfg, seed, p + t, &mut toks, &mut logps, &mut kept);
-            self.logits = logits;
-            r?;
+            sample_into(&self.logits, &scfg, seed, p + t, keep, (&mut toks, &mut logps, &mut kept))?;
         }
-        let _ = all_done;
         // ---- readback and the EOS cut.
         for tok in &toks[read.len()..] {
             read.push(tok.to_vec::<i32>()?);
@@ -332,32 +360,6 @@ impl<'a> DeviceGenerator<'a> {
         })
     }
 
-    /// Sample from `logits [rows, V]` at row position `step`: pushes the tokens `[rows]` I32,
-    /// their log-probabilities `[rows]` F32 and (when kept) a copy of the logits. Enqueues
-    /// only.
-    #[allow(clippy::too_many_arguments)]
-    fn sample_into(
-        &self,
-        logits: &Tensor,
-        scfg: &moekit_logits::SampleConfig,
-        seed: u64,
-        step: usize,
-        toks: &mut Vec<Tensor>,
-        logps: &mut Vec<Tensor>,
-        kept: &mut Vec<Tensor>,
-    ) -> Result<()> {
-        let tok = moekit_logits::sample(logits, scfg, seed, step as u64)?;
-        let lp = moekit_logits::log_softmax(logits, &tok)?.logp;
-        if self.keep_logits {
-            let mut copy = Tensor::empty(logits.dims(), DType::F32, logits.device())?;
-            copy.copy_from(logits)?;
-            kept.push(copy);
-        }
-        toks.push(tok);
-        logps.push(lp);
-        Ok(())
-    }
-
     /// The prefill: `prompts [batch, p]` through every block at positions `0..p` (appending to
     /// the caches), then the head on each prompt's last position: logits `[rows, V]` F32.
     fn prefill(&mut self, prompts: &[u32], p: usize) -> Result<Tensor> {
@@ -394,12 +396,16 @@ impl<'a> DeviceGenerator<'a> {
             })(); // every tensor the step allocated is dropped here, inside the capture
             let graph = dev.end_capture();
             captured?;
-            self.graphs[pos] = Some(graph?.instantiate()?);
+            let exec = graph?.instantiate()?;
+            self.graphs[pos] = Some(Box::new(move |dev: &Device| match dev {
+                Device::Cuda(d) => Ok(exec.launch(d.stream())?),
+                _ => Err(Error::InvalidInput("decode graph without a CUDA device".into())),
+            }));
             self.captures += 1;
         }
-        match (&self.graphs[pos], &self.t.device) {
-            (Some(g), Device::Cuda(d)) => Ok(g.launch(d.stream())?),
-            _ => Err(Error::InvalidInput("decode graph without a CUDA device".into())),
+        match &self.graphs[pos] {
+            Some(replay) => replay(&self.t.device),
+            None => Err(Error::InvalidInput("no decode graph".into())),
         }
     }
 
@@ -415,6 +421,28 @@ impl<'a> DeviceGenerator<'a> {
         )?;
         head(self.t, &self.consts, &x)
     }
+}
+
+/// Samples from `logits [rows, V]` at row position `step`: pushes the tokens `[rows]` I32,
+/// their log-probabilities `[rows]` F32 and (when `keep`) a copy of the logits. Enqueues only.
+fn sample_into(
+    logits: &Tensor,
+    scfg: &moekit_logits::SampleConfig,
+    seed: u64,
+    step: usize,
+    keep: bool,
+    (toks, logps, kept): (&mut Vec<Tensor>, &mut Vec<Tensor>, &mut Vec<Tensor>),
+) -> Result<()> {
+    let tok = moekit_logits::sample(logits, scfg, seed, step as u64)?;
+    let lp = moekit_logits::log_softmax(logits, &tok)?.logp;
+    if keep {
+        let mut copy = Tensor::empty(logits.dims(), DType::F32, logits.device())?;
+        copy.copy_from(logits)?;
+        kept.push(copy);
+    }
+    toks.push(tok);
+    logps.push(lp);
+    Ok(())
 }
 
 /// How the blocks attend.
