@@ -32,7 +32,10 @@
 //! takes `batch * seq` a multiple of 8 tokens.
 
 mod ffn;
+mod generate;
 mod linear;
+
+pub use generate::{DeviceGeneration, DeviceGenerator};
 
 use crate::params::{FfnKind, Index, Params};
 use crate::{AdamWConfig, Error, Model, ModelConfig, Result};
