@@ -207,6 +207,11 @@ fn device_training_reduces_the_loss() {
     let fwd = trained.forward(&tokens, BATCH, SEQ, None).unwrap();
     let (host_loss, _) = loss::cross_entropy(&fwd.logits, trained.cfg.vocab_size, &targets);
     assert!(host_loss < 0.6 * first, "host loss of the downloaded model {host_loss}");
+    // The optimizer state comes back too (resuming on the host).
+    let state = t.download_optimizer(opt()).unwrap();
+    assert_eq!(state.step, 10);
+    assert_eq!(state.m.shapes, trained.params.shapes);
+    assert!(state.v.data.iter().flatten().any(|&v| v > 0.0) && state.v.data.iter().flatten().all(|&v| v >= 0.0));
 }
 
 /// Asserts one full step on `dev` synchronises only at the two metrics readbacks.
