@@ -3,19 +3,22 @@
 //! (moekit has no standalone cast op yet):
 //! - **narrow** F32 -> BF16: the embedding gather of rows `0..N` of the F32 tensor, in BF16
 //!   (round to nearest even, the kernels' `to_bf16`): one pass, exact as a cast;
-//! - **widen** BF16 -> F32: the k-grouped GEMM `I^T Y` with the identity `I [N, N]` (BF16) and
-//!   one group: every output is one exact product `1 * y` plus exact zeros, so the result is
-//!   `y` widened, bit for bit, on every device. It costs `N^2 C` multiply-adds instead of `N C`
-//!   copies: a stand-in until a cast kernel exists (see kernels/NOTES.md).
+//! - **widen** BF16 -> F32: the k-grouped GEMM over `N / 8` groups of 8 tokens with
+//!   `A = [I_8; I_8; ...] [N, 8]` (stacked 8x8 identities, BF16): group `g` gives
+//!   `out[g, j, :] = sum over its 8 tokens t of A[t, j] Y[t, :] = Y[8 g + j, :]`, one exact
+//!   product `1 * y` plus exact zeros, so the `[N / 8, 8, C]` result is `Y` widened, bit for
+//!   bit, on every device. `8 N C` multiply-adds instead of `N C` copies: a stand-in until a
+//!   cast kernel exists (see kernels/NOTES.md).
 
 use crate::Result;
 use moekit_gemm::{dgrad, k_grouped, m_grouped_contiguous, GemmInput};
 use moekit_tensor::{DType, Device, Tensor};
 
 /// Per-(batch, seq) constants of a step, uploaded once: `arange [N]` I32 (the narrowing
-/// gather's ids), `eye [N, N]` BF16 (the widening GEMM), `mi0 [N]` I32 zeros (one-group
-/// `m_indices`), `off [2]` I32 `[0, N]` (one-group k-grouped offsets), `pos [N]` I32 RoPE
-/// positions `r % seq`.
+/// gather's ids), `eye [N, 8]` BF16 stacked 8x8 identities and `off8 [N / 8 + 1]` I32 groups of
+/// 8 tokens (the widening GEMM), `mi0 [N]` I32 zeros (one-group `m_indices`), `off [2]` I32
+/// `[0, N]` (one-group k-grouped offsets), `pos [N]` I32 RoPE positions `r % seq`.
+/// `N` is a multiple of 8 (checked by the step).
 #[derive(Debug)]
 pub(crate) struct Consts {
     pub batch: usize,
@@ -23,6 +26,7 @@ pub(crate) struct Consts {
     pub n: usize,
     pub arange: Tensor,
     pub eye: Tensor,
+    pub off8: Tensor,
     pub mi0: Tensor,
     pub off: Tensor,
     pub pos: Tensor,
@@ -32,17 +36,19 @@ impl Consts {
     pub fn new(batch: usize, seq: usize, dev: &Device) -> Result<Self> {
         let n = batch * seq;
         let arange: Vec<i32> = (0..n as i32).collect();
-        let mut eye = vec![moekit_dtype::bf16::from_f32(0.0); n * n];
-        for i in 0..n {
-            eye[i * n + i] = moekit_dtype::bf16::from_f32(1.0);
+        let mut eye = vec![moekit_dtype::bf16::from_f32(0.0); n * 8];
+        for t in 0..n {
+            eye[t * 8 + t % 8] = moekit_dtype::bf16::from_f32(1.0);
         }
+        let off8: Vec<i32> = (0..=n / 8).map(|g| (8 * g) as i32).collect();
         let pos: Vec<i32> = (0..n).map(|r| (r % seq) as i32).collect();
         Ok(Consts {
             batch,
             seq,
             n,
             arange: Tensor::from_slice(&arange, &[n], dev)?,
-            eye: Tensor::from_slice(&eye, &[n, n], dev)?,
+            eye: Tensor::from_slice(&eye, &[n, 8], dev)?,
+            off8: Tensor::from_slice(&off8, &[off8.len()], dev)?,
             mi0: Tensor::zeros(&[n], DType::I32, dev)?,
             off: Tensor::from_slice(&[0i32, n as i32], &[2], dev)?,
             pos: Tensor::from_slice(&pos, &[n], dev)?,
@@ -52,7 +58,7 @@ impl Consts {
     /// BF16 `[N, C]` -> F32 `[N, C]`, exact (see the module docs).
     pub fn widen(&self, y: &Tensor) -> Result<Tensor> {
         let cols = y.dims()[1];
-        Ok(k_grouped(GemmInput::Bf16(&self.eye), GemmInput::Bf16(y), &self.off)?.reshape(&[self.n, cols])?)
+        Ok(k_grouped(GemmInput::Bf16(&self.eye), GemmInput::Bf16(y), &self.off8)?.reshape(&[self.n, cols])?)
     }
 
     /// F32 `[N, C]` -> BF16 `[N, C]`, round to nearest even.
