@@ -188,6 +188,19 @@ fn step_matches_the_host_model(cfg: ModelConfig) {
     assert!((m.loss - host_loss).abs() <= 2.0 * rel * zmax, "loss {} vs host {host_loss}", m.loss);
     assert!((m.grad_norm - info.grad_norm).abs() <= rel * info.grad_norm, "norm {} vs {}", m.grad_norm, info.grad_norm);
     assert_eq!(m.lr, info.lr);
+    // Every parameter's gradient, tensor by tensor: the relative L2 error of each tensor is
+    // within the same chain-of-roundings bound (a wrong backward of one op breaks the tensors
+    // upstream of it by O(1)).
+    let mut t = DeviceTrainer::new(&model, opt(), &Device::Cpu).unwrap();
+    let (dloss, dgrads) = t.gradients(&tokens, &targets, BATCH, SEQ).unwrap();
+    assert_eq!(dloss, m.loss, "gradients() runs the step's forward");
+    for (i, (gd, gh)) in dgrads.data.iter().zip(&grads.data).enumerate() {
+        let err: f64 = gd.iter().zip(gh).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
+        let norm: f64 = gh.iter().map(|&b| (b as f64).powi(2)).sum::<f64>().sqrt();
+        let name = &grads.names[i];
+        eprintln!("  {name}: relative gradient error {:.4}", err / norm.max(1e-30));
+        assert!(err <= rel as f64 * norm + 1e-7, "{name}: |dg| = {err:e} vs |g| = {norm:e}");
+    }
 }
 
 /// Training works: repeated steps on one batch drive the loss well down (CPU references).

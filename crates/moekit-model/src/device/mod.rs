@@ -305,6 +305,26 @@ impl DeviceTrainer {
         Ok(StepMetrics { loss, grad_norm: info.grad_norm, lr: info.lr, step: info.step })
     }
 
+    /// The loss and every parameter's gradient of a batch (as [`DeviceTrainer::step`] computes
+    /// them, before clipping), read back to the host; nothing is updated. For tests and
+    /// debugging: it reads back every gradient.
+    pub fn gradients(&mut self, tokens: &[u32], targets: &[i32], batch: usize, seq: usize) -> Result<(f32, Params)> {
+        self.check_batch(tokens, targets, batch, seq)?;
+        if self.consts.as_ref().is_none_or(|c| (c.batch, c.seq) != (batch, seq)) {
+            self.consts = Some(Consts::new(batch, seq, &self.device)?);
+        }
+        let _guard = NoReadbackValidation::new();
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let ids = Tensor::from_slice(&ids, &[ids.len()], &self.device)?;
+        let targets = Tensor::from_slice(targets, &[targets.len()], &self.device)?;
+        let (loss, grads, _) = self.forward_backward(&ids, &targets)?;
+        let mut out = Params::zeros(&self.cfg);
+        for (d, g) in out.data.iter_mut().zip(&grads) {
+            *d = g.to_vec::<f32>()?;
+        }
+        Ok((loss.to_vec::<f32>()?[0], out))
+    }
+
     /// Forward and backward: the loss `[1]`, every parameter's gradient (F32, parameter order)
     /// and each MoE layer's expert counts.
     fn forward_backward(&self, ids: &Tensor, targets: &Tensor) -> Result<(Tensor, Vec<Tensor>, Vec<Tensor>)> {
