@@ -38,7 +38,8 @@ pub fn build_kernels(only: &[String]) -> Result<(), String> {
     );
     let mut failures = Vec::new();
     let sources = kernel_sources()?;
-    if let Some(missing) = only.iter().find(|m| !sources.iter().any(|s| s.file_stem().is_some_and(|f| f == m.as_str()))) {
+    if let Some(missing) = only.iter().find(|m| !sources.iter().any(|s| s.file_stem().is_some_and(|f| f == m.as_str())))
+    {
         return Err(format!("no kernel module `{missing}` in kernels/ or kernels/tests/"));
     }
     for src in sources {

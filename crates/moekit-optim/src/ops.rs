@@ -120,6 +120,13 @@ impl AdamW {
         (&self.m, &self.v)
     }
 
+    /// The step's scalars on the device (`SCALARS_BYTES` U8, [`StepInfo::from_bytes`]'s
+    /// layout), e.g. to pack them with other metrics into one readback
+    /// (`Tensor::concat_bytes`).
+    pub fn scalars(&self) -> &Tensor {
+        &self.scalars
+    }
+
     /// Reads the step's scalars back (synchronises a GPU stream: the one metrics read).
     pub fn info(&self) -> Result<StepInfo> {
         StepInfo::from_bytes(&self.scalars.to_vec::<u8>()?)

@@ -279,6 +279,33 @@ impl Tensor {
         Ok(())
     }
 
+    /// The bytes of `parts` (any dtypes, all on `device`) one after another in a new 1-D U8
+    /// tensor: several small results packed on the device so that one readback returns them
+    /// all. On a GPU: `cuMemcpyDtoDAsync`s on the device's stream (no host synchronisation).
+    pub fn concat_bytes(parts: &[&Tensor], device: &Device) -> Result<Tensor> {
+        let total = parts.iter().map(|p| p.size_in_bytes()).sum();
+        let mut out = Tensor::empty(&[total], DType::U8, device)?;
+        let mut at = 0;
+        for p in parts {
+            if !p.device.same_as(device) {
+                return Err(Error::InvalidArgument(format!("concat_bytes: {p:?} is not on {}", device.name())));
+            }
+            let len = p.size_in_bytes();
+            match (Arc::get_mut(&mut out.storage), p.storage.as_ref()) {
+                (Some(Storage::Cpu { words }), _) => {
+                    bytemuck::cast_slice_mut::<u128, u8>(words)[at..at + len].copy_from_slice(p.host_bytes()?)
+                }
+                (Some(Storage::Emu(buf)), _) => buf.as_mut_slice()[at..at + len].copy_from_slice(p.host_bytes()?),
+                (Some(Storage::Cuda(dst)), Storage::Cuda(from)) => {
+                    dst.copy_from_device_at(at, from.slice(p.byte_offset(), len)?)?
+                }
+                _ => unreachable!("a fresh tensor's storage is unshared and on the parts' device"),
+            }
+            at += len;
+        }
+        Ok(out)
+    }
+
     /// A copy on `device` (shares storage when already there).
     pub fn to_device(&self, device: &Device) -> Result<Tensor> {
         if self.device.same_as(device) {

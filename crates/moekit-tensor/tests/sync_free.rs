@@ -188,7 +188,16 @@ fn copy_helpers(dev: &Device) {
     if !dev.is_cpu() {
         let mut t = Tensor::zeros(&[2], DType::I32, dev).unwrap();
         assert!(matches!(t.copy_from(&other), Err(moekit_tensor::Error::InvalidArgument(_))));
+        assert!(matches!(Tensor::concat_bytes(&[&other], dev), Err(moekit_tensor::Error::InvalidArgument(_))));
     }
+    // concat_bytes: the bytes of every part (views included), in order, in one U8 tensor.
+    let f = Tensor::from_slice(&[1.5f32, -2.0], &[2], dev).unwrap();
+    let view = src.narrow(0, 1, 1).unwrap();
+    let packed = Tensor::concat_bytes(&[&f.narrow(0, 1, 1).unwrap(), &view], dev).unwrap();
+    let mut want = (-2.0f32).to_le_bytes().to_vec();
+    want.extend([3i32, 4].iter().flat_map(|x| x.to_le_bytes()));
+    assert_eq!((packed.dims(), packed.dtype()), (&[12usize][..], DType::U8));
+    assert_eq!(packed.to_vec::<u8>().unwrap(), want);
 }
 
 fn gpu_device(test: &str) -> Option<Device> {

@@ -277,7 +277,7 @@ impl DeviceTrainer {
     /// backward, global-norm clipping and AdamW on every parameter (BF16 copies refreshed),
     /// router-bias update from the step's expert counts. Inputs are validated on the host; the
     /// step enqueues its work without a host synchronisation and reads the metrics back once
-    /// at the end (two readbacks: the loss and the optimizer's scalars). A non-finite gradient
+    /// at the end (one readback: the loss and the optimizer's scalars packed on the device). A non-finite gradient
     /// norm skips the update (as [`crate::AdamW::step`]) and is `Error::InvalidInput`.
     pub fn step(&mut self, tokens: &[u32], targets: &[i32], batch: usize, seq: usize) -> Result<StepMetrics> {
         self.check_batch(tokens, targets, batch, seq)?;
@@ -297,8 +297,10 @@ impl DeviceTrainer {
             }
         }
         drop(counts);
-        let loss = loss.to_vec::<f32>()?[0];
-        let info = self.opt.info()?;
+        // One readback: the loss's 4 bytes, then the optimizer's scalars.
+        let metrics = Tensor::concat_bytes(&[&loss, self.opt.scalars()], &self.device)?.to_vec::<u8>()?;
+        let loss = f32::from_le_bytes([metrics[0], metrics[1], metrics[2], metrics[3]]);
+        let info = moekit_optim::StepInfo::from_bytes(&metrics[4..])?;
         if info.skipped {
             return Err(Error::InvalidInput(format!("gradient norm is {}; update skipped", info.grad_norm)));
         }
