@@ -387,6 +387,13 @@ impl<'a> DeviceGenerator<'a> {
             return Ok(());
         }
         if self.graphs[pos].is_none() {
+            if self.captures == 0 {
+                // Before the first capture, the step once eagerly: every module and function
+                // it uses is loaded outside the capture (a load is no stream work). Harmless:
+                // the graph's launch below recomputes the same keys, values and logits.
+                let lg = self.decode_forward(pos)?;
+                self.logits.copy_from(&lg)?;
+            }
             let dev = self.t.device.clone();
             dev.begin_capture()?;
             let captured = (|| -> Result<()> {
