@@ -254,7 +254,10 @@ fn device_generator_rejects_bad_input() {
     let p = prompts(1);
     assert!(g.generate(&p[..4], &ok, 0).is_err(), "not equal prompts");
     assert!(g.generate(&[], &ok, 0).is_err());
-    assert!(g.generate(&p, &SampleConfig { max_new_tokens: MAX_LEN - PROMPT + 1, ..ok.clone() }, 0).is_err(), "too long");
+    assert!(
+        g.generate(&p, &SampleConfig { max_new_tokens: MAX_LEN - PROMPT + 1, ..ok.clone() }, 0).is_err(),
+        "too long"
+    );
     assert!(g.generate(&p, &SampleConfig { max_new_tokens: 0, ..ok.clone() }, 0).is_err());
     assert!(g.generate(&p, &SampleConfig { temperature: -1.0, ..ok.clone() }, 0).is_err());
     assert!(g.generate(&p, &SampleConfig { top_p: 0.0, ..ok.clone() }, 0).is_err());
@@ -309,4 +312,23 @@ fn gpu_graph_decode_equals_eager_decode() {
     }
     assert_eq!(eager.captured_graphs(), 0);
     assert_decode_sync_free(&dev);
+}
+
+#[test]
+#[ignore = "needs a GPU: cargo test -- --include-ignored gpu_ (the GPU bundle does)"]
+fn gpu_decode_step_has_no_host_synchronisation() {
+    let Some(dev) = gpu("gpu_decode_step_has_no_host_synchronisation") else { return };
+    assert_decode_sync_free(&dev);
+}
+
+#[test]
+#[ignore = "needs a GPU: cargo test -- --include-ignored gpu_ (the GPU bundle does)"]
+fn gpu_device_generation_is_deterministic() {
+    let Some(dev) = gpu("gpu_device_generation_is_deterministic") else { return };
+    let cfg = SampleConfig { max_new_tokens: NEW, top_k: 8, top_p: 0.95, ..SampleConfig::default() };
+    let t = trainer(&dev);
+    let (a, b) = (generate(&t, &cfg, 77), generate(&t, &cfg, 77));
+    assert_eq!(a, b, "same seed, same tokens and bits on every run");
+    let bits = |g: &DeviceGeneration| g.logits.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&a), bits(&b));
 }
