@@ -7,9 +7,11 @@
 // wgmma.m64n128, accumulators in registers), then release the stage on its "empty" mbarrier.
 // Registers move from the producer (40) to the consumers (232) with setmaxnreg. Tiles are
 // scheduled persistently over all groups' tiles; a contiguous tile runs one pass per run of
-// equal group ids among its 128 rows (one per group in the contiguous layout; found in one
-// pass over the rows, moekit::gemm::group_runs), so padding rows cost no MMA unless they
-// share a tile with real rows. The epilogue converts to BF16 and stores from registers.
+// equal group ids among its 128 rows (one per group in the contiguous layout; found by one
+// warp with shuffles and ballots, moekit::gemm::group_runs_warp), and a consumer half with
+// no row of the pass's run skips its wgmmas and stores (it still releases every stage), so
+// padding rows cost no MMA unless they share a 64-row half with real rows. The epilogue
+// converts to BF16 and stores the run's rows from registers.
 //
 // NOT YET RUN ON A GPU: verified by compilation, SASS inspection and the host emulation of
 // TMA, mbarrier and wgmma (moekit/emu/sm90.h; see NOTES.md). The dispatcher picks it only
@@ -21,8 +23,8 @@
 // moekit-sass: moekit_gemm_sm90_fp8 require QGMMA UTMALDG SYNCS USETMAXREG
 // Budgets: 384 threads at one block per SM leave 168 registers before setmaxnreg (and
 // setmaxnreg needs exactly that: 128 x 40 + 256 x 232 = 384 x 168); static shared memory is
-// the three warpgroups' group lists.
-// moekit-budget: * regs<=168 smem<=2048
+// the three warpgroups' run lists (3 x 128 x (group, span) ints + counts: 3084 B).
+// moekit-budget: * regs<=168 smem<=3200
 
 #include "moekit/abi.h"
 #include "moekit/gemm/scheduler.cuh"
@@ -55,24 +57,33 @@ __device__ __forceinline__ Schedule schedule(const MoekitGemmParams& p) {
   return s;
 }
 
-// The groups tile `tile` computes (one pass each) and its valid rows, into `groups` (kBM
-// entries). Deterministic: every role computes the same list on its own.
-__device__ __forceinline__ int tile_passes(const MoekitGemmParams& p, const Schedule& s, int64_t tile, int* groups,
-                                           int& row0, int& col0, int& valid) {
+// The tile's position and, for masked tiles, its group and valid rows (rows past masked_m:
+// no pass). Contiguous tiles get their passes from moekit::gemm::group_runs_warp.
+struct TileInfo {
+  int row0, col0;
+  int g;      // masked: the group
+  int valid;  // masked: rows of the group that count (clamped masked_m); contiguous: m
+};
+
+__device__ __forceinline__ TileInfo tile_info(const MoekitGemmParams& p, const Schedule& s, int64_t tile) {
   const int64_t per_group = static_cast<int64_t>(s.tiles_r) * s.tiles_c;
-  const int g_sched = static_cast<int>(tile / per_group);
   const int rem = static_cast<int>(tile % per_group);
-  row0 = (rem / s.tiles_c) * kBM;
-  col0 = (rem % s.tiles_c) * kBN;
-  valid = p.m;
-  if (p.op == MOEKIT_GEMM_MASKED) {
-    valid = p.masked_m != 0 ? reinterpret_cast<const int*>(p.masked_m)[g_sched] : p.m;
-    valid = valid < 0 ? 0 : (valid > p.m ? p.m : valid);
-    if (row0 >= valid) return 0;  // rows past masked_m: no work, untouched
-    groups[0] = g_sched;
-    return 1;
+  TileInfo ti;
+  ti.g = static_cast<int>(tile / per_group);
+  ti.row0 = (rem / s.tiles_c) * kBM;
+  ti.col0 = (rem % s.tiles_c) * kBN;
+  ti.valid = p.m;
+  if (p.op == MOEKIT_GEMM_MASKED && p.masked_m != 0) {
+    const int v = reinterpret_cast<const int*>(p.masked_m)[ti.g];
+    ti.valid = v < 0 ? 0 : (v > p.m ? p.m : v);
   }
-  return moekit::gemm::group_runs(reinterpret_cast<const int*>(p.m_indices), row0, kBM, p.m, p.groups, groups);
+  return ti;
+}
+
+// A masked tile's one pass as a run: rows [0, min(valid - row0, kBM) - 1] of group g.
+__device__ __forceinline__ int masked_span(const TileInfo& ti) {
+  const int rows = ti.valid - ti.row0 < kBM ? ti.valid - ti.row0 : kBM;
+  return (rows - 1) << 8;
 }
 
 // Named barrier over one consumer warpgroup (ids 1 and 2; 0 is __syncthreads). Immediate ids,
@@ -93,8 +104,9 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
   unsigned char* tiles = smem;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * 2 * kTileBytes);
   uint64_t* empty = full + kStages;
-  __shared__ int tile_groups[3][kBM];  // one list per warpgroup
-  __shared__ int tile_info[3][2];      // passes, valid rows
+  __shared__ int tile_groups[3][kBM];  // one run list per warpgroup: group,
+  __shared__ int tile_spans[3][kBM];   // first | last row << 8 (relative to the tile)
+  __shared__ int tile_runs[3];         // run count
 
   const int wg = threadIdx.x / 128;
   const int t = threadIdx.x % 128;
@@ -120,25 +132,30 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
   };
 
   if (wg == 0) {
-    // Producer: 40 registers; one thread streams the K steps of A and B through the ring.
+    // Producer: 40 registers; warp 0 finds a contiguous tile's runs, its lane 0 streams the K
+    // steps of A and B through the ring.
     moekit::sm90::regs_dec<40>();
-    if (t != 0) return;
+    if (t >= 32) return;
     for (int64_t tile = blockIdx.x; tile < s.total; tile += gridDim.x) {
-      int row0, col0, valid;
-      const int passes = tile_passes(p, s, tile, tile_groups[0], row0, col0, valid);
+      const TileInfo ti = tile_info(p, s, tile);
+      const int passes =
+          masked ? (ti.row0 < ti.valid ? 1 : 0)
+                 : moekit::gemm::group_runs_warp<kBM / 32>(reinterpret_cast<const int*>(p.m_indices), ti.row0, p.m,
+                                                           p.groups, t, tile_groups[0], tile_spans[0]);
+      if (t != 0) continue;
       for (int pass = 0; pass < passes; ++pass) {
-        const int g = tile_groups[0][pass];
+        const int g = masked ? ti.g : tile_groups[0][pass];
         for (int ks = 0; ks < k_steps; ++ks) {
           moekit::sm90::mbar_wait(&empty[stage], phase ^ 1);
           moekit::sm90::mbar_arrive_expect_tx(&full[stage], 2 * kTileBytes);
           unsigned char* a_dst = tiles + stage * 2 * kTileBytes;
           const int kc = ks * k_block;
           if (masked) {
-            moekit::sm90::tma_load_3d(a_dst, &P.tmap_a, &full[stage], kc, row0, g);
+            moekit::sm90::tma_load_3d(a_dst, &P.tmap_a, &full[stage], kc, ti.row0, g);
           } else {
-            moekit::sm90::tma_load_2d(a_dst, &P.tmap_a, &full[stage], kc, row0);
+            moekit::sm90::tma_load_2d(a_dst, &P.tmap_a, &full[stage], kc, ti.row0);
           }
-          moekit::sm90::tma_load_3d(a_dst + kTileBytes, &P.tmap_b, &full[stage], kc, col0, g);
+          moekit::sm90::tma_load_3d(a_dst + kTileBytes, &P.tmap_b, &full[stage], kc, ti.col0, g);
           advance();
         }
       }
@@ -152,23 +169,47 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
   const int warp = t / 32, lane = t % 32;
   const int* m_indices = reinterpret_cast<const int*>(p.m_indices);
   for (int64_t tile = blockIdx.x; tile < s.total; tile += gridDim.x) {
-    if (t == 0) {
-      int row0, col0, valid;
-      tile_info[wg][0] = tile_passes(p, s, tile, tile_groups[wg], row0, col0, valid);
-      tile_info[wg][1] = valid;
+    const TileInfo ti = tile_info(p, s, tile);
+    const int row0 = ti.row0, col0 = ti.col0, valid = ti.valid;
+    int passes;
+    if (masked) {
+      passes = row0 < valid ? 1 : 0;
+    } else {
+      // Warp 0 finds the runs (a few loads, shuffles and ballots), the warpgroup waits once.
+      if (warp == 0) {
+        const int runs = moekit::gemm::group_runs_warp<kBM / 32>(m_indices, row0, p.m, p.groups, lane, tile_groups[wg],
+                                                                 tile_spans[wg]);
+        if (lane == 0) tile_runs[wg] = runs;
+      }
+      warpgroup_sync(wg);
+      passes = tile_runs[wg];
     }
-    warpgroup_sync(wg);
-    const int passes = tile_info[wg][0], valid = tile_info[wg][1];
-    const int64_t per_group = static_cast<int64_t>(s.tiles_r) * s.tiles_c;
-    const int rem = static_cast<int>(tile % per_group);
-    const int row0 = (rem / s.tiles_c) * kBM, col0 = (rem % s.tiles_c) * kBN;
     for (int pass = 0; pass < passes; ++pass) {
-      const int g = tile_groups[wg][pass];
+      const int g = masked ? ti.g : tile_groups[wg][pass];
+      const int span = masked ? masked_span(ti) : tile_spans[wg][pass];
+      const int lo = span & 0xff, hi = span >> 8;  // the run's rows, relative to row0
+      // A half with no row of the run skips its wgmmas and its stores, but still waits on
+      // and releases every stage (the empty barriers count both halves).
+      const bool live = lo < 64 * half + 64 && hi >= 64 * half;
       float acc[64];
 #pragma unroll
       for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
       float part[kFp8 ? 64 : 1];
       for (int ks = 0; ks < k_steps; ++ks) {
+        if (!live) {
+          // One thread keeps the ring in step: it waits for the stage to fill, then releases
+          // it. (Every thread waiting here and thread 0 arriving would be a race: nothing
+          // orders the others' waits before the arrival, so the producer could refill the
+          // stage and complete the next phase of the same parity before a slow thread's wait,
+          // which then waits for a phase that never comes - the emulation's deadlock report
+          // found it. The live path is ordered by the warpgroup-collective wgmma.wait_group.)
+          if (t == 0) {
+            moekit::sm90::mbar_wait(&full[stage], phase);
+            moekit::sm90::mbar_arrive(&empty[stage]);
+          }
+          advance();
+          continue;
+        }
         moekit::sm90::mbar_wait(&full[stage], phase);
         const unsigned char* a_tile = tiles + stage * 2 * kTileBytes + half * (kTileBytes / 2);
         const unsigned char* b_tile = tiles + stage * 2 * kTileBytes + kTileBytes;
@@ -211,16 +252,16 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
           moekit::sm90::fence_regs(acc);
         }
       }
+      if (!live) continue;
       // Epilogue: acc[4 j + 2 h + e] is row (warp * 16 + lane / 4 + 8 h), column 8 j + 2 (lane % 4) + e.
-      // The thread's two rows and whether this pass writes them: read once per pass, not per
-      // column block (the stores below may alias m_indices for the compiler).
-      const int d_rows = masked ? valid : p.m;
+      // A pass writes exactly its run's rows [lo, hi] (all of group g, all below m or masked_m):
+      // no m_indices load here.
       uint32_t* d = reinterpret_cast<uint32_t*>(p.d) + (masked ? static_cast<int64_t>(g) * p.m * p.n / 2 : 0);
       bool row_ok[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int r = row0 + half * 64 + warp * 16 + lane / 4 + 8 * h;
-        row_ok[h] = r < d_rows && (masked || m_indices[r] == g);
+        const int rel = half * 64 + warp * 16 + lane / 4 + 8 * h;
+        row_ok[h] = rel >= lo && rel <= hi;
       }
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
@@ -234,7 +275,7 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
         }
       }
     }
-    warpgroup_sync(wg);  // the group list is rewritten for the next tile
+    if (!masked) warpgroup_sync(wg);  // the run list is rewritten for the next tile
   }
 }
 

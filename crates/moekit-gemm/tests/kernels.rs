@@ -434,7 +434,9 @@ fn gpu_grouped_gemm_sm90() {
 /// The Hopper kernel in the host emulation (its TMA, mbarrier and wgmma model: see
 /// `kernels/include/moekit/emu/sm90.h`), on the smallest shapes that reach every code path:
 /// several row and column tiles (a partial last one of each), tiles holding two groups and
-/// padding rows (one pass per group), a group of one row, masked groups with `masked_m` 0,
+/// padding rows (one pass per group run; consumer halves with no row of the run: the second
+/// half of rows 384.. and of the masked tile with 2 live rows skip their wgmmas), a group of
+/// one row, masked groups with `masked_m` 0,
 /// below `m` and a partial tile, FP8 with several weight scale blocks along N and K (both
 /// token scale layouts), and K of 5 stages (BF16: 64 of K per stage) so the 4-stage ring wraps
 /// inside one pass and the phases flip. Same tolerances as every other kernel (module docs):

@@ -40,5 +40,65 @@ __device__ __forceinline__ int group_runs(const int* m_indices, int row0, int ti
   return count;
 }
 
+// group_runs by one warp over rows [row0, row0 + 32 kRowsPerLane) (rows past m ignored): lane
+// l reads rows row0 + kRowsPerLane l + j (j < kRowsPerLane), its neighbours' ids come by
+// shuffles; a run starts at a valid row whose predecessor in the tile has another id and ends
+// at a valid row whose successor has another id, and ballots + popc give each start (end) its
+// index. Run i's group goes to group[i], its first and last row (relative to row0) to
+// span[i] = first | last << 8 (kRowsPerLane <= 8); returns the count in every lane. The same
+// list as group_runs (a single-group tile: one run, found by the same few instructions as any
+// other tile; no thread scans the rows). All 32 lanes must call it; the list is complete in
+// every lane on return (__syncwarp), and the call waits (__syncwarp) until every lane is done
+// with the previous list before rewriting it.
+template <int kRowsPerLane>
+__device__ __forceinline__ int group_runs_warp(const int* m_indices, int row0, int m, int groups, int lane, int* group,
+                                               int* span) {
+  static_assert(kRowsPerLane >= 1 && kRowsPerLane <= 8, "32 kRowsPerLane rows must fit in 8 bits");
+  constexpr unsigned kAll = 0xffffffffu;
+  int id[kRowsPerLane];
+#pragma unroll
+  for (int j = 0; j < kRowsPerLane; ++j) {
+    const int r = row0 + kRowsPerLane * lane + j;
+    const int g = r < m ? m_indices[r] : -1;
+    id[j] = (g < 0 || g >= groups) ? -1 : g;
+  }
+  const int prev_lane = __shfl_up_sync(kAll, id[kRowsPerLane - 1], 1);
+  const int next_lane = __shfl_down_sync(kAll, id[0], 1);
+  const unsigned below = (1u << lane) - 1u;
+  unsigned starts = 0, ends = 0;  // this lane's flags, bit j
+  int first = 0, last = 0, total = 0;  // starts / ends in lower lanes, starts in the warp
+#pragma unroll
+  for (int j = 0; j < kRowsPerLane; ++j) {
+    const int before = j > 0 ? id[j - 1] : (lane > 0 ? prev_lane : -1);
+    const int after = j + 1 < kRowsPerLane ? id[j + 1] : (lane < 31 ? next_lane : -1);
+    const bool s = id[j] >= 0 && id[j] != before, e = id[j] >= 0 && id[j] != after;
+    const unsigned sb = __ballot_sync(kAll, s), eb = __ballot_sync(kAll, e);
+    starts |= static_cast<unsigned>(s) << j;
+    ends |= static_cast<unsigned>(e) << j;
+    first += __popc(sb & below);
+    last += __popc(eb & below);
+    total += __popc(sb);
+  }
+  __syncwarp();  // every lane is done reading the previous list
+#pragma unroll
+  for (int j = 0; j < kRowsPerLane; ++j) {
+    if (starts >> j & 1u) {
+      group[first] = id[j];
+      span[first] = kRowsPerLane * lane + j;
+      ++first;
+    }
+  }
+  __syncwarp();  // run i's first row is in place (written by the lane of its start)
+#pragma unroll
+  for (int j = 0; j < kRowsPerLane; ++j) {
+    if (ends >> j & 1u) {
+      span[last] |= (kRowsPerLane * lane + j) << 8;
+      ++last;
+    }
+  }
+  __syncwarp();  // the list is complete in every lane
+  return total;
+}
+
 }  // namespace gemm
 }  // namespace moekit
