@@ -4,7 +4,8 @@
 // Block = 3 warpgroups: warpgroup 0 produces (one thread issues TMA loads of 128 x 128-byte
 // tiles of A and B, 128-byte swizzled, into a 4-stage ring; completion on "full" mbarriers),
 // warpgroups 1 and 2 consume (each a 64 x 128 half of the 128 x 128 output tile with
-// wgmma.m64n128, accumulators in registers), then release the stage on its "empty" mbarrier.
+// wgmma.m64n128, accumulators in registers), then release the stage on its "empty" mbarrier
+// (one arrival per consumer warp).
 // Registers move from the producer (40) to the consumers (232) with setmaxnreg. Tiles are
 // scheduled persistently over all groups' tiles; a contiguous tile runs one pass per run of
 // equal group ids among its 128 rows (one per group in the contiguous layout; found by one
@@ -40,6 +41,7 @@ constexpr int kBN = 128;           // output columns per tile
 constexpr int kTileBytes = 16384;  // 128 rows x 128 bytes (BF16: 64 of K; FP8: 128 of K)
 constexpr int kStages = 4;
 constexpr int kThreads = 384;
+constexpr int kConsumerWarps = 8;  // two consumer warpgroups
 // Dynamic shared memory: stages of (A tile, B tile), then the barriers; +1024 for alignment.
 static_assert(kStages * 2 * kTileBytes + 1024 + 2 * kStages * 8 == 132160, "keep sm90::SMEM_BYTES in step");
 
@@ -118,7 +120,7 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) {
       moekit::sm90::mbar_init(&full[i], 1);
-      moekit::sm90::mbar_init(&empty[i], 2);  // one arrival per consumer warpgroup
+      moekit::sm90::mbar_init(&empty[i], kConsumerWarps);  // one arrival per consumer warp
     }
     moekit::sm90::fence_barrier_init();
     moekit::sm90::prefetch_tmap(&P.tmap_a);
@@ -197,13 +199,13 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
       float part[kFp8 ? 64 : 1];
       for (int ks = 0; ks < k_steps; ++ks) {
         if (!live) {
-          // One thread keeps the ring in step: it waits for the stage to fill, then releases
-          // it. (Every thread waiting here and thread 0 arriving would be a race: nothing
-          // orders the others' waits before the arrival, so the producer could refill the
-          // stage and complete the next phase of the same parity before a slow thread's wait,
-          // which then waits for a phase that never comes - the emulation's deadlock report
-          // found it. The live path is ordered by the warpgroup-collective wgmma.wait_group.)
-          if (t == 0) {
+          // One lane per warp keeps the ring in step: it waits for the stage to fill, then
+          // releases it. (Every lane waiting here and one lane arriving would be a race:
+          // nothing orders the others' waits before the arrival, so the producer could refill
+          // the stage and complete the next phase of the same parity before a slow lane's
+          // wait, which then waits for a phase that never comes - the emulation's deadlock
+          // report found it. The live path is ordered by the collective wgmma.wait_group.)
+          if (lane == 0) {
             moekit::sm90::mbar_wait(&full[stage], phase);
             moekit::sm90::mbar_arrive(&empty[stage]);
           }
@@ -226,8 +228,9 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
         }
         moekit::sm90::wgmma_commit();
         moekit::sm90::wgmma_wait<0>();
-        // This warpgroup is done with the stage: one arrival per warpgroup.
-        if (t == 0) moekit::sm90::mbar_arrive(&empty[stage]);
+        // This warp is done with the stage (wait_group 0: its wgmmas have read it): one
+        // elected lane per warp arrives, as soon as its warp gets there.
+        if (moekit::sm90::elect_one_sync()) moekit::sm90::mbar_arrive(&empty[stage]);
         advance();
         if constexpr (kFp8) {
           moekit::sm90::fence_regs(part);
