@@ -2,7 +2,7 @@
 // group), BF16 and FP8 E4M3 with 1x128 / 128x128 scales promoted to f32 every 128 of K.
 //
 // Block = 3 warpgroups: warpgroup 0 produces (one thread issues TMA loads of 128 x 128-byte
-// tiles of A and B, 128-byte swizzled, into a 4-stage ring; completion on "full" mbarriers),
+// tiles of A and B, 128-byte swizzled, into a 6-stage ring; completion on "full" mbarriers),
 // warpgroups 1 and 2 consume (each a 64 x 128 half of the 128 x 128 output tile with
 // wgmma.m64n128, accumulators in registers), then release the stage on its "empty" mbarrier
 // (one arrival per consumer warp).
@@ -39,11 +39,13 @@ namespace {
 constexpr int kBM = 128;           // output rows per tile (two consumer warpgroups of 64)
 constexpr int kBN = 128;           // output columns per tile
 constexpr int kTileBytes = 16384;  // 128 rows x 128 bytes (BF16: 64 of K; FP8: 128 of K)
-constexpr int kStages = 4;
+constexpr int kStages = 6;
 constexpr int kThreads = 384;
 constexpr int kConsumerWarps = 8;  // two consumer warpgroups
 // Dynamic shared memory: stages of (A tile, B tile), then the barriers; +1024 for alignment.
-static_assert(kStages * 2 * kTileBytes + 1024 + 2 * kStages * 8 == 132160, "keep sm90::SMEM_BYTES in step");
+static_assert(kStages * 2 * kTileBytes + 1024 + 2 * kStages * 8 == 197728, "keep sm90::SMEM_BYTES in step");
+// Within the 227 KiB a block may use, with the static run lists (3200 B).
+static_assert(kStages * 2 * kTileBytes + 1024 + 2 * kStages * 8 + 3200 <= 232448, "shared memory per block");
 
 struct Schedule {
   int tiles_r, tiles_c;
@@ -227,18 +229,13 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
           }
         }
         moekit::sm90::wgmma_commit();
-        moekit::sm90::wgmma_wait<0>();
-        // This warp is done with the stage (wait_group 0: its wgmmas have read it): one
-        // elected lane per warp arrives, as soon as its warp gets there.
-        if (moekit::sm90::elect_one_sync()) moekit::sm90::mbar_arrive(&empty[stage]);
-        advance();
+        // FP8: this step's scales are loaded while the wgmmas run (issued before the wait,
+        // which the compiler may not cross: "memory" clobber), not after it.
+        float sa[2] = {0.0f, 0.0f}, sb = 0.0f;
         if constexpr (kFp8) {
-          moekit::sm90::fence_regs(part);
-          // Promote: acc += part * scale_a(row) * scale_b(block of (g, col0, ks)).
           const float* bs = reinterpret_cast<const float*>(p.b_scales);
-          const float sb = bs[(static_cast<int64_t>(g) * (p.n / 128) + col0 / 128) * (p.k / 128) + ks];
+          sb = bs[(static_cast<int64_t>(g) * (p.n / 128) + col0 / 128) * (p.k / 128) + ks];
           const float* as = reinterpret_cast<const float*>(p.a_scales);
-          float sa[2];
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int r = row0 + half * 64 + warp * 16 + lane / 4 + h * 8;
@@ -249,6 +246,15 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
                                     : grow * (p.k / 128) + ks;
             sa[h] = ok ? as[idx] : 0.0f;
           }
+        }
+        moekit::sm90::wgmma_wait<0>();
+        // This warp is done with the stage (wait_group 0: its wgmmas have read it): one
+        // elected lane per warp arrives, as soon as its warp gets there.
+        if (moekit::sm90::elect_one_sync()) moekit::sm90::mbar_arrive(&empty[stage]);
+        advance();
+        if constexpr (kFp8) {
+          moekit::sm90::fence_regs(part);
+          // Promote: acc += part * scale_a(row) * scale_b(block of (g, col0, ks)).
 #pragma unroll
           for (int i = 0; i < 64; ++i) acc[i] += part[i] * (sa[(i >> 1) & 1] * sb);
         } else {

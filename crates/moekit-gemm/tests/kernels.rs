@@ -438,7 +438,7 @@ fn gpu_grouped_gemm_sm90() {
 /// half of rows 384.. and of the masked tile with 2 live rows skip their wgmmas), a group of
 /// one row, masked groups with `masked_m` 0,
 /// below `m` and a partial tile, FP8 with several weight scale blocks along N and K (both
-/// token scale layouts), and K of 5 stages (BF16: 64 of K per stage) so the 4-stage ring wraps
+/// token scale layouts), and K of 7 stages (BF16: 64 of K per stage) so the 6-stage ring wraps
 /// inside one pass and the phases flip. Same tolerances as every other kernel (module docs):
 /// the emulation's in-instruction summation order is a model, so the kernel is held to f32
 /// summation-order differences (`diff < 1e-5`) like the portable kernel, not to bits.
@@ -450,7 +450,7 @@ fn sm90_emulated(dev: &Device) {
     let ids = contiguous_ids(&[(1, 1), (2, 30), (1, 3), (2, 100), (0, 150), (3, 20)], 32);
     let m = ids.len();
     let groups = 4;
-    let (n, k) = (136, 320);
+    let (n, k) = (136, 448);
     let shape = Shape { groups, m, n, k };
     assert_eq!(kernel_for_op(on, Op::Contiguous, &shape, false), Kernel::Sm90, "the Hopper kernel must run");
     let (a, b) = (values(m * k, 31), values(groups * n * k, 32));
