@@ -47,40 +47,77 @@ static_assert(kStages * 2 * kTileBytes + 1024 + 2 * kStages * 8 == 197728, "keep
 // Within the 227 KiB a block may use, with the static run lists (3200 B).
 static_assert(kStages * 2 * kTileBytes + 1024 + 2 * kStages * 8 + 3200 <= 232448, "shared memory per block");
 
+// Tile order: within a group, bands of kRasterCols column tiles, row-major inside a band, so
+// the tiles in flight at once (one per SM) share a few A row blocks and at most kRasterCols
+// B column blocks (an L2-sized working set; row-major over all columns streams all of B
+// between two uses of an A block). Masked: only the live row tiles of each group
+// (ceil(masked_m / 128)) are enumerated, groups one after the other.
+constexpr int kRasterCols = 16;
+
+// Rows of group g that count: masked_m[g] clamped to [0, m] (m without masked_m).
+__device__ __forceinline__ int masked_rows(const MoekitGemmParams& p, int g) {
+  if (p.masked_m == 0) return p.m;
+  const int v = reinterpret_cast<const int*>(p.masked_m)[g];
+  return v < 0 ? 0 : (v > p.m ? p.m : v);
+}
+
 struct Schedule {
-  int tiles_r, tiles_c;
+  int tiles_r, tiles_c;  // contiguous: row tiles of m; masked: of the cursor's group
   int64_t total;
+  // Masked: the cursor (tiles are visited in increasing order by each role): group g_cur,
+  // its first tile g_base and its live rows g_valid.
+  int g_cur, g_valid;
+  int64_t g_base;
 };
 
 __device__ __forceinline__ Schedule schedule(const MoekitGemmParams& p) {
-  const bool masked = p.op == MOEKIT_GEMM_MASKED;
   Schedule s;
-  s.tiles_r = (p.m + kBM - 1) / kBM;
   s.tiles_c = (p.n + kBN - 1) / kBN;
-  s.total = static_cast<int64_t>(masked ? p.groups : 1) * s.tiles_r * s.tiles_c;
+  s.g_cur = 0;
+  s.g_base = 0;
+  s.g_valid = p.m;
+  s.tiles_r = (p.m + kBM - 1) / kBM;
+  s.total = static_cast<int64_t>(s.tiles_r) * s.tiles_c;
+  if (p.op == MOEKIT_GEMM_MASKED) {
+    int64_t live = 0;  // live row tiles over all groups
+    for (int g = 0; g < p.groups; ++g) live += (masked_rows(p, g) + kBM - 1) / kBM;
+    s.total = live * s.tiles_c;
+    s.g_valid = p.groups > 0 ? masked_rows(p, 0) : 0;
+    s.tiles_r = (s.g_valid + kBM - 1) / kBM;
+  }
   return s;
 }
 
-// The tile's position and, for masked tiles, its group and valid rows (rows past masked_m:
-// no pass). Contiguous tiles get their passes from moekit::gemm::group_runs_warp.
+// The tile's position and, for masked tiles, its group and valid rows. Contiguous tiles get
+// their passes from moekit::gemm::group_runs_warp.
 struct TileInfo {
   int row0, col0;
   int g;      // masked: the group
   int valid;  // masked: rows of the group that count (clamped masked_m); contiguous: m
 };
 
-__device__ __forceinline__ TileInfo tile_info(const MoekitGemmParams& p, const Schedule& s, int64_t tile) {
-  const int64_t per_group = static_cast<int64_t>(s.tiles_r) * s.tiles_c;
-  const int rem = static_cast<int>(tile % per_group);
+// `tile` must not decrease between calls on the same `s` (the masked cursor moves forward).
+__device__ __forceinline__ TileInfo tile_info(const MoekitGemmParams& p, Schedule& s, int64_t tile) {
   TileInfo ti;
-  ti.g = static_cast<int>(tile / per_group);
-  ti.row0 = (rem / s.tiles_c) * kBM;
-  ti.col0 = (rem % s.tiles_c) * kBN;
+  ti.g = 0;
   ti.valid = p.m;
-  if (p.op == MOEKIT_GEMM_MASKED && p.masked_m != 0) {
-    const int v = reinterpret_cast<const int*>(p.masked_m)[ti.g];
-    ti.valid = v < 0 ? 0 : (v > p.m ? p.m : v);
+  int64_t rem = tile;
+  if (p.op == MOEKIT_GEMM_MASKED) {
+    while (tile >= s.g_base + static_cast<int64_t>(s.tiles_r) * s.tiles_c) {  // tile < total: ends
+      s.g_base += static_cast<int64_t>(s.tiles_r) * s.tiles_c;
+      s.g_valid = masked_rows(p, ++s.g_cur);
+      s.tiles_r = (s.g_valid + kBM - 1) / kBM;
+    }
+    ti.g = s.g_cur;
+    ti.valid = s.g_valid;
+    rem = tile - s.g_base;
   }
+  const int64_t band_tiles = static_cast<int64_t>(s.tiles_r) * kRasterCols;  // tiles of a full band
+  const int band = static_cast<int>(rem / band_tiles);
+  const int within = static_cast<int>(rem % band_tiles);
+  const int width = s.tiles_c - band * kRasterCols < kRasterCols ? s.tiles_c - band * kRasterCols : kRasterCols;
+  ti.row0 = (within / width) * kBM;
+  ti.col0 = (band * kRasterCols + within % width) * kBN;
   return ti;
 }
 
@@ -117,7 +154,7 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
   const bool masked = p.op == MOEKIT_GEMM_MASKED;
   const int k_block = kFp8 ? 128 : 64;  // K per stage (128 bytes per row)
   const int k_steps = (p.k + k_block - 1) / k_block;
-  const Schedule s = schedule(p);
+  Schedule s = schedule(p);  // per thread: the masked cursor moves
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) {

@@ -436,7 +436,8 @@ fn gpu_grouped_gemm_sm90() {
 /// several row and column tiles (a partial last one of each), tiles holding two groups and
 /// padding rows (one pass per group run; consumer halves with no row of the run: the second
 /// half of rows 384.. and of the masked tile with 2 live rows skip their wgmmas), a group of
-/// one row, masked groups with `masked_m` 0,
+/// one row, 18 column tiles (two bands of the grouped tile order), masked groups with `masked_m` 0
+/// (between others: only live row tiles are scheduled), full,
 /// below `m` and a partial tile, FP8 with several weight scale blocks along N and K (both
 /// token scale layouts), and K of 7 stages (BF16: 64 of K per stage) so the 6-stage ring wraps
 /// inside one pass and the phases flip. Same tolerances as every other kernel (module docs):
@@ -460,7 +461,13 @@ fn sm90_emulated(dev: &Device) {
     assert_eq!(kernel_for_op(on, Op::Contiguous, &Shape { groups, m: m8, n: n8, k: k8 }, true), Kernel::Sm90);
     let (a8, b8) = (values(m8 * k8, 33), values(groups * n8 * k8, 34));
     check_contiguous_fp8(dev, "sm90 contiguous fp8", &a8, &b8, &ids8, groups, n8, k8);
-    let (gm, rows, mm) = (3, 160, vec![0i32, 130, 77]);
+    // Two column bands of the tile order (18 column tiles; bands of 16) over 2 row tiles.
+    let ids2 = contiguous_ids(&[(0, 70), (1, 100)], 32);
+    let (m2, n2, k2) = (ids2.len(), 17 * 128 + 8, 64);
+    let (a3, b3) = (values(m2 * k2, 39), values(2 * n2 * k2, 40));
+    check_contiguous_bf16(dev, "sm90 contiguous bf16, two column bands", &a3, &b3, &ids2, 2, n2, k2);
+    // Masked: only live row tiles are scheduled; empty groups between partial and full ones.
+    let (gm, rows, mm) = (5, 160, vec![0i32, 130, 0, 160, 77]);
     let mmt = |d: &Device| Tensor::from_slice(&mm, &[gm], d).unwrap();
     let (a2, b2) = (values(gm * rows * k, 35), values(gm * n * k, 36));
     check(
