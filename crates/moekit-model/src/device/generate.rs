@@ -14,9 +14,10 @@
 //!
 //! Every tensor lives on the [`DeviceTrainer`]'s device: the weights (its BF16 copies), the KV
 //! caches `[B, H, max_len, hd]` F32 per layer, the token and log-probability of every step.
-//! Nothing is read back inside a decode step (`moekit_cuda::SyncCounter` counts 0): the
-//! readbacks are the final ones and, when [`DeviceGenerator::with_eos_check`] asks for it, one
-//! batch of readbacks every N tokens to stop early once every sequence has emitted EOS.
+//! Nothing is read back inside a decode step (`moekit_cuda::SyncCounter` counts 0): the tokens
+//! and log-probabilities of every step are packed on the device and read back once at the end
+//! and, when [`DeviceGenerator::with_eos_check`] asks for it, the new tokens once every N tokens
+//! to stop early once every sequence has emitted EOS.
 //!
 //! **What changes per step, and the graphs.** Per step only three things change: the input
 //! token (a device buffer, `ids_in`, overwritten by a device copy), the RoPE position (read by
@@ -297,9 +298,8 @@ impl<'a> DeviceGenerator<'a> {
         for t in 1..cfg.max_new_tokens {
             if self.eos_check_every > 0 && t % self.eos_check_every == 0 {
                 if let Some(eos) = cfg.eos {
-                    for tok in &toks[read.len()..] {
-                        read.push(tok.to_vec::<i32>()?);
-                    }
+                    let fresh = read_back(&toks[read.len()..], &[], self.rows)?.0;
+                    read.extend(fresh);
                     if (0..batch).all(|b| read.iter().any(|r| r[b] == eos as i32)) {
                         break;
                     }
@@ -311,10 +311,8 @@ impl<'a> DeviceGenerator<'a> {
             sample_into(&self.logits, &scfg, seed, p + t, keep, (&mut toks, &mut logps, &mut kept))?;
         }
         // ---- readback and the EOS cut.
-        for tok in &toks[read.len()..] {
-            read.push(tok.to_vec::<i32>()?);
-        }
-        let lps = logps.iter().map(|l| l.to_vec::<f32>()).collect::<std::result::Result<Vec<_>, _>>()?;
+        let (fresh, lps) = read_back(&toks[read.len()..], &logps, self.rows)?;
+        read.extend(fresh);
         let decoded = read.len();
         let n = cfg.max_new_tokens;
         let mut tokens = vec![0u32; batch * total];
@@ -428,6 +426,22 @@ impl<'a> DeviceGenerator<'a> {
         )?;
         head(self.t, &self.consts, &x)
     }
+}
+
+/// Per step: the tokens and the log-probabilities read back.
+type Read = (Vec<Vec<i32>>, Vec<Vec<f32>>);
+
+/// Reads `toks` (`[rows]` I32 each) and `logps` (`[rows]` F32 each) back in one readback
+/// (packed on the device by `Tensor::concat_bytes`): one host synchronisation point.
+fn read_back(toks: &[Tensor], logps: &[Tensor], rows: usize) -> Result<Read> {
+    let parts: Vec<&Tensor> = toks.iter().chain(logps).collect();
+    let Some(first) = parts.first() else { return Ok((Vec::new(), Vec::new())) };
+    let bytes = Tensor::concat_bytes(&parts, first.device())?.to_vec::<u8>()?;
+    let mut words = bytes.chunks_exact(4).map(|w| [w[0], w[1], w[2], w[3]]);
+    let mut take = |n: usize| -> Vec<[u8; 4]> { words.by_ref().take(n).collect() };
+    let t = toks.iter().map(|_| take(rows).into_iter().map(i32::from_le_bytes).collect()).collect();
+    let l = logps.iter().map(|_| take(rows).into_iter().map(f32::from_le_bytes).collect()).collect();
+    Ok((t, l))
 }
 
 /// Samples from `logits [rows, V]` at row position `step`: pushes the tokens `[rows]` I32,
