@@ -42,10 +42,15 @@ constexpr int kTileBytes = 16384;  // 128 rows x 128 bytes (BF16: 64 of K; FP8: 
 constexpr int kStages = 6;
 constexpr int kThreads = 384;
 constexpr int kConsumerWarps = 8;  // two consumer warpgroups
-// Dynamic shared memory: stages of (A tile, B tile), then the barriers; +1024 for alignment.
-static_assert(kStages * 2 * kTileBytes + 1024 + 2 * kStages * 8 == 197728, "keep sm90::SMEM_BYTES in step");
+// FP8 scales of a stage, written by the producer warp: 128 token scales (the tile's rows, 0
+// past the valid rows) and the weight block's scale, padded to 8-byte multiples.
+constexpr int kScaleSlot = 132;  // floats
+// Dynamic shared memory: stages of (A tile, B tile), their scale slots, then the barriers;
+// +1024 for alignment.
+constexpr int kSmemBytes = kStages * 2 * kTileBytes + kStages * kScaleSlot * 4 + 1024 + 2 * kStages * 8;
+static_assert(kSmemBytes == 200896, "keep sm90::SMEM_BYTES in step");
 // Within the 227 KiB a block may use, with the static run lists (3200 B).
-static_assert(kStages * 2 * kTileBytes + 1024 + 2 * kStages * 8 + 3200 <= 232448, "shared memory per block");
+static_assert(kSmemBytes + 3200 <= 232448, "shared memory per block");
 
 // Tile order: within a group, bands of kRasterCols column tiles, row-major inside a band, so
 // the tiles in flight at once (one per SM) share a few A row blocks and at most kRasterCols
@@ -143,18 +148,21 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
   MOEKIT_DYNAMIC_SMEM(unsigned char, smem_raw);
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   unsigned char* tiles = smem;
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * 2 * kTileBytes);
+  float* scales = reinterpret_cast<float*>(smem + kStages * 2 * kTileBytes);  // kStages slots
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * 2 * kTileBytes + kStages * kScaleSlot * 4);
   uint64_t* empty = full + kStages;
   __shared__ int tile_groups[3][kBM];  // one run list per warpgroup: group,
   __shared__ int tile_spans[3][kBM];   // first | last row << 8 (relative to the tile)
   __shared__ int tile_runs[3];         // run count
 
+  // Register split (128 P + 256 C = 384 x 168): FP8's producer warp also loads the scales.
+  constexpr int kProducerRegs = kFp8 ? 56 : 40, kConsumerRegs = kFp8 ? 224 : 232;
+  static_assert(128 * kProducerRegs + 256 * kConsumerRegs == 384 * 168, "setmaxnreg pool");
   const int wg = threadIdx.x / 128;
   const int t = threadIdx.x % 128;
   const bool masked = p.op == MOEKIT_GEMM_MASKED;
   const int k_block = kFp8 ? 128 : 64;  // K per stage (128 bytes per row)
   const int k_steps = (p.k + k_block - 1) / k_block;
-  Schedule s = schedule(p);  // per thread: the masked cursor moves
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) {
@@ -175,19 +183,52 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
   if (wg == 0) {
     // Producer: 40 registers; warp 0 finds a contiguous tile's runs, its lane 0 streams the K
     // steps of A and B through the ring.
-    moekit::sm90::regs_dec<40>();
+    moekit::sm90::regs_dec<kProducerRegs>();
     if (t >= 32) return;
+    Schedule s = schedule(p);  // per thread, after setmaxnreg (nothing live across it)
     for (int64_t tile = blockIdx.x; tile < s.total; tile += gridDim.x) {
       const TileInfo ti = tile_info(p, s, tile);
       const int passes =
           masked ? (ti.row0 < ti.valid ? 1 : 0)
                  : moekit::gemm::group_runs_warp<kBM / 32>(reinterpret_cast<const int*>(p.m_indices), ti.row0, p.m,
                                                            p.groups, t, tile_groups[0], tile_spans[0]);
-      if (t != 0) continue;
+      // BF16: lane 0 alone. FP8: the warp also writes each stage's scales (lane l: rows 4l..).
+      if (!kFp8 && t != 0) continue;
       for (int pass = 0; pass < passes; ++pass) {
         const int g = masked ? ti.g : tile_groups[0][pass];
         for (int ks = 0; ks < k_steps; ++ks) {
-          moekit::sm90::mbar_wait(&empty[stage], phase ^ 1);
+          if (t == 0) moekit::sm90::mbar_wait(&empty[stage], phase ^ 1);
+          if constexpr (kFp8) {
+            // Plain loads and st.shared, published by lane 0's mbarrier.arrive below: arrive
+            // has release and try_wait acquire semantics (CTA scope), so a consumer whose wait
+            // sees the phase complete sees the slot; __syncwarp orders the other lanes'
+            // stores before lane 0's arrive (and after its wait: the consumers read the slot
+            // before their empty arrivals). (Not TMA: the row-major token scales have no box
+            // along rows - innermost box extent 1 x 4 B < 16 B - and MN-major ones need a
+            // 16-byte aligned stride the API does not require.)
+            __syncwarp();
+            float* slot = scales + stage * kScaleSlot;
+            // Lane t's rows r0 .. r0 + 3: one base pointer and stride (few registers: the
+            // producer has 40).
+            const int r0 = ti.row0 + (kBM / 32) * t;
+            const int64_t grow0 = masked ? static_cast<int64_t>(g) * p.m + r0 : r0;
+            const bool mn = p.a_scale_layout == MOEKIT_SCALES_MN_MAJOR;
+            const float* src = reinterpret_cast<const float*>(p.a_scales) +
+                               (mn ? static_cast<int64_t>(ks) * p.a_scale_stride + grow0 : grow0 * (p.k / 128) + ks);
+            const int step = mn ? 1 : p.k / 128;
+            const int rows = (masked ? ti.valid : p.m) - r0;  // valid rows from r0 on
+#pragma unroll
+            for (int j = 0; j < kBM / 32; ++j) slot[(kBM / 32) * t + j] = j < rows ? src[j * step] : 0.0f;
+            if (t == 0) {
+              const float* bs = reinterpret_cast<const float*>(p.b_scales);
+              slot[kBM] = bs[(static_cast<int64_t>(g) * (p.n / 128) + ti.col0 / 128) * (p.k / 128) + ks];
+            }
+            __syncwarp();
+            if (t != 0) {
+              advance();
+              continue;
+            }
+          }
           moekit::sm90::mbar_arrive_expect_tx(&full[stage], 2 * kTileBytes);
           unsigned char* a_dst = tiles + stage * 2 * kTileBytes;
           const int kc = ks * k_block;
@@ -205,7 +246,8 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
   }
 
   // Consumers: 232 registers; warpgroup `wg` computes rows 64 (wg - 1) .. of each tile.
-  moekit::sm90::regs_inc<232>();
+  moekit::sm90::regs_inc<kConsumerRegs>();
+  Schedule s = schedule(p);  // per thread: the masked cursor moves
   const int half = wg - 1;
   const int warp = t / 32, lane = t % 32;
   const int* m_indices = reinterpret_cast<const int*>(p.m_indices);
@@ -266,23 +308,14 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
           }
         }
         moekit::sm90::wgmma_commit();
-        // FP8: this step's scales are loaded while the wgmmas run (issued before the wait,
-        // which the compiler may not cross: "memory" clobber), not after it.
+        // FP8: this step's scales, from the stage's slot (the producer wrote them before the
+        // stage filled), read before the wait and before this warp releases the stage.
         float sa[2] = {0.0f, 0.0f}, sb = 0.0f;
         if constexpr (kFp8) {
-          const float* bs = reinterpret_cast<const float*>(p.b_scales);
-          sb = bs[(static_cast<int64_t>(g) * (p.n / 128) + col0 / 128) * (p.k / 128) + ks];
-          const float* as = reinterpret_cast<const float*>(p.a_scales);
+          const float* slot = scales + stage * kScaleSlot;
+          sb = slot[kBM];
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int r = row0 + half * 64 + warp * 16 + lane / 4 + h * 8;
-            const int64_t grow = masked ? static_cast<int64_t>(g) * p.m + r : r;
-            const bool ok = r < (masked ? valid : p.m);
-            const int64_t idx = p.a_scale_layout == MOEKIT_SCALES_MN_MAJOR
-                                    ? static_cast<int64_t>(ks) * p.a_scale_stride + grow
-                                    : grow * (p.k / 128) + ks;
-            sa[h] = ok ? as[idx] : 0.0f;
-          }
+          for (int h = 0; h < 2; ++h) sa[h] = slot[half * 64 + warp * 16 + lane / 4 + 8 * h];
         }
         moekit::sm90::wgmma_wait<0>();
         // This warp is done with the stage (wait_group 0: its wgmmas have read it): one

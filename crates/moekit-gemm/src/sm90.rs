@@ -15,9 +15,9 @@ pub const BLOCK: u32 = 384;
 pub const TILE_M: usize = 128;
 /// Output tile columns.
 pub const TILE_N: usize = 128;
-/// Dynamic shared memory: 6 stages x (A, B) x 16 KiB, barriers, 1 KiB alignment slack (the
-/// kernel's `static_assert` keeps the two in step).
-pub const SMEM_BYTES: u32 = 6 * 2 * 16384 + 1024 + 2 * 6 * 8;
+/// Dynamic shared memory: 6 stages x ((A, B) x 16 KiB + a 528-byte FP8 scale slot), barriers,
+/// 1 KiB alignment slack (the kernel's `static_assert` keeps the two in step).
+pub const SMEM_BYTES: u32 = 6 * 2 * 16384 + 6 * 132 * 4 + 1024 + 2 * 6 * 8;
 
 /// Whether the Hopper kernel handles `op` on `shape` where `on` runs: m-grouped contiguous or
 /// masked, K a multiple of one 128-byte TMA row (64 BF16, 128 FP8), and the kernel built for
