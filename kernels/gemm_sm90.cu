@@ -1,4 +1,4 @@
-// Hopper grouped GEMM, version 1 (sm_90a): m-grouped contiguous and masked (dense = one masked
+// Hopper grouped GEMM, version 2 (sm_90a): m-grouped contiguous and masked (dense = one masked
 // group), BF16 and FP8 E4M3 with 1x128 / 128x128 scales promoted to f32 every 128 of K.
 //
 // Block = 3 warpgroups: warpgroup 0 produces (one thread issues TMA loads of 128 x 128-byte
@@ -6,8 +6,9 @@
 // warpgroups 1 and 2 consume (each a 64 x 128 half of the 128 x 128 output tile with
 // wgmma.m64n128, accumulators in registers), then release the stage on its "empty" mbarrier
 // (one arrival per consumer warp).
-// Registers move from the producer (40) to the consumers (232) with setmaxnreg. Tiles are
-// scheduled persistently over all groups' tiles; a contiguous tile runs one pass per run of
+// Registers move from the producer (40; FP8: 56, its warp also stages the scales) to the
+// consumers (232; FP8: 224) with setmaxnreg. Tiles are scheduled persistently (bands of 16
+// column tiles; masked: live row tiles only); a contiguous tile runs one pass per run of
 // equal group ids among its 128 rows (one per group in the contiguous layout; found by one
 // warp with shuffles and ballots, moekit::gemm::group_runs_warp), and a consumer half with
 // no row of the pass's run skips its wgmmas and stores (it still releases every stage), so
