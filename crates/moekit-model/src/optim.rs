@@ -75,15 +75,27 @@ impl AdamWConfig {
         Ok(())
     }
 
-    /// Learning rate of (0-based) step `step`.
+    /// Learning rate of (0-based) step `step`: linear warmup, then cosine to `min_lr`. One
+    /// formula for the host and the device step: moekit-optim's (`OptimConfig::lr_at`, whose
+    /// table the device reads).
     pub fn lr_at(&self, step: usize) -> f32 {
-        if step < self.warmup_steps {
-            return self.lr * (step + 1) as f32 / self.warmup_steps as f32;
+        moekit_optim::OptimConfig::from(self).lr_at(step)
+    }
+}
+
+impl From<&AdamWConfig> for moekit_optim::OptimConfig {
+    fn from(c: &AdamWConfig) -> Self {
+        moekit_optim::OptimConfig {
+            lr: c.lr,
+            min_lr: c.min_lr,
+            warmup_steps: c.warmup_steps,
+            total_steps: c.total_steps,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: c.weight_decay,
+            clip_norm: c.clip_norm,
         }
-        let span = self.total_steps.saturating_sub(self.warmup_steps).max(1);
-        let t = ((step - self.warmup_steps) as f64 / span as f64).min(1.0);
-        let cos = 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
-        (self.min_lr as f64 + (self.lr - self.min_lr) as f64 * cos) as f32
     }
 }
 

@@ -127,8 +127,8 @@ impl OptimConfig {
         Ok(())
     }
 
-    /// Learning rate of (0-based) step `step`: linear warmup, then cosine to `min_lr`. The
-    /// model's formula, expression for expression (f64 cosine on the host).
+    /// Learning rate of (0-based) step `step`: linear warmup, then cosine to `min_lr` (f64
+    /// cosine on the host). The one schedule: moekit-model's `AdamWConfig::lr_at` calls this.
     pub fn lr_at(&self, step: usize) -> f32 {
         if step < self.warmup_steps {
             return self.lr * (step + 1) as f32 / self.warmup_steps as f32;

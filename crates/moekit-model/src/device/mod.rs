@@ -124,20 +124,6 @@ fn check_config(cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-fn optim_config(c: &AdamWConfig) -> moekit_optim::OptimConfig {
-    moekit_optim::OptimConfig {
-        lr: c.lr,
-        min_lr: c.min_lr,
-        warmup_steps: c.warmup_steps,
-        total_steps: c.total_steps,
-        beta1: c.beta1,
-        beta2: c.beta2,
-        eps: c.eps,
-        weight_decay: c.weight_decay,
-        clip_norm: c.clip_norm,
-    }
-}
-
 /// Turns the grouped GEMM's readback validation off for its lifetime (the step's offsets come
 /// from the dispatch layout or are constants: valid by construction), restoring it after.
 struct NoReadbackValidation(bool);
@@ -190,7 +176,7 @@ impl DeviceTrainer {
             bf16.push(Tensor::from_slice(&b, s, device)?);
         }
         let decays: Vec<bool> = (0..p.data.len()).map(|i| p.decays(i)).collect();
-        let optimizer = moekit_optim::ops::AdamW::new(optim_config(&opt), &params, &decays)?;
+        let optimizer = moekit_optim::ops::AdamW::new(moekit_optim::OptimConfig::from(&opt), &params, &decays)?;
         let router_bias = model
             .router_bias
             .iter()
