@@ -20,19 +20,14 @@ fn exp2i(n: i32) -> f32 {
 /// Horner form, then two exact scalings by powers of two so a subnormal result is rounded once.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    if x.is_nan() {
-        return x;
-    }
-    if x > f32::from_bits(0x42b1_7218) {
-        return f32::INFINITY;
-    }
-    if x < -104.0 {
-        return 0.0;
-    }
+    // Branch-free, so that loops over it vectorise: the polynomial runs on x clamped into
+    // [-104, 88.72283935546875] (NaN on 0), and the special cases are selected at the end.
+    let hi = f32::from_bits(0x42b1_7218);
+    let xc = if x.is_nan() { 0.0 } else { x.clamp(-104.0, hi) };
     let magic = 12_582_912.0f32; // 1.5 * 2^23
-    let t = x.mul_add(f32::from_bits(0x3fb8_aa3b), magic); // log2(e)
+    let t = xc.mul_add(f32::from_bits(0x3fb8_aa3b), magic); // log2(e)
     let n = t - magic;
-    let r = n.mul_add(-f32::from_bits(0x3f31_7200), x); // ln2, high 15 bits
+    let r = n.mul_add(-f32::from_bits(0x3f31_7200), xc); // ln2, high 15 bits
     let r = n.mul_add(-f32::from_bits(0x35bf_be8e), r); // ln2, the rest
     let mut p = f32::from_bits(0x3950_0d01); // 1/7!
     p = p.mul_add(r, f32::from_bits(0x3ab6_0b61)); // 1/6!
@@ -42,10 +37,22 @@ pub fn exp(x: f32) -> f32 {
     p = p.mul_add(r, 0.5);
     p = p.mul_add(r, 1.0);
     p = p.mul_add(r, 1.0);
-    let ni = n as i32; // in [-150, 128]
+    // n in [-150, 128] is an integer, and t = 1.5 * 2^23 + n lies where f32 spacing is 1, so
+    // n is t's low mantissa bits: the same value as `n as i32`, without a saturating
+    // conversion (which does not vectorise).
+    let ni = (t.to_bits() as i32).wrapping_sub(0x4b40_0000);
     let n1 = ni >> 1;
     let n2 = ni - n1;
-    p * exp2i(n1) * exp2i(n2)
+    let y = p * exp2i(n1) * exp2i(n2);
+    if x.is_nan() {
+        x
+    } else if x > hi {
+        f32::INFINITY
+    } else if x < -104.0 {
+        0.0
+    } else {
+        y
+    }
 }
 
 /// `1 / (1 + e^-x)` with [`exp`] and a correctly rounded division.
