@@ -1,4 +1,6 @@
-// BF16 -> FP8 elementwise cast with an f32 scale: the first kernel through moekit's pipeline.
+// Elementwise casts: BF16 -> FP8 with an f32 scale (the first kernel through moekit's
+// pipeline), F32 -> BF16 (round to nearest even, NaN -> 0x7fc0) and BF16 -> F32 (exact).
+// All three take MoekitCastParams; the BF16 <-> F32 pair ignores `scale` and `format`.
 //
 // Memory-bound: 2 bytes read + 1 byte written per element. Each thread converts 8 elements
 // per step (one 16-byte load, one 8-byte store) in a grid-stride loop; a scalar tail and a
@@ -8,6 +10,8 @@
 // moekit-sass: * forbid LDL STL
 // moekit-sass: moekit_cast_bf16_to_fp8@sm_90 require F2FP
 // moekit-sass: moekit_cast_bf16_to_fp8@sm_90a require F2FP
+// moekit-sass: moekit_cast_f32_to_bf16@sm_90a require STG.E.64
+// moekit-sass: moekit_cast_bf16_to_f32@sm_90a require STG.E.128
 
 #include "moekit/abi.h"
 #include "moekit/convert.cuh"
@@ -46,4 +50,55 @@ moekit_cast_bf16_to_fp8(const MoekitCastParams p) {
     const float x = moekit::bf16_bits_to_f32(__ldg(&src[i])) * p.scale;
     dst[i] = static_cast<uint8_t>(moekit::f32x2_to_fp8x2(x, 0.0f, p.format) & 0xffu);
   }
+}
+
+// F32 -> BF16, RNE (moekit::f32_to_bf16_bits_rne). 6 bytes moved per element. Vector path (both pointers 16-byte aligned): 4 elements per step, one 16-byte load
+// and one 8-byte store; scalar tail and scalar path otherwise.
+extern "C" __global__ void __launch_bounds__(256)
+moekit_cast_f32_to_bf16(const MoekitCastParams p) {
+  const auto* src = reinterpret_cast<const float*>(p.src);
+  auto* dst = reinterpret_cast<uint16_t*>(p.dst);
+  const uint64_t n = p.n;
+  const uint64_t tid = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+  uint64_t done = 0;
+  if (((p.src | p.dst) & 15u) == 0) {
+    const uint64_t vecs = n / 4;
+    const auto* src4 = reinterpret_cast<const float4*>(src);
+    auto* dst4 = reinterpret_cast<uint2*>(dst);
+    for (uint64_t v = tid; v < vecs; v += stride) {
+      const float4 in = __ldg(&src4[v]);
+      const uint32_t lo = static_cast<uint32_t>(moekit::f32_to_bf16_bits_rne(in.x)) |
+                          (static_cast<uint32_t>(moekit::f32_to_bf16_bits_rne(in.y)) << 16);
+      const uint32_t hi = static_cast<uint32_t>(moekit::f32_to_bf16_bits_rne(in.z)) |
+                          (static_cast<uint32_t>(moekit::f32_to_bf16_bits_rne(in.w)) << 16);
+      dst4[v] = make_uint2(lo, hi);
+    }
+    done = vecs * 4;
+  }
+  for (uint64_t i = done + tid; i < n; i += stride) dst[i] = moekit::f32_to_bf16_bits_rne(__ldg(&src[i]));
+}
+
+// BF16 -> F32, exact (the BF16 bits in the high half). Vector path (both pointers 16-byte
+// aligned): 4 elements per step, one 8-byte load and one 16-byte store; scalar otherwise.
+extern "C" __global__ void __launch_bounds__(256)
+moekit_cast_bf16_to_f32(const MoekitCastParams p) {
+  const auto* src = reinterpret_cast<const uint16_t*>(p.src);
+  auto* dst = reinterpret_cast<float*>(p.dst);
+  const uint64_t n = p.n;
+  const uint64_t tid = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+  uint64_t done = 0;
+  if (((p.src | p.dst) & 15u) == 0) {
+    const uint64_t vecs = n / 4;
+    const auto* src4 = reinterpret_cast<const uint2*>(src);
+    auto* dst4 = reinterpret_cast<float4*>(dst);
+    for (uint64_t v = tid; v < vecs; v += stride) {
+      const uint2 in = __ldg(&src4[v]);
+      dst4[v] = make_float4(moekit::bf16_bits_to_f32(in.x & 0xffffu), moekit::bf16_bits_to_f32(in.x >> 16),
+                            moekit::bf16_bits_to_f32(in.y & 0xffffu), moekit::bf16_bits_to_f32(in.y >> 16));
+    }
+    done = vecs * 4;
+  }
+  for (uint64_t i = done + tid; i < n; i += stride) dst[i] = moekit::bf16_bits_to_f32(__ldg(&src[i]));
 }

@@ -1,4 +1,6 @@
-//! BF16 -> FP8 cast with an f32 scale: `dst[i] = fp8_satfinite_rne(f32(src[i]) * scale)`.
+//! Elementwise casts: BF16 -> FP8 with an f32 scale (`dst[i] = fp8_satfinite_rne(f32(src[i]) *
+//! scale)`), F32 -> BF16 (round to nearest even, every NaN -> the quiet NaN `0x7fc0`) and
+//! BF16 -> F32 (exact).
 //!
 //! The first kernel through moekit's pipeline (kernel `kernels/cast.cu`, compiled by
 //! build.rs, embedded, loaded lazily). Three layers, as in every kernel crate:
@@ -70,6 +72,37 @@ pub mod reference {
         }
         Ok(())
     }
+
+    /// One f32 -> BF16 bits: round to nearest even on the bit pattern (overflow rounds to
+    /// +-inf, f32 subnormals round like any other value), every NaN -> `0x7fc0` (sign and
+    /// payload dropped; the kernels' `moekit::f32_to_bf16_bits_rne` and moekit-norm's
+    /// `to_bf16` give the same bits).
+    pub fn f32_to_bf16(x: f32) -> bf16 {
+        let b = x.to_bits();
+        if b & 0x7fff_ffff > 0x7f80_0000 {
+            return bf16::from_bits(0x7fc0);
+        }
+        bf16::from_bits((b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16)
+    }
+
+    /// `dst[i] = f32_to_bf16(src[i])`; lengths must match.
+    pub fn cast_f32_to_bf16(src: &[f32], dst: &mut [bf16]) -> Result<()> {
+        check_len(src.len(), dst.len())?;
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = f32_to_bf16(s);
+        }
+        Ok(())
+    }
+
+    /// `dst[i] = f32(src[i])`, exact (the BF16 bits become the f32's high half, NaN payloads
+    /// included); lengths must match.
+    pub fn cast_bf16_to_f32(src: &[bf16], dst: &mut [f32]) -> Result<()> {
+        check_len(src.len(), dst.len())?;
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits((s.to_bits() as u32) << 16);
+        }
+        Ok(())
+    }
 }
 
 fn check_len(src: usize, dst: usize) -> Result<()> {
@@ -134,6 +167,63 @@ pub mod raw {
         // the 2-byte alignment of `src` checked above; both buffers live where `on` runs.
         unsafe { moekit_cuda::launch(on, &kernels::CAST, "moekit_cast_bf16_to_fp8", cfg, (params,)) }
     }
+
+    /// Elements per thread per step of the BF16 <-> F32 kernels (a 16-byte F32 access and an
+    /// 8-byte BF16 one).
+    pub const VEC_F32: usize = 4;
+
+    /// Checks and launches one of the BF16 <-> F32 kernels over `n` elements: lengths equal,
+    /// both pointers aligned to their element (`src_align`, `dst_align` bytes), both where
+    /// `on` runs; nothing launched for `n = 0`.
+    fn launch_widen_narrow(
+        on: &dyn Launcher,
+        name: &'static str,
+        (src, src_len, src_align, src_space): (u64, usize, usize, moekit_cuda::MemSpace),
+        (dst, dst_len, dst_align, dst_space): (u64, usize, usize, moekit_cuda::MemSpace),
+    ) -> Result<()> {
+        check_len(src_len, dst_len)?;
+        moekit_cuda::check_aligned("cast source", src, src_len, src_align)?;
+        moekit_cuda::check_aligned("cast destination", dst, dst_len, dst_align)?;
+        moekit_cuda::ensure_addressable(on, &[src_space, dst_space])?;
+        if src_len == 0 {
+            return Ok(());
+        }
+        let work = src_len.div_ceil(VEC_F32 * BLOCK as usize);
+        let blocks = moekit_cuda::persistent_grid(on, &kernels::CAST, name, BLOCK, 0, work)?;
+        let cfg = LaunchConfig { grid: (blocks, 1, 1), block: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let params = moekit_abi::MoekitCastParams { src, dst, n: src_len as u64, scale: 1.0, format: 0 };
+        // SAFETY: both kernels take one MoekitCastParams by value (layout checked by
+        // moekit-abi's tests; `scale` and `format` unused) and touch exactly `n` elements of
+        // `src` and `dst`, whose lengths are equal to `n`; their vector accesses run only when
+        // both addresses are 16-byte aligned (checked on the device), their scalar accesses
+        // need each pointer's element alignment, checked above; both buffers live where `on`
+        // runs.
+        unsafe { moekit_cuda::launch(on, &kernels::CAST, name, cfg, (params,)) }
+    }
+
+    /// `dst[i] = reference::f32_to_bf16(src[i])` on `on`. Checked before any launch: equal
+    /// lengths (`Shape`), `src` 4-byte and `dst` 2-byte aligned (`Alignment`: only `from_raw`
+    /// pointers can break it), both where `on` runs (`InvalidArgument`). Any element offset
+    /// gives the same bits (16-byte aligned pairs take the vector path).
+    pub fn cast_f32_to_bf16(on: &dyn Launcher, src: DevPtr<'_, f32>, dst: DevPtrMut<'_, bf16>) -> Result<()> {
+        launch_widen_narrow(
+            on,
+            "moekit_cast_f32_to_bf16",
+            (src.addr(), src.len(), 4, src.space()),
+            (dst.addr(), dst.len(), 2, dst.space()),
+        )
+    }
+
+    /// `dst[i] = f32(src[i])` (exact) on `on`; checks as [`cast_f32_to_bf16`] (`src` 2-byte,
+    /// `dst` 4-byte aligned).
+    pub fn cast_bf16_to_f32(on: &dyn Launcher, src: DevPtr<'_, bf16>, dst: DevPtrMut<'_, f32>) -> Result<()> {
+        launch_widen_narrow(
+            on,
+            "moekit_cast_bf16_to_f32",
+            (src.addr(), src.len(), 2, src.space()),
+            (dst.addr(), dst.len(), 4, dst.space()),
+        )
+    }
 }
 
 /// Casts a BF16 tensor to FP8 (`format`) on its device; the result has the same shape. The
@@ -160,6 +250,31 @@ pub fn cast_bf16_to_fp8(x: &Tensor, scale: f32, format: Fp8Format) -> Result<Ten
             };
             raw::cast_bf16_to_fp8(on, src, dst, scale, format)?;
         }
+    }
+    Ok(y)
+}
+
+/// Casts an F32 tensor to BF16 on its device (round to nearest even, every NaN -> `0x7fc0`;
+/// [`reference::f32_to_bf16`]); the result has the same shape. A `Dtype` error unless `x` is
+/// F32, else the same bits on every device (a view at any element offset included).
+pub fn cast_f32_to_bf16(x: &Tensor) -> Result<Tensor> {
+    x.expect_dtype("cast input", DType::F32)?;
+    let mut y = Tensor::empty(x.dims(), DType::BF16, x.device())?;
+    match x.device().launcher() {
+        None => reference::cast_f32_to_bf16(x.cpu_slice::<f32>()?, y.cpu_slice_mut::<bf16>()?)?,
+        Some(on) => raw::cast_f32_to_bf16(on, x.dev_ptr::<f32>()?, y.dev_ptr_mut::<bf16>()?)?,
+    }
+    Ok(y)
+}
+
+/// Casts a BF16 tensor to F32 on its device, exactly; the result has the same shape. A `Dtype`
+/// error unless `x` is BF16, else the same bits on every device.
+pub fn cast_bf16_to_f32(x: &Tensor) -> Result<Tensor> {
+    x.expect_dtype("cast input", DType::BF16)?;
+    let mut y = Tensor::empty(x.dims(), DType::F32, x.device())?;
+    match x.device().launcher() {
+        None => reference::cast_bf16_to_f32(x.cpu_slice::<bf16>()?, y.cpu_slice_mut::<f32>()?)?,
+        Some(on) => raw::cast_bf16_to_f32(on, x.dev_ptr::<bf16>()?, y.dev_ptr_mut::<f32>()?)?,
     }
     Ok(y)
 }

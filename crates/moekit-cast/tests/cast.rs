@@ -279,3 +279,176 @@ mod same_outcome {
         }
     }
 }
+
+// ---- BF16 <-> F32
+
+/// Random f32 bit patterns (never all zeros): every exponent (subnormals, normals near the BF16
+/// overflow boundary, inf/NaN of both signs with random payloads) with random mantissas, plus
+/// exact rounding ties (low 16 bits 0x8000 with both parities of bit 16) and values just
+/// below/above a tie.
+fn random_f32(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let sign = (rng.gen::<bool>() as u32) << 31;
+            let bits = match rng.gen_range(0..10) {
+                0 => rng.gen_range(1..0x0080_0000u32),               // subnormal
+                1 => 0x7f80_0000 | rng.gen_range(0..0x0080_0000u32), // inf or NaN (payload)
+                2 => 0x7f7f_0000 | rng.gen_range(0..0x1_0000u32),    // near BF16 max: overflow ties
+                3 => (rng.gen::<u32>() & 0x7fff_0000) | 0x8000,      // exact tie
+                4 => (rng.gen::<u32>() & 0x7fff_0000) | [0x7fff, 0x8001][rng.gen_range(0..2)],
+                _ => rng.gen::<u32>() & 0x7fff_ffff,
+            };
+            f32::from_bits(sign | bits)
+        })
+        .collect()
+}
+
+/// The f32 -> BF16 reference against half's round-to-nearest-even conversion (an independent
+/// implementation) on every non-NaN input; NaN must give the quiet NaN 0x7fc0; plus hand
+/// checked values (ties to even, overflow to inf, the largest subnormal rounding up to the
+/// smallest normal BF16).
+#[test]
+fn reference_f32_to_bf16_is_round_to_nearest_even() {
+    for x in random_f32(400_000, 5) {
+        let got = reference::f32_to_bf16(x).to_bits();
+        if x.is_nan() {
+            assert_eq!(got, 0x7fc0, "{:#010x}", x.to_bits());
+        } else {
+            assert_eq!(got, bf16::from_f32(x).to_bits(), "{:#010x}", x.to_bits());
+        }
+    }
+    let cases = [
+        (0x3f80_8000u32, 0x3f80u16), // tie, even below
+        (0x3f81_8000, 0x3f82),       // tie, odd: up
+        (0x3f80_8001, 0x3f81),
+        (0x7f7f_8000, 0x7f80), // tie at BF16 max rounds to inf
+        (0x7f7f_7fff, 0x7f7f),
+        (0x007f_ffff, 0x0080), // largest f32 subnormal -> smallest normal BF16
+        (0x8000_0001, 0x8000), // -tiny -> -0
+        (0xff80_0000, 0xff80),
+        (0xffc1_2345, 0x7fc0),
+    ];
+    for (x, want) in cases {
+        assert_eq!(reference::f32_to_bf16(f32::from_bits(x)).to_bits(), want, "{x:#010x}");
+    }
+}
+
+/// BF16 -> F32 reference: every one of the 65536 BF16 patterns widens to its bits << 16.
+#[test]
+fn reference_bf16_to_f32_is_exact_on_every_pattern() {
+    let all: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+    let mut out = vec![0f32; all.len()];
+    reference::cast_bf16_to_f32(&all, &mut out).unwrap();
+    for (b, f) in all.iter().zip(&out) {
+        assert_eq!(f.to_bits(), (b.to_bits() as u32) << 16);
+        if !b.is_nan() {
+            assert_eq!(*f, b.to_f32());
+        }
+    }
+}
+
+/// Both kernels == their references, bit for bit, over lengths around the 4-element vector and
+/// the 1024-element block step (and a long one: several grid-stride rounds on the emulator),
+/// views at element offsets 0..3 (the vector path only at offset 0 of 16-byte aligned
+/// storage), twice each (determinism). One body for the GPU and the emulation.
+fn widen_narrow_match_reference(dev: &Device, sizes: &[usize]) {
+    for (i, &n) in sizes.iter().enumerate() {
+        let xf = random_f32(n + 3, 100 + i as u64);
+        let xb: Vec<bf16> = random_f32(n + 3, 200 + i as u64)
+            .into_iter()
+            .map(|v| bf16::from_bits((v.to_bits() >> 16) as u16))
+            .collect();
+        for offset in 0..4usize {
+            let tf = Tensor::from_slice(&xf, &[n + 3], dev).unwrap().narrow(0, offset.min(3), n).unwrap();
+            let tb = Tensor::from_slice(&xb, &[n + 3], dev).unwrap().narrow(0, offset.min(3), n).unwrap();
+            let mut want_b = vec![bf16::ZERO; n];
+            reference::cast_f32_to_bf16(&xf[offset..offset + n], &mut want_b).unwrap();
+            let mut want_f = vec![0f32; n];
+            reference::cast_bf16_to_f32(&xb[offset..offset + n], &mut want_f).unwrap();
+            let nb = || -> Vec<u16> {
+                moekit_cast::cast_f32_to_bf16(&tf)
+                    .unwrap()
+                    .to_vec::<bf16>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect()
+            };
+            let wf = || -> Vec<u32> {
+                moekit_cast::cast_bf16_to_f32(&tb)
+                    .unwrap()
+                    .to_vec::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect()
+            };
+            let (got_b, got_f) = (nb(), wf());
+            if let Some(j) = (0..n).find(|&j| got_b[j] != want_b[j].to_bits()) {
+                panic!(
+                    "{}: f32->bf16 n={n} offset={offset}: element {j} = {:#010x} -> {:#06x}, want {:#06x}",
+                    dev.name(),
+                    xf[offset + j].to_bits(),
+                    got_b[j],
+                    want_b[j].to_bits()
+                );
+            }
+            if let Some(j) = (0..n).find(|&j| got_f[j] != want_f[j].to_bits()) {
+                panic!(
+                    "{}: bf16->f32 n={n} offset={offset}: element {j} = {:#06x} -> {:#010x}, want {:#010x}",
+                    dev.name(),
+                    xb[offset + j].to_bits(),
+                    got_f[j],
+                    want_f[j].to_bits()
+                );
+            }
+            assert_eq!((nb(), wf()), (got_b, got_f), "not deterministic");
+        }
+    }
+}
+
+#[test]
+fn emu_widen_narrow_match_reference_bitwise() {
+    for order in [BlockOrder::InOrder, BlockOrder::Reversed, BlockOrder::Shuffled(5)] {
+        let Some(emu) = emulator_or_skip("emu_widen_narrow_match_reference_bitwise", &[&CAST], order) else { return };
+        widen_narrow_match_reference(&Device::Emulated(emu), &[1, 3, 4, 5, 7, 255, 1023, 1025, 4096 + 3, 300_001]);
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: cargo test -- --include-ignored gpu_ (the GPU bundle does)"]
+fn gpu_widen_narrow_match_reference_bitwise() {
+    let Some(_) = gpu_or_skip("gpu_widen_narrow_match_reference_bitwise", &[&CAST]) else { return };
+    let dev = Device::Cuda(CudaDevice::new(0).unwrap());
+    widen_narrow_match_reference(&dev, &[1, 3, 4, 5, 7, 255, 1023, 1025, 4096 + 3, (1 << 22) + 1]);
+}
+
+/// Typed errors, the same on the CPU and the emulator: wrong dtype (`Dtype`), mismatched raw
+/// lengths (`Shape`, nothing written), a misaligned `from_raw` destination (`Alignment`).
+#[test]
+fn emu_widen_narrow_typed_errors() {
+    let Some(emu) = emulator_or_skip("emu_widen_narrow_typed_errors", &[&CAST], BlockOrder::InOrder) else { return };
+    for dev in [Device::Cpu, Device::Emulated(emu.clone())] {
+        let b = Tensor::from_slice(&[bf16::ONE; 4], &[4], &dev).unwrap();
+        let f = Tensor::from_slice(&[1f32; 4], &[4], &dev).unwrap();
+        assert!(matches!(moekit_cast::cast_f32_to_bf16(&b), Err(Error::Dtype { .. })));
+        assert!(matches!(moekit_cast::cast_bf16_to_f32(&f), Err(Error::Dtype { .. })));
+        assert_eq!(moekit_cast::cast_f32_to_bf16(&f).unwrap().dims(), &[4]);
+        let e = Tensor::from_slice::<f32>(&[], &[0], &dev).unwrap();
+        assert_eq!(moekit_cast::cast_f32_to_bf16(&e).unwrap().numel(), 0);
+    }
+    let src = EmuBuffer::from_host(&emu, &random_f32(16, 4)).unwrap();
+    let mut dst = EmuBuffer::<bf16>::zeros(&emu, 15).unwrap();
+    assert!(matches!(raw::cast_f32_to_bf16(&emu, src.view(), dst.view_mut()), Err(Error::Shape(_))));
+    assert!(dst.as_slice().iter().all(|v| v.to_bits() == 0), "nothing was written");
+    let bytes = EmuBuffer::<u8>::zeros(&emu, 80).unwrap();
+    // SAFETY: 16 F32 at byte 2 lie inside the 80-byte buffer, which outlives the call; the
+    // launch must refuse the address (2 mod 4) before anything writes it.
+    let bad =
+        unsafe { moekit_cuda::DevPtrMut::<f32>::from_raw_in(bytes.view().addr() + 2, 16, moekit_cuda::MemSpace::Host) };
+    let b16 = EmuBuffer::from_host(&emu, &[bf16::ONE; 16]).unwrap();
+    let r = raw::cast_bf16_to_f32(&emu, b16.view(), bad);
+    assert!(matches!(r, Err(Error::Alignment { required: 4, got: 2, .. })), "{r:?}");
+    assert!(bytes.as_slice().iter().all(|&v| v == 0), "nothing was written");
+}

@@ -50,6 +50,7 @@ fn batch(seed: u64) -> (Vec<u32>, Vec<i32>) {
 
 fn images() -> Vec<&'static KernelImage> {
     vec![
+        &moekit_cast::kernels::CAST,
         &moekit_norm::kernels::NORM,
         &moekit_attention::kernels::ATTENTION,
         &moekit_logits::kernels::LOGITS,

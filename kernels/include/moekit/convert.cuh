@@ -23,4 +23,14 @@ __device__ __forceinline__ float bf16_bits_to_f32(uint16_t bits) {
   return __uint_as_float(static_cast<uint32_t>(bits) << 16);
 }
 
+// f32 -> BF16 bits, round to nearest even (overflow to +-inf as IEEE rounding gives, f32
+// subnormals rounded like any other value); every NaN -> 0x7fc0 (a quiet NaN: NaN stays NaN).
+// Integer arithmetic only, so the emulation and every GPU give the same bits; the CPU
+// reference is moekit-cast's `reference::f32_to_bf16`.
+__device__ __forceinline__ uint16_t f32_to_bf16_bits_rne(float x) {
+  const uint32_t b = __float_as_uint(x);
+  if ((b & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
+  return static_cast<uint16_t>((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
 }  // namespace moekit
