@@ -22,6 +22,8 @@ pub const SMEM_BYTES: u32 = 6 * 2 * 16384 + 6 * 132 * 4 + 1024 + 2 * 6 * 8;
 /// Whether the Hopper kernel handles `op` on `shape` where `on` runs: m-grouped contiguous or
 /// masked, K a multiple of one 128-byte TMA row (64 BF16, 128 FP8), and the kernel built for
 /// `on` (its sm_90a fatbin on a GPU, its host build in the emulation).
+/// k-grouped (BF16 and FP8) and dgrad are not supported yet: they run on the portable kernel
+/// (the planned k-grouped design is in `kernels/NOTES.md`, gemm_sm90 k-grouped).
 pub fn supports(on: &dyn Launcher, op: Op, shape: &Shape, fp8: bool) -> bool {
     let built =
         if on.compute_capability().is_none() { !GEMM_SM90.emulation().is_empty() } else { GEMM_SM90.is_built() };
