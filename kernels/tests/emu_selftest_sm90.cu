@@ -75,6 +75,20 @@ extern "C" __global__ void selftest_sm90_tma_store(const __grid_constant__ Moeki
   }
 }
 
+// Planted bug: the store's shared source is rewritten before cp.async.bulk.wait_group (smem
+// reused too early); the emulation must fail the launch.
+extern "C" __global__ void selftest_sm90_tma_store_reuse(const __grid_constant__ MoekitTensorMap dst) {
+  unsigned char* smem = smem_1024();
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 16384; ++i) smem[i] = static_cast<unsigned char>(i * 7 + 1);
+    sm90::fence_proxy_async();
+    sm90::tma_store_2d(&dst, smem, 0, 0);
+    sm90::bulk_commit();
+    smem[5] ^= 0x5a;  // the bug: before the wait
+    sm90::bulk_wait<0>();
+  }
+}
+
 namespace {
 
 // What a planted kernel gets wrong (0: nothing).

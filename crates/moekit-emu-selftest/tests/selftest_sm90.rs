@@ -402,3 +402,28 @@ fn gpu_named_barriers_setmaxnreg_elect() {
     // Exactly one lane per warp (which one the ISA leaves to the hardware).
     assert!(roles(&d).iter().all(|&v| v / 100 == 1), "one elected lane per warp");
 }
+
+/// Planted bug: a TMA store's shared source rewritten before `cp.async.bulk.wait_group` is
+/// reported (the round trip above is the same store without the rewrite, and passes).
+#[test]
+fn emu_tma_store_source_reused_before_wait_is_reported() {
+    let Some(d) = emu("emu_tma_store_source_reused_before_wait_is_reported") else { return };
+    let on = d.launcher().unwrap();
+    let mut yt = bytes_tensor(&vec![0u8; ROWS * COLS], &d);
+    let map = TensorMapSpec {
+        addr: yt.dev_ptr_mut::<u8>().unwrap().addr(),
+        elem: TmaElem::U8,
+        dims: &[COLS as u64, ROWS as u64],
+        strides_bytes: &[COLS as u64],
+        boxes: &[128, BOX_ROWS],
+        swizzle: TmaSwizzle::B128,
+    }
+    .encode(on)
+    .unwrap();
+    // SAFETY: a map over y (ROWS x COLS bytes, alive); 16 KiB + 1 KiB slack of dynamic shared
+    // memory, which the kernel's box (128 x BOX_ROWS bytes) fits.
+    match unsafe { run_sm90(&d, "selftest_sm90_tma_store_reuse", 1, 128, 16384 + 1024, (map,)) } {
+        Err(Error::KernelFault(m)) => assert!(m.contains("rewritten before the cp.async.bulk.wait_group"), "{m}"),
+        other => panic!("expected a fault, got {other:?}"),
+    }
+}

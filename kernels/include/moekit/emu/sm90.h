@@ -51,6 +51,7 @@
 #include <limits>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "moekit/emu/runtime.h"
 
@@ -410,9 +411,9 @@ inline void tma_load(void* dst, const void* map, uint64_t* bar, const int* coord
 // cp.async.bulk.tensor.Nd.global.shared::cta.bulk_group [map, {c0, ..}], [src]: queues the
 // store of one box in the calling thread's open bulk async-group. The emulation reads the
 // shared source (through the map's swizzle) and writes global memory at the
-// cp.async.bulk.wait_group that completes the group (or when the thread exits), so a thread
-// that reuses the source before waiting stores the new bytes. Out-of-bounds elements are not
-// written.
+// cp.async.bulk.wait_group that completes the group (or when the thread exits); a source
+// rewritten between the issue and that wait is a fault (smem reused before wait_group).
+// Out-of-bounds elements are not written.
 inline void tma_store(const void* map, const void* src, const int* coords, unsigned rank) {
   const char* op = "cp.async.bulk.tensor (store)";
   const Tmap m = tmap_decode(map, op);
@@ -432,7 +433,16 @@ inline void tma_store(const void* map, const void* src, const int* coords, unsig
   AsyncOp a;
   a.lo = size_t(lo);
   a.hi = size_t(lo) + bytes;
-  a.perform = [m, c, base, lo, bytes]() {
+  // The source as it is at the issue (the threads' writes fenced and synchronised before it):
+  // compared with shared memory when the group completes, so a source rewritten before
+  // cp.async.bulk.wait_group (a race on the hardware: the TMA unit may read either) fails the
+  // launch instead of storing whichever bytes the emulated schedule happened to leave.
+  std::vector<unsigned char> issued(base + lo, base + lo + bytes);
+  a.perform = [m, c, base, lo, bytes, issued, op]() {
+    if (std::memcmp(issued.data(), base + lo, bytes) != 0) {
+      fault(std::string(op) + ": its shared source [" + std::to_string(lo) + ", " + std::to_string(lo + int64_t(bytes)) +
+            ") was rewritten before the cp.async.bulk.wait_group that completes the store");
+    }
     for (size_t e = 0; e < bytes / m.elem; ++e) {
       size_t rest = e;
       bool in = true;
