@@ -78,11 +78,7 @@ pub mod reference {
     /// payload dropped; the kernels' `moekit::f32_to_bf16_bits_rne` and moekit-norm's
     /// `to_bf16` give the same bits).
     pub fn f32_to_bf16(x: f32) -> bf16 {
-        let b = x.to_bits();
-        if b & 0x7fff_ffff > 0x7f80_0000 {
-            return bf16::from_bits(0x7fc0);
-        }
-        bf16::from_bits((b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16)
+        moekit_dtype::bf16_rne(x)
     }
 
     /// `dst[i] = f32_to_bf16(src[i])`; lengths must match.

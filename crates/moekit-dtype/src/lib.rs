@@ -19,6 +19,17 @@ pub use fp8::{F8E4M3, F8E5M2};
 pub use half;
 pub use half::bf16;
 
+/// f32 -> BF16 as moekit's kernels round (`moekit::f32_to_bf16_bits_rne`): round to nearest
+/// even on the bit pattern (overflow -> +-inf), every NaN -> the quiet NaN `0x7fc0` (sign and
+/// payload dropped).
+pub fn bf16_rne(x: f32) -> bf16 {
+    let b = x.to_bits();
+    if b & 0x7fff_ffff > 0x7f80_0000 {
+        return bf16::from_bits(0x7fc0);
+    }
+    bf16::from_bits((b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16)
+}
+
 /// Brain floating point (1 sign, 8 exponent, 7 mantissa bits); a re-export of
 /// [`half::bf16`].
 pub type Bf16 = half::bf16;

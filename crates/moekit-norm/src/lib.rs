@@ -120,9 +120,5 @@ pub(crate) fn fits_i32(what: &str, n: usize) -> Result<i32> {
 
 /// f32 -> BF16 bits as the kernels round: to nearest even, every NaN -> `0x7fc0`.
 pub fn to_bf16(x: f32) -> moekit_dtype::bf16 {
-    let b = x.to_bits();
-    if b & 0x7fff_ffff > 0x7f80_0000 {
-        return moekit_dtype::bf16::from_bits(0x7fc0);
-    }
-    moekit_dtype::bf16::from_bits((b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16)
+    moekit_dtype::bf16_rne(x)
 }
