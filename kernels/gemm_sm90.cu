@@ -1,5 +1,8 @@
 // Hopper grouped GEMM, version 2 (sm_90a): m-grouped contiguous and masked (dense = one masked
-// group), BF16 and FP8 E4M3 with 1x128 / 128x128 scales promoted to f32 every 128 of K.
+// group), BF16 and FP8 E4M3 with 1x128 / 128x128 scales promoted to f32 every 128 of K; and
+// the BF16 activation gradient (dgrad: dX [M, K] = dY [M, N] . W[m_indices] [N, K], the
+// forward weights read along N as an MN-major B: two 64-column TMA boxes per stage and
+// wgmma with imm-trans-b 1; the contiguous schedule and epilogue with K output columns).
 //
 // Block = 3 warpgroups: warpgroup 0 produces (one thread issues TMA loads of 128 x 128-byte
 // tiles of A and B, 128-byte swizzled, into a 6-stage ring; completion on "full" mbarriers),
@@ -23,6 +26,7 @@
 // moekit-sass: * forbid LDL STL
 // moekit-sass: moekit_gemm_sm90_bf16 require HGMMA UTMALDG SYNCS USETMAXREG
 // moekit-sass: moekit_gemm_sm90_fp8 require QGMMA UTMALDG SYNCS USETMAXREG
+// moekit-sass: moekit_gemm_sm90_bf16_dgrad require HGMMA UTMALDG SYNCS USETMAXREG
 // Budgets: 384 threads at one block per SM leave 168 registers before setmaxnreg (and
 // setmaxnreg needs exactly that: 128 x 40 + 256 x 232 = 384 x 168); static shared memory is
 // the three warpgroups' run lists (3 x 128 x (group, span) ints + counts: 3084 B).
@@ -60,6 +64,16 @@ static_assert(kSmemBytes + 3200 <= 232448, "shared memory per block");
 // (ceil(masked_m / 128)) are enumerated, groups one after the other.
 constexpr int kRasterCols = 16;
 
+// Output columns: N, or K for dgrad (whose reduction runs over N).
+__device__ __forceinline__ int out_cols(const MoekitGemmParams& p) { return p.op == MOEKIT_GEMM_DGRAD ? p.k : p.n; }
+
+// The same, for a kernel that knows its op: read from the parameters where used (a register
+// held across the K loop makes the FP8 consumers spill).
+template <bool kDgrad>
+__device__ __forceinline__ int cols_of(const MoekitGemmParams& p) {
+  return kDgrad ? p.k : p.n;
+}
+
 // Rows of group g that count: masked_m[g] clamped to [0, m] (m without masked_m).
 __device__ __forceinline__ int masked_rows(const MoekitGemmParams& p, int g) {
   if (p.masked_m == 0) return p.m;
@@ -78,7 +92,7 @@ struct Schedule {
 
 __device__ __forceinline__ Schedule schedule(const MoekitGemmParams& p) {
   Schedule s;
-  s.tiles_c = (p.n + kBN - 1) / kBN;
+  s.tiles_c = (out_cols(p) + kBN - 1) / kBN;
   s.g_cur = 0;
   s.g_base = 0;
   s.g_valid = p.m;
@@ -143,8 +157,11 @@ __device__ __forceinline__ void warpgroup_sync(int wg) {
   }
 }
 
-template <bool kFp8>
+// kDgrad (BF16 only): B is W [G, N, K] read along N (MN-major), the reduction is N and the
+// output has K columns; otherwise the forward (reduction K, N output columns).
+template <bool kFp8, bool kDgrad = false>
 __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
+  static_assert(!(kFp8 && kDgrad), "FP8 wgmma takes K-major operands only: FP8 dgrad stays portable");
   const MoekitGemmParams& p = P.gemm;
   MOEKIT_DYNAMIC_SMEM(unsigned char, smem_raw);
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -163,7 +180,7 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
   const int t = threadIdx.x % 128;
   const bool masked = p.op == MOEKIT_GEMM_MASKED;
   const int k_block = kFp8 ? 128 : 64;  // K per stage (128 bytes per row)
-  const int k_steps = (p.k + k_block - 1) / k_block;
+  const int k_steps = ((kDgrad ? p.n : p.k) + k_block - 1) / k_block;
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) {
@@ -238,7 +255,13 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
           } else {
             moekit::sm90::tma_load_2d(a_dst, &P.tmap_a, &full[stage], kc, ti.row0);
           }
-          moekit::sm90::tma_load_3d(a_dst + kTileBytes, &P.tmap_b, &full[stage], kc, ti.col0, g);
+          if constexpr (kDgrad) {
+            // W[g] rows kc .. kc + 63 (N), columns col0 .. col0 + 127 (K) as two 64-column boxes.
+            moekit::sm90::tma_load_3d(a_dst + kTileBytes, &P.tmap_b, &full[stage], ti.col0, kc, g);
+            moekit::sm90::tma_load_3d(a_dst + kTileBytes + kTileBytes / 2, &P.tmap_b, &full[stage], ti.col0 + 64, kc, g);
+          } else {
+            moekit::sm90::tma_load_3d(a_dst + kTileBytes, &P.tmap_b, &full[stage], kc, ti.col0, g);
+          }
           advance();
         }
       }
@@ -301,6 +324,11 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {  // 4 x 32 bytes of K per 128-byte row
           const uint64_t da = moekit::sm90::smem_desc_k128(a_tile, kk * 32);
+          if constexpr (kDgrad) {  // 16 of N per wgmma: K rows kk * 16 .. of the MN-major tile
+            moekit::sm90::wgmma_m64n128k16_bf16<1>(acc, da, moekit::sm90::smem_desc_mn128(b_tile, kk * 16, kTileBytes / 2),
+                                                   true);
+            continue;
+          }
           const uint64_t db = moekit::sm90::smem_desc_k128(b_tile, kk * 32);
           if constexpr (kFp8) {
             moekit::sm90::wgmma_m64n128k32_e4m3(part, da, db, kk > 0);
@@ -336,7 +364,7 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
       // Epilogue: acc[4 j + 2 h + e] is row (warp * 16 + lane / 4 + 8 h), column 8 j + 2 (lane % 4) + e.
       // A pass writes exactly its run's rows [lo, hi] (all of group g, all below m or masked_m):
       // no m_indices load here.
-      uint32_t* d = reinterpret_cast<uint32_t*>(p.d) + (masked ? static_cast<int64_t>(g) * p.m * p.n / 2 : 0);
+      uint32_t* d = reinterpret_cast<uint32_t*>(p.d) + (masked ? static_cast<int64_t>(g) * p.m * cols_of<kDgrad>(p) / 2 : 0);
       bool row_ok[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -349,9 +377,9 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
         for (int h = 0; h < 2; ++h) {
           const int r = row0 + half * 64 + warp * 16 + lane / 4 + 8 * h;
           const int c = col0 + 8 * j + 2 * (lane % 4);
-          if (!row_ok[h] || c >= p.n) continue;
+          if (!row_ok[h] || c >= cols_of<kDgrad>(p)) continue;
           const __nv_bfloat162 v = __floats2bfloat162_rn(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
-          d[(static_cast<int64_t>(r) * p.n + c) / 2] = *reinterpret_cast<const uint32_t*>(&v);
+          d[(static_cast<int64_t>(r) * cols_of<kDgrad>(p) + c) / 2] = *reinterpret_cast<const uint32_t*>(&v);
         }
       }
     }
@@ -366,4 +394,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1) moekit_gemm_sm90_bf16(
 }
 extern "C" __global__ void __launch_bounds__(kThreads, 1) moekit_gemm_sm90_fp8(const __grid_constant__ MoekitGemmSm90Params p) {
   gemm_sm90<true>(p);
+}
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+    moekit_gemm_sm90_bf16_dgrad(const __grid_constant__ MoekitGemmSm90Params p) {
+  gemm_sm90<false, true>(p);
 }

@@ -11,6 +11,7 @@
 // moekit-sass: selftest_sm90_tma_store require UTMALDG UTMASTG
 // moekit-sass: selftest_sm90_wgmma_bf16 require HGMMA UTMALDG
 // moekit-sass: selftest_sm90_wgmma_fp8 require QGMMA UTMALDG
+// moekit-sass: selftest_sm90_wgmma_bf16_mn_b require HGMMA UTMALDG
 // moekit-sass: selftest_sm90_warpgroup_roles require USETMAXREG
 // moekit-budget: * smem<=1024
 
@@ -100,13 +101,17 @@ enum Bug {
   kWrongParity,      // waits for the parity of the phase before
   kEarlyRelease,     // reloads the stage before wgmma.wait_group
   kMissingFence,     // no wgmma.fence before the first wgmma
+  kMnSwappedOffsets, // MN-major B described with the K-major roles (LBO 1024, SBO 8192)
 };
 
 // One warpgroup: d [64 x 128] f32 = A [64, K] . B [128, K]^T through a one-stage TMA ring of
 // 128 bytes of K per step (the mbarrier's phase flips every step), wgmma m64n128 with 128-byte
 // swizzled K-major descriptors, the accumulator fragment stored as documented in
 // moekit/emu/sm90.h (thread t: rows 16 (t / 32) + (t % 32) / 4 + 8 h, columns 8 j + 2 (t % 4) + e).
-template <bool kFp8, int kBug>
+// kMnB (BF16): B arrives MN-major, as B^T [K, 128] through a map with 64 x 64 boxes (two per
+// step, 8 KiB apart: columns 0-63, 64-127), and the wgmma takes it with imm-trans-b 1
+// (leading byte offset 8192 to the next 64 columns, stride byte offset 1024 to the next 8 K rows).
+template <bool kFp8, int kBug, bool kMnB = false>
 __device__ __forceinline__ void wgmma_tile(const MoekitTensorMap& ta, const MoekitTensorMap& tb, float* d, int k) {
   unsigned char* smem = smem_1024();
   unsigned char* a_tile = smem;           // 64 rows x 128 bytes
@@ -130,7 +135,12 @@ __device__ __forceinline__ void wgmma_tile(const MoekitTensorMap& ta, const Moek
     if (t == 0) {
       sm90::mbar_arrive_expect_tx(bar, tx);
       sm90::tma_load_2d(a_tile, &ta, bar, ks * k_block, 0);
-      sm90::tma_load_2d(b_tile, &tb, bar, ks * k_block, 0);
+      if constexpr (kMnB) {
+        sm90::tma_load_2d(b_tile, &tb, bar, 0, ks * k_block);
+        sm90::tma_load_2d(b_tile + 8192, &tb, bar, 64, ks * k_block);
+      } else {
+        sm90::tma_load_2d(b_tile, &tb, bar, ks * k_block, 0);
+      }
     }
     sm90::mbar_wait(bar, kBug == kWrongParity ? phase ^ 1 : phase);
     phase ^= 1;
@@ -138,6 +148,12 @@ __device__ __forceinline__ void wgmma_tile(const MoekitTensorMap& ta, const Moek
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       const uint64_t da = sm90::smem_desc(a_tile, kk * 32, 16, sbo, mode);
+      if constexpr (kMnB) {
+        const uint64_t db = kBug == kMnSwappedOffsets ? sm90::smem_desc(b_tile, kk * 16 * 128, 1024, 8192, 1)
+                                                      : sm90::smem_desc_mn128(b_tile, kk * 16, 8192);
+        sm90::wgmma_m64n128k16_bf16<1>(acc, da, db, true);
+        continue;
+      }
       const uint64_t db = sm90::smem_desc(b_tile, kk * 32, 16, sbo, mode);
       if constexpr (kFp8) {
         sm90::wgmma_m64n128k32_e4m3(acc, da, db, true);
@@ -172,6 +188,17 @@ extern "C" __global__ void __launch_bounds__(128, 1)
     selftest_sm90_wgmma_fp8(const __grid_constant__ MoekitTensorMap ta, const __grid_constant__ MoekitTensorMap tb,
                             float* d, int k) {
   wgmma_tile<true, kNone>(ta, tb, d, k);
+}
+extern "C" __global__ void __launch_bounds__(128, 1)
+    selftest_sm90_wgmma_bf16_mn_b(const __grid_constant__ MoekitTensorMap ta, const __grid_constant__ MoekitTensorMap tb,
+                                  float* d, int k) {
+  wgmma_tile<false, kNone, true>(ta, tb, d, k);
+}
+// PLANTED BUG: the MN-major B descriptor with the K-major meaning of the two offsets.
+extern "C" __global__ void __launch_bounds__(128, 1)
+    planted_sm90_mn_swapped_offsets(const __grid_constant__ MoekitTensorMap ta,
+                                    const __grid_constant__ MoekitTensorMap tb, float* d, int k) {
+  wgmma_tile<false, kMnSwappedOffsets, true>(ta, tb, d, k);
 }
 // PLANTED BUG: the descriptors' swizzle mode (none) is not the tile's (128B, from TMA).
 extern "C" __global__ void __launch_bounds__(128, 1)

@@ -242,25 +242,40 @@ impl Tile {
     }
 }
 
-/// Runs `kernel` (a `wgmma_tile` instance) on `tile`: d [64, 128] f32, or the launch's error.
+/// Runs `kernel` (a `wgmma_tile` instance with K-major B) on `tile`: d [64, 128] f32, or the
+/// launch's error.
 fn wgmma(dev: &Device, kernel: &str, tile: &Tile) -> Result<Vec<f32>, Error> {
+    wgmma_b(dev, kernel, tile, false)
+}
+
+/// As [`wgmma`]; `mn_b`: B goes in MN-major, as B^T [k, 128] with 64 x 64 boxes (BF16).
+fn wgmma_b(dev: &Device, kernel: &str, tile: &Tile, mn_b: bool) -> Result<Vec<f32>, Error> {
     let on = dev.launcher().unwrap();
     let (elem, e) = if tile.fp8 { (TmaElem::U8, 1) } else { (TmaElem::Bf16, 2) };
-    let (ab, bb) = (bytes_tensor(&tile.bytes(&tile.a), dev), bytes_tensor(&tile.bytes(&tile.b), dev));
+    let b = if mn_b {
+        (0..tile.k * WG_N).map(|i| tile.b[(i % WG_N) * tile.k + i / WG_N]).collect()
+    } else {
+        tile.b.clone()
+    };
+    let (ab, bb) = (bytes_tensor(&tile.bytes(&tile.a), dev), bytes_tensor(&tile.bytes(&b), dev));
     let k = tile.k as u64;
-    let map = |t: &Tensor, rows: u32| {
+    // K-major: rows of k elements, boxes of 128 bytes of K by all rows; MN-major B^T: rows of
+    // 128 columns, boxes of 64 columns (128 bytes) by 64 of K.
+    let map = |t: &Tensor, inner: u64, outer: u64, boxes: [u32; 2]| {
         TensorMapSpec {
             addr: t.dev_ptr::<u8>().unwrap().addr(),
             elem,
-            dims: &[k, rows as u64],
-            strides_bytes: &[k * e],
-            boxes: &[128 / e as u32, rows],
+            dims: &[inner, outer],
+            strides_bytes: &[inner * e],
+            boxes: &boxes,
             swizzle: TmaSwizzle::B128,
         }
         .encode(on)
         .unwrap()
     };
-    let (ta, tb) = (map(&ab, WG_M as u32), map(&bb, WG_N as u32));
+    let ta = map(&ab, k, WG_M as u64, [128 / e as u32, WG_M as u32]);
+    let tb =
+        if mn_b { map(&bb, WG_N as u64, k, [64, 64]) } else { map(&bb, k, WG_N as u64, [128 / e as u32, WG_N as u32]) };
     let mut d = Tensor::zeros(&[WG_M * WG_N], DType::F32, dev).unwrap();
     // SAFETY: (maps over A [64, k] and B [128, k], d: 64 x 128 f32, k); 24 KiB of tiles + the
     // barrier + 1 KiB alignment slack of dynamic shared memory.
@@ -289,6 +304,43 @@ fn check_wgmma(dev: &Device) {
         let tol = (tile.k + 1) as f64 * f32::EPSILON as f64 * mag[i];
         assert!((got[i] as f64 - want[i]).abs() <= tol, "d[{}][{}] = {} vs {}", i / WG_N, i % WG_N, got[i], want[i]);
     }
+}
+
+/// B MN-major (imm-trans-b 1): exact on small integers, within f32 rounding on reals; the
+/// planted descriptor with the K-major meaning of the two offsets gives other results.
+fn check_wgmma_mn_b(dev: &Device, planted: bool) {
+    let kernel = "selftest_sm90_wgmma_bf16_mn_b";
+    let tile = Tile::new(false, true, 21);
+    let got = wgmma_b(dev, kernel, &tile, true).unwrap();
+    let (want, _) = tile.want();
+    for i in 0..got.len() {
+        assert_eq!(got[i] as f64, want[i], "{kernel} d[{}][{}]", i / WG_N, i % WG_N);
+    }
+    if planted {
+        let bad = wgmma_b(dev, "planted_sm90_mn_swapped_offsets", &tile, true).unwrap();
+        let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+        assert_ne!(bad, want, "planted_sm90_mn_swapped_offsets: right product with the planted bug");
+    }
+    let tile = Tile::new(false, false, 23);
+    let got = wgmma_b(dev, kernel, &tile, true).unwrap();
+    let (want, mag) = tile.want();
+    for i in 0..got.len() {
+        let tol = (tile.k + 1) as f64 * f32::EPSILON as f64 * mag[i];
+        assert!((got[i] as f64 - want[i]).abs() <= tol, "d[{}][{}] = {} vs {}", i / WG_N, i % WG_N, got[i], want[i]);
+    }
+}
+
+#[test]
+fn emu_wgmma_mn_major_b() {
+    let Some(d) = emu("emu_wgmma_mn_major_b") else { return };
+    check_wgmma_mn_b(&d, true);
+}
+
+#[test]
+#[ignore = "needs a GPU: cargo test -- --include-ignored gpu_ (the GPU bundle does)"]
+fn gpu_wgmma_mn_major_b() {
+    let Some(d) = gpu("gpu_wgmma_mn_major_b") else { return };
+    check_wgmma_mn_b(&d, false);
 }
 
 #[test]

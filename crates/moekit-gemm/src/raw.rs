@@ -89,8 +89,9 @@ pub fn choose(cc: Option<(u32, u32)>, opted_in: bool, built: bool) -> Kernel {
 }
 
 /// The kernel that runs `op` on `shape` where `on` runs: [`kernel_for`]'s choice, except that
-/// ops and shapes the Hopper kernel does not take ([`Op::KGrouped`], [`Op::Dgrad`], K not a
-/// multiple of one 128-byte row, an image not built for `on`) run on the portable kernel.
+/// ops and shapes the Hopper kernel does not take ([`Op::KGrouped`], FP8 [`Op::Dgrad`], a
+/// reduction not a multiple of one 128-byte row, an image not built for `on`: see
+/// [`crate::sm90::supports`]) run on the portable kernel.
 pub fn kernel_for_op(on: &dyn Launcher, op: Op, shape: &Shape, fp8: bool) -> Kernel {
     if kernel_for(on) == Kernel::Sm90 && crate::sm90::supports(on, op, shape, fp8) {
         Kernel::Sm90

@@ -107,6 +107,25 @@ fn check_contiguous_bf16(
     );
 }
 
+/// BF16 dgrad `dy [m, n]` by the forward weights `w [groups, n, k]` with `ids`: device vs CPU.
+#[allow(clippy::too_many_arguments)]
+fn check_dgrad_bf16(dev: &Device, what: &str, dy: &[f32], w: &[f32], ids: &[i32], groups: usize, n: usize, k: usize) {
+    let m = ids.len();
+    check(
+        dev,
+        what,
+        |d| {
+            dgrad(
+                GemmInput::Bf16(&bf16_tensor(dy, &[m, n], d)),
+                GemmInput::Bf16(&bf16_tensor(w, &[groups, n, k], d)),
+                &Tensor::from_slice(ids, &[m], d).unwrap(),
+            )
+            .unwrap()
+        },
+        None,
+    );
+}
+
 /// The same in FP8 (both token scale layouts), also against the unquantized reference.
 #[allow(clippy::too_many_arguments)]
 fn check_contiguous_fp8(
@@ -175,21 +194,8 @@ fn m_grouped(dev: &Device, scale: usize) {
         let (n, k) = (72, 40);
         let (a, b) = (values(m * k, 1), values(groups * n * k, 2));
         check_contiguous_bf16(dev, &format!("contiguous bf16 align {align}"), &a, &b, &ids, groups, n, k);
-        let w = values(groups * n * k, 3);
-        let dy = values(m * n, 4);
-        check(
-            dev,
-            &format!("dgrad bf16 align {align}"),
-            |d| {
-                dgrad(
-                    GemmInput::Bf16(&bf16_tensor(&dy, &[m, n], d)),
-                    GemmInput::Bf16(&bf16_tensor(&w, &[groups, n, k], d)),
-                    &mi(d),
-                )
-                .unwrap()
-            },
-            None,
-        );
+        let (w, dy) = (values(groups * n * k, 3), values(m * n, 4));
+        check_dgrad_bf16(dev, &format!("dgrad bf16 align {align}"), &dy, &w, &ids, groups, n, k);
         // FP8
         let (n, k) = (128, 256);
         let (a, b) = (values(m * k, 5), values(groups * n * k, 6));
@@ -371,6 +377,8 @@ fn sm90_shapes(dev: &Device) {
     let (n, k) = (200, 192);
     let (a, b) = (values(m * k, 21), values(groups * n * k, 22));
     check_contiguous_bf16(dev, "sm90 contiguous bf16", &a, &b, &ids, groups, n, k);
+    let (dy, w) = (values(m * k, 29), values(groups * k * n, 30));
+    check_dgrad_bf16(dev, "sm90 dgrad bf16", &dy, &w, &ids, groups, k, n);
     // FP8 with several weight scale blocks along N and K (n = 256, k = 384).
     let (n8, k8) = (256, 384);
     let (a8, b8) = (values(m * k8, 25), values(groups * n8 * k8, 26));
@@ -456,6 +464,12 @@ fn sm90_emulated(dev: &Device) {
     assert_eq!(kernel_for_op(on, Op::Contiguous, &shape, false), Kernel::Sm90, "the Hopper kernel must run");
     let (a, b) = (values(m * k, 31), values(groups * n * k, 32));
     check_contiguous_bf16(dev, "sm90 contiguous bf16", &a, &b, &ids, groups, n, k);
+    // Dgrad (BF16): the same rows; reduction N of 7 stages (the ring wraps), K = 136 output
+    // columns (a partial second column tile: the second 64-column box of B is all zero fill).
+    let (nd, kd) = (448, 136);
+    assert_eq!(kernel_for_op(on, Op::Dgrad, &Shape { groups, m, n: nd, k: kd }, false), Kernel::Sm90);
+    let (dy, w) = (values(m * nd, 43), values(groups * nd * kd, 44));
+    check_dgrad_bf16(dev, "sm90 dgrad bf16", &dy, &w, &ids, groups, nd, kd);
     let ids8 = contiguous_ids(&[(1, 1), (2, 100), (0, 30)], 32);
     let (m8, n8, k8) = (ids8.len(), 256, 384);
     assert_eq!(kernel_for_op(on, Op::Contiguous, &Shape { groups, m: m8, n: n8, k: k8 }, true), Kernel::Sm90);
@@ -541,8 +555,14 @@ fn emu_dispatcher_choice() {
     assert_eq!(kernel_for_op(on, Op::Contiguous, &s(40), false), Kernel::Portable, "K not a 128-byte row");
     assert_eq!(kernel_for_op(on, Op::Contiguous, &s(64), true), Kernel::Portable, "FP8 K = 64");
     assert_eq!(kernel_for_op(on, Op::KGrouped, &s(64), false), Kernel::Portable);
-    assert_eq!(kernel_for_op(on, Op::Dgrad, &s(64), false), Kernel::Portable);
-    // Calls that mix both kernels under the override: the part-1 BF16 contiguous and dgrad.
+    assert_eq!(kernel_for_op(on, Op::Dgrad, &Shape { n: 64, ..s(16) }, false), Kernel::Sm90);
+    assert_eq!(
+        kernel_for_op(on, Op::Dgrad, &Shape { n: 40, ..s(16) }, false),
+        Kernel::Portable,
+        "N not a 128-byte row"
+    );
+    assert_eq!(kernel_for_op(on, Op::Dgrad, &Shape { n: 128, ..s(128) }, true), Kernel::Portable, "FP8 dgrad");
+    // Calls that mix both kernels under the override: the part-1 BF16 contiguous.
     let ids = contiguous_ids(&[(0, 3), (1, 40)], 32);
     let (m, n, k) = (ids.len(), 24, 40);
     let (a, b) = (values(m * k, 41), values(2 * n * k, 42));

@@ -14,10 +14,15 @@
 //   bytes on the mbarrier, and the 32/64/128-byte swizzles as functions of the shared address:
 //   the 16-byte chunk index (address bits 4-6, 4-5, 4) XOR address bits 7-9, 7-8, 7, i.e.
 //   for 128B the chunk within a 128-byte row XOR (row % 8).
-// - wgmma m64nNk16 BF16 / m64nNk32 E4M3 (K-major A and B from descriptors, f32 accumulators):
+// - wgmma m64nNk16 BF16 / m64nNk32 E4M3 (A and B from descriptors, f32 accumulators):
 //   descriptor decoding (start address bits 0-13, leading byte offset 16-29, stride byte
 //   offset 32-45, base offset 49-51, swizzle mode 62-63), the canonical K-major layouts (8-row
 //   core matrices; swizzled: rows at the swizzle width, 8-row groups at the stride offset),
+//   the canonical MN-major layouts of BF16 operands with imm-trans 1 (the PTX ISA's table
+//   "Canonical Layouts": 16 bytes of MN contiguous, 8 K rows of them 16 bytes apart, MN
+//   chunks at the stride offset and K groups of 8 at the leading offset; swizzled: a K row is
+//   the swizzle width of MN, 8 K rows per atom, the next swizzle width of MN at the leading
+//   offset, the next 8 K rows at the stride offset; E4M3 has no transpose: a fault),
 //   and the accumulator fragment: thread t of the warpgroup (warp w = t / 32, lane l) holds
 //   in d[4 j + 2 h + e] the element (row 16 w + l / 4 + 8 h, column 8 j + 2 (l % 4) + e).
 // - named barriers (bar.sync / bar.arrive id, count: thread counts, multiples of 32),
@@ -501,6 +506,19 @@ inline size_t desc_addr(const Desc& d, unsigned r, unsigned kb) {
   if (d.swizzle == 0) return d.start + (r / 8) * d.sbo + (r % 8) * 16 + (kb / 16) * d.lbo + kb % 16;
   return swizzle(d.start + (r / 8) * d.sbo + (r % 8) * d.swizzle + kb, d.swizzle);
 }
+// Shared address of element (row `r` along M or N, `k`) of an MN-major operand whose elements
+// are `esz` bytes: PTX ISA canonical MN-major layouts, T = 16 / esz elements,
+//   none: ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO));  swizzle W bytes: ((T,W/16,m),(8,k)):((1,T,LBO),(W/16 T,SBO)).
+inline size_t desc_addr_mn(const Desc& d, unsigned r, unsigned k, unsigned esz) {
+  const size_t mb = size_t(r) * esz;  // byte offset along MN
+  if (d.swizzle == 0) return d.start + mb % 16 + (mb / 16) * d.sbo + (k % 8) * 16 + (k / 8) * d.lbo;
+  const size_t w = d.swizzle;
+  return swizzle(d.start + mb % w + (mb / w) * d.lbo + (k % 8) * w + (k / 8) * d.sbo, d.swizzle);
+}
+// Element (r, k) of an operand, K-major or MN-major (`mn`).
+inline size_t desc_elem(const Desc& d, bool mn, unsigned r, unsigned k, unsigned esz) {
+  return mn ? desc_addr_mn(d, r, k, esz) : desc_addr(d, r, k * esz);
+}
 inline float bf16_value(const unsigned char* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
@@ -526,13 +544,18 @@ inline float e4m3_value(unsigned char v) {
 enum class Kind : unsigned { Bf16 = 1, E4m3 = 2 };
 
 // wgmma.mma_async.sync.aligned.m64nNk{16,32}.f32.{bf16,e4m3} d, desc_a, desc_b, scale_d (imm
-// scales 1, no transpose: both K-major). Collective; queued in the warpgroup's open group.
+// scales 1; imm-trans-a / imm-trans-b `trans_a` / `trans_b`: 0 K-major, 1 MN-major, BF16
+// only). Collective; queued in the warpgroup's open group.
 template <int N>
-inline void wgmma(float* d, uint64_t desc_a, uint64_t desc_b, bool scale_d, Kind kind) {
+inline void wgmma(float* d, uint64_t desc_a, uint64_t desc_b, bool scale_d, Kind kind, bool trans_a = false,
+                  bool trans_b = false) {
   static_assert(N % 8 == 0 && N >= 8 && N <= 256, "wgmma N");
   const char* op = "wgmma.mma_async";
+  if (kind == Kind::E4m3 && (trans_a || trans_b)) {
+    fault(std::string(op) + ": imm-trans-a/b must be 0 for .e4m3 (K-major operands only)");
+  }
   const uint64_t key = desc_a * 0x9E3779B97F4A7C15ull ^ desc_b ^ (uint64_t(scale_d) << 63) ^ (uint64_t(kind) << 60) ^
-                       (uint64_t(N) << 48);
+                       (uint64_t(N) << 48) ^ (uint64_t(trans_a) << 58) ^ (uint64_t(trans_b) << 57);
   warpgroup_collective(op, key, d, [&](void** ptrs) {
     Block& b = block();
     Warpgroup& g = b.warpgroups[fiber().linear / 128];
@@ -542,13 +565,15 @@ inline void wgmma(float* d, uint64_t desc_a, uint64_t desc_b, bool scale_d, Kind
     }
     const Desc da = desc_decode(desc_a, op), db = desc_decode(desc_b, op);
     const unsigned kbytes = 32;  // k16 BF16, k32 E4M3: 32 bytes of K per row
-    // Shared ranges read: validated here, checked against TMA loads in flight.
-    auto range = [&](const Desc& ds, unsigned rows, size_t& lo, size_t& hi) {
+    const unsigned esz = kind == Kind::Bf16 ? 2 : 1;
+    // Shared ranges read: validated here, checked against TMA loads in flight. Both layouts
+    // are made of 16-byte chunks: along K (K-major) or along MN (MN-major, BF16: 8 rows).
+    auto range = [&](const Desc& ds, bool mn, unsigned rows, size_t& lo, size_t& hi) {
       lo = SIZE_MAX;
       hi = 0;
-      for (unsigned r = 0; r < rows; ++r) {
-        for (unsigned kb = 0; kb < kbytes; kb += 16) {
-          const size_t a = desc_addr(ds, r, kb);
+      for (unsigned r = 0; r < rows; r += mn ? 16 / esz : 1) {
+        for (unsigned k = 0; k < kbytes / esz; k += mn ? 1 : 16 / esz) {
+          const size_t a = desc_elem(ds, mn, r, k, esz);
           lo = std::min(lo, a);
           hi = std::max(hi, a + 16);
         }
@@ -556,8 +581,8 @@ inline void wgmma(float* d, uint64_t desc_a, uint64_t desc_b, bool scale_d, Kind
       if (hi > b.smem_bytes) fault(std::string(op) + ": descriptor reaches past the block's dynamic shared memory");
     };
     AsyncOp o;
-    range(da, 64, o.lo, o.hi);
-    range(db, N, o.lo2, o.hi2);
+    range(da, trans_a, 64, o.lo, o.hi);
+    range(db, trans_b, N, o.lo2, o.hi2);
     for (const auto& t : b.tma) {
       if ((o.lo < t.hi && t.lo < o.hi) || (o.lo2 < t.hi && t.lo < o.hi2)) {
         fault(std::string(op) + " reads shared addresses [" + std::to_string(t.lo) + ", " + std::to_string(t.hi) +
@@ -567,20 +592,20 @@ inline void wgmma(float* d, uint64_t desc_a, uint64_t desc_b, bool scale_d, Kind
     float* dst[128];
     for (int t = 0; t < 128; ++t) dst[t] = static_cast<float*>(ptrs[t]);
     const unsigned char* base = b.smem + kSmemGuard;
-    o.perform = [da, db, kind, scale_d, base, dst_copy = std::vector<float*>(dst, dst + 128)]() {
+    o.perform = [da, db, kind, scale_d, base, trans_a, trans_b, dst_copy = std::vector<float*>(dst, dst + 128)]() {
       const unsigned kk = kind == Kind::Bf16 ? 16 : 32;
+      const unsigned esz = kind == Kind::Bf16 ? 2 : 1;
       std::vector<float> A(64 * kk), B(kk * unsigned(N));
-      auto load = [&](const Desc& ds, unsigned rows, std::vector<float>& out) {
+      auto load = [&](const Desc& ds, bool mn, unsigned rows, std::vector<float>& out) {
         for (unsigned r = 0; r < rows; ++r) {
           for (unsigned k = 0; k < kk; ++k) {
-            const unsigned kb = kind == Kind::Bf16 ? 2 * k : k;
-            const unsigned char* p = base + desc_addr(ds, r, kb);
+            const unsigned char* p = base + desc_elem(ds, mn, r, k, esz);
             out[r * kk + k] = kind == Kind::Bf16 ? bf16_value(p) : e4m3_value(*p);
           }
         }
       };
-      load(da, 64, A);
-      load(db, N, B);
+      load(da, trans_a, 64, A);
+      load(db, trans_b, N, B);
       for (unsigned t = 0; t < 128; ++t) {
         const unsigned w = t / 32, l = t % 32;
         float* d = dst_copy[t];
