@@ -2,7 +2,9 @@
 // group), BF16 and FP8 E4M3 with 1x128 / 128x128 scales promoted to f32 every 128 of K; and
 // the BF16 activation gradient (dgrad: dX [M, K] = dY [M, N] . W[m_indices] [N, K], the
 // forward weights read along N as an MN-major B: two 64-column TMA boxes per stage and
-// wgmma with imm-trans-b 1; the contiguous schedule and epilogue with K output columns).
+// wgmma with imm-trans-b 1; the contiguous schedule and epilogue with K output columns);
+// and the BF16 k-grouped weight gradient (dW[g] [N, K] f32 over each group's tokens, both
+// operands MN-major along the tokens: gemm_sm90_kgrouped below).
 //
 // Block = 3 warpgroups: warpgroup 0 produces (one thread issues TMA loads of 128 x 128-byte
 // tiles of A and B, 128-byte swizzled, into a 6-stage ring; completion on "full" mbarriers),
@@ -27,6 +29,7 @@
 // moekit-sass: moekit_gemm_sm90_bf16 require HGMMA UTMALDG SYNCS USETMAXREG
 // moekit-sass: moekit_gemm_sm90_fp8 require QGMMA UTMALDG SYNCS USETMAXREG
 // moekit-sass: moekit_gemm_sm90_bf16_dgrad require HGMMA UTMALDG SYNCS USETMAXREG
+// moekit-sass: moekit_gemm_sm90_bf16_kgrouped require HGMMA UTMALDG SYNCS USETMAXREG
 // Budgets: 384 threads at one block per SM leave 168 registers before setmaxnreg (and
 // setmaxnreg needs exactly that: 128 x 40 + 256 x 232 = 384 x 168); static shared memory is
 // the three warpgroups' run lists (3 x 128 x (group, span) ints + counts: 3084 B).
@@ -157,6 +160,22 @@ __device__ __forceinline__ void warpgroup_sync(int wg) {
   }
 }
 
+// Thread 0 initialises the ring's barriers ("full": one arrival plus the TMA bytes; "empty":
+// one arrival per consumer warp) and prefetches both tensor maps; then the block's last
+// block-wide barrier (the roles never meet again).
+__device__ __forceinline__ void ring_init(const MoekitGemmSm90Params& P, uint64_t* full, uint64_t* empty) {
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kStages; ++i) {
+      moekit::sm90::mbar_init(&full[i], 1);
+      moekit::sm90::mbar_init(&empty[i], kConsumerWarps);
+    }
+    moekit::sm90::fence_barrier_init();
+    moekit::sm90::prefetch_tmap(&P.tmap_a);
+    moekit::sm90::prefetch_tmap(&P.tmap_b);
+  }
+  __syncthreads();
+}
+
 // kDgrad (BF16 only): B is W [G, N, K] read along N (MN-major), the reduction is N and the
 // output has K columns; otherwise the forward (reduction K, N output columns).
 template <bool kFp8, bool kDgrad = false>
@@ -182,16 +201,7 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
   const int k_block = kFp8 ? 128 : 64;  // K per stage (128 bytes per row)
   const int k_steps = ((kDgrad ? p.n : p.k) + k_block - 1) / k_block;
 
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < kStages; ++i) {
-      moekit::sm90::mbar_init(&full[i], 1);
-      moekit::sm90::mbar_init(&empty[i], kConsumerWarps);  // one arrival per consumer warp
-    }
-    moekit::sm90::fence_barrier_init();
-    moekit::sm90::prefetch_tmap(&P.tmap_a);
-    moekit::sm90::prefetch_tmap(&P.tmap_b);
-  }
-  __syncthreads();  // the last block-wide barrier: the roles never meet again
+  ring_init(P, full, empty);
 
   uint32_t stage = 0, phase = 0;  // ring position, the same sequence in every role
   auto advance = [&]() {
@@ -387,6 +397,135 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
   }
 }
 
+
+// ---- k-grouped BF16 weight gradient ----------------------------------------------------------
+// dW[g] [N, K] f32 = (accumulate: +=) dY[lo, hi)^T . X[lo, hi) over group g's tokens, offsets
+// clamped as the portable kernel does (lo to [0, M], hi to [lo, M]). Both operands are
+// MN-major along the tokens, the reduction: a stage holds 64 tokens from t0 = lo + 64 s, A as
+// two boxes of 64 dY columns (N) x 64 tokens (one per consumer warpgroup), B as two boxes of
+// 64 X columns (K) x 64 tokens, 8 KiB each (the m-grouped kernels' 32 KiB stage); wgmma with
+// imm-trans-a 1 and imm-trans-b 1. The last stage of a group can hold the next group's tokens
+// (rows hi - t0 .. 63 of every box; rows past M arrive as zeros): the consumers zero them in
+// both operands (a NaN or infinity of another group must not leak in: 0 x inf is NaN), each
+// warpgroup its own A box and B box `half`, then fence.proxy.async (generic stores before the
+// async proxy's wgmma reads) and a barrier of both consumer warpgroups. Tiles: 128 x 128 of
+// dW[g], groups in order, row-major over (N, K) tiles inside a group; a group without tokens
+// writes zeros (accumulate: leaves dW as it is).
+constexpr int kKgTokens = 64;  // tokens per stage
+
+struct KgTile {
+  int g, n0, k0;  // group, first row (N) and column (K) of the dW tile
+  int lo, hi;     // the group's tokens, clamped
+};
+
+__device__ __forceinline__ KgTile kg_tile(const MoekitGemmParams& p, int64_t tile) {
+  const int tiles_n = (p.n + kBM - 1) / kBM, tiles_k = (p.k + kBN - 1) / kBN;
+  const int64_t per_group = static_cast<int64_t>(tiles_n) * tiles_k;
+  KgTile ti;
+  ti.g = static_cast<int>(tile / per_group);
+  const int rem = static_cast<int>(tile % per_group);
+  ti.n0 = (rem / tiles_k) * kBM;
+  ti.k0 = (rem % tiles_k) * kBN;
+  const int* offs = reinterpret_cast<const int*>(p.group_offsets);
+  const int lo = offs[ti.g], hi = offs[ti.g + 1];
+  ti.lo = lo < 0 ? 0 : (lo > p.m ? p.m : lo);
+  ti.hi = hi < ti.lo ? ti.lo : (hi > p.m ? p.m : hi);
+  return ti;
+}
+
+__device__ __forceinline__ void gemm_sm90_kgrouped(const MoekitGemmSm90Params& P) {
+  const MoekitGemmParams& p = P.gemm;
+  MOEKIT_DYNAMIC_SMEM(unsigned char, smem_raw);
+  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char* tiles = smem;
+  // The m-grouped kernels' layout (their FP8 scale slots unused), so SMEM_BYTES is shared.
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * 2 * kTileBytes + kStages * kScaleSlot * 4);
+  uint64_t* empty = full + kStages;
+  const int wg = threadIdx.x / 128;
+  const int t = threadIdx.x % 128;
+  ring_init(P, full, empty);
+  const int64_t total =
+      static_cast<int64_t>(p.groups) * ((p.n + kBM - 1) / kBM) * ((p.k + kBN - 1) / kBN);
+  uint32_t stage = 0, phase = 0;
+  auto advance = [&]() {
+    if (++stage == kStages) stage = 0, phase ^= 1;
+  };
+  constexpr int kBox = kTileBytes / 2;  // 64 columns x 64 tokens of BF16
+
+  if (wg == 0) {
+    moekit::sm90::regs_dec<40>();
+    if (t != 0) return;
+    for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
+      const KgTile ti = kg_tile(p, tile);
+      for (int t0 = ti.lo; t0 < ti.hi; t0 += kKgTokens) {
+        moekit::sm90::mbar_wait(&empty[stage], phase ^ 1);
+        moekit::sm90::mbar_arrive_expect_tx(&full[stage], 2 * kTileBytes);
+        unsigned char* dst = tiles + stage * 2 * kTileBytes;
+        moekit::sm90::tma_load_2d(dst, &P.tmap_a, &full[stage], ti.n0, t0);
+        moekit::sm90::tma_load_2d(dst + kBox, &P.tmap_a, &full[stage], ti.n0 + 64, t0);
+        moekit::sm90::tma_load_2d(dst + 2 * kBox, &P.tmap_b, &full[stage], ti.k0, t0);
+        moekit::sm90::tma_load_2d(dst + 3 * kBox, &P.tmap_b, &full[stage], ti.k0 + 64, t0);
+        advance();
+      }
+    }
+    return;
+  }
+
+  moekit::sm90::regs_inc<232>();
+  const int half = wg - 1;
+  const int warp = t / 32, lane = t % 32;
+  for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
+    const KgTile ti = kg_tile(p, tile);
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    for (int t0 = ti.lo; t0 < ti.hi; t0 += kKgTokens) {
+      moekit::sm90::mbar_wait(&full[stage], phase);
+      unsigned char* a_box = tiles + stage * 2 * kTileBytes + half * kBox;
+      unsigned char* b_tile = tiles + stage * 2 * kTileBytes + 2 * kBox;
+      const int rows = ti.hi - t0;  // the group's tokens in this stage
+      if (rows < kKgTokens) {
+        // A token is one 128-byte row of a box under any swizzle (chunks move within a row).
+        uint4* a4 = reinterpret_cast<uint4*>(a_box) + rows * 8;
+        uint4* b4 = reinterpret_cast<uint4*>(b_tile + half * kBox) + rows * 8;
+        for (int i = t; i < (kKgTokens - rows) * 8; i += 128) {
+          a4[i] = make_uint4(0, 0, 0, 0);
+          b4[i] = make_uint4(0, 0, 0, 0);
+        }
+        moekit::sm90::fence_proxy_async();
+        moekit::sm90::named_barrier_sync<3, 256>();
+      }
+      moekit::sm90::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {  // 16 tokens per wgmma
+        moekit::sm90::wgmma_m64n128k16_bf16<1, 1>(acc, moekit::sm90::smem_desc_mn128(a_box, kk * 16, kBox),
+                                                  moekit::sm90::smem_desc_mn128(b_tile, kk * 16, kBox), true);
+      }
+      moekit::sm90::wgmma_commit();
+      moekit::sm90::wgmma_wait<0>();
+      if (moekit::sm90::elect_one_sync()) moekit::sm90::mbar_arrive(&empty[stage]);
+      advance();
+      moekit::sm90::fence_regs(acc);
+    }
+    // acc[4 j + 2 h + e]: dW row n0 + 64 half + 16 warp + lane / 4 + 8 h, column k0 + 8 j + 2 (lane % 4) + e.
+    float* d = reinterpret_cast<float*>(p.d) + static_cast<int64_t>(ti.g) * p.n * p.k;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = ti.n0 + half * 64 + warp * 16 + lane / 4 + 8 * h;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int c = ti.k0 + 8 * j + 2 * (lane % 4) + e;
+          if (r >= p.n || c >= p.k) continue;
+          float* x = d + static_cast<int64_t>(r) * p.k + c;
+          *x = p.accumulate ? *x + acc[4 * j + 2 * h + e] : acc[4 * j + 2 * h + e];
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1) moekit_gemm_sm90_bf16(const __grid_constant__ MoekitGemmSm90Params p) {
@@ -398,4 +537,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1) moekit_gemm_sm90_fp8(c
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
     moekit_gemm_sm90_bf16_dgrad(const __grid_constant__ MoekitGemmSm90Params p) {
   gemm_sm90<false, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+    moekit_gemm_sm90_bf16_kgrouped(const __grid_constant__ MoekitGemmSm90Params p) {
+  gemm_sm90_kgrouped(p);
 }

@@ -21,18 +21,18 @@ pub const SMEM_BYTES: u32 = 6 * 2 * 16384 + 6 * 132 * 4 + 1024 + 2 * 6 * 8;
 
 /// Whether the Hopper kernel handles `op` on `shape` where `on` runs, with the kernel built for
 /// `on` (its sm_90a fatbin on a GPU, its host build in the emulation): m-grouped contiguous or
-/// masked with K a multiple of one 128-byte TMA row (64 BF16, 128 FP8), and BF16 dgrad with
-/// its reduction N a multiple of 64. FP8 dgrad (FP8 wgmma reads K-major operands only, and
-/// the forward weights are K-major along the wrong dimension) and k-grouped (BF16 and FP8)
-/// run on the portable kernel (the planned k-grouped design is in `kernels/NOTES.md`,
-/// gemm_sm90 k-grouped).
+/// masked with K a multiple of one 128-byte TMA row (64 BF16, 128 FP8), BF16 dgrad with its
+/// reduction N a multiple of 64, and BF16 k-grouped (any shape). FP8 dgrad (FP8 wgmma reads
+/// K-major operands only, and the forward weights are K-major along the wrong dimension) and
+/// FP8 k-grouped run on the portable kernel (the planned FP8 k-grouped design is in
+/// `kernels/NOTES.md`, gemm_sm90 k-grouped).
 pub fn supports(on: &dyn Launcher, op: Op, shape: &Shape, fp8: bool) -> bool {
     let built =
         if on.compute_capability().is_none() { !GEMM_SM90.emulation().is_empty() } else { GEMM_SM90.is_built() };
     let takes = match op {
         Op::Contiguous | Op::Masked => shape.k % if fp8 { 128 } else { 64 } == 0,
         Op::Dgrad => !fp8 && shape.n % 64 == 0,
-        Op::KGrouped => false,
+        Op::KGrouped => !fp8,
     };
     takes && built
 }
@@ -59,6 +59,9 @@ pub fn launch(on: &dyn Launcher, params: moekit_abi::MoekitGemmParams) -> Result
     let fp8 = params.fp8 != 0;
     let elem = if fp8 { 1u64 } else { 2 };
     let (g, m, n, k) = (params.groups as u64, params.m as u64, params.n as u64, params.k as u64);
+    if params.op == moekit_abi::MOEKIT_GEMM_KGROUPED as i32 {
+        return launch_k_grouped(on, params);
+    }
     let masked = params.op == moekit_abi::MOEKIT_GEMM_MASKED as i32;
     let dgrad = params.op == moekit_abi::MOEKIT_GEMM_DGRAD as i32;
     // Reduction length and output columns: (K, N), or dgrad's (N, K).
@@ -73,20 +76,46 @@ pub fn launch(on: &dyn Launcher, params: moekit_abi::MoekitGemmParams) -> Result
     let tmap_b = tensor_map(on, params.b, fp8, &[k, n, g], &[k * elem, n * k * elem], if dgrad { 64 } else { 128 })?;
     let tiles =
         (if masked { g } else { 1 }) as usize * (m as usize).div_ceil(TILE_M) * (cols as usize).div_ceil(TILE_N);
+    launch_kernel(on, tmap_a, tmap_b, params, tiles, name(fp8, dgrad))
+}
+
+/// BF16 k-grouped: dY [m, n] and X [m, k] as MN-major operands along the tokens, 64 columns
+/// by 64 tokens per box; tiles of dW [g, n, k].
+fn launch_k_grouped(on: &dyn Launcher, params: moekit_abi::MoekitGemmParams) -> Result<()> {
+    let (g, m, n, k) = (params.groups as u64, params.m as u64, params.n as u64, params.k as u64);
+    let tmap_a = tensor_map(on, params.a, false, &[n, m], &[n * 2], 64)?;
+    let tmap_b = tensor_map(on, params.b, false, &[k, m], &[k * 2], 64)?;
+    let tiles = g as usize * (n as usize).div_ceil(TILE_M) * (k as usize).div_ceil(TILE_N);
+    launch_kernel(on, tmap_a, tmap_b, params, tiles, "moekit_gemm_sm90_bf16_kgrouped")
+}
+
+fn name(fp8: bool, dgrad: bool) -> &'static str {
+    match (fp8, dgrad) {
+        (true, _) => "moekit_gemm_sm90_fp8",
+        (false, true) => "moekit_gemm_sm90_bf16_dgrad",
+        (false, false) => "moekit_gemm_sm90_bf16",
+    }
+}
+
+/// The persistent launch of `name` over `tiles` output tiles (none: nothing to do).
+fn launch_kernel(
+    on: &dyn Launcher,
+    tmap_a: moekit_abi::MoekitTensorMap,
+    tmap_b: moekit_abi::MoekitTensorMap,
+    params: moekit_abi::MoekitGemmParams,
+    tiles: usize,
+    name: &str,
+) -> Result<()> {
     if tiles == 0 {
         return Ok(());
     }
     let blocks = tiles.min(on.multiprocessors().max(1) as usize);
     let cfg = LaunchConfig { grid: (blocks as u32, 1, 1), block: (BLOCK, 1, 1), shared_mem_bytes: SMEM_BYTES };
     let p = moekit_abi::MoekitGemmSm90Params { tmap_a, tmap_b, gemm: params, _pad: [0; 88] };
-    let name = match (fp8, dgrad) {
-        (true, _) => "moekit_gemm_sm90_fp8",
-        (false, true) => "moekit_gemm_sm90_bf16_dgrad",
-        (false, false) => "moekit_gemm_sm90_bf16",
-    };
     // SAFETY: one MoekitGemmSm90Params by value (layout checked by moekit-abi's tests); the
-    // tensor maps describe exactly the operand buffers the caller checked (A [m, k], [g, m, k]
-    // or dgrad's dY [m, n], B [g, n, k]); the other pointers and sizes are the portable kernel's, checked
-    // by the caller; the kernel reads ids and scales with the same range checks.
+    // tensor maps describe exactly the operand buffers the caller checked (A [m, k], [g, m, k],
+    // dgrad's dY [m, n] or k-grouped's dY [m, n]; B [g, n, k] or k-grouped's X [m, k]); the
+    // other pointers and sizes are the portable kernel's, checked by the caller; the kernel
+    // reads ids, offsets and scales with the same range checks (offsets clamped to [0, m]).
     unsafe { moekit_cuda::launch(on, &GEMM_SM90, name, cfg, (p,)) }
 }

@@ -126,6 +126,29 @@ fn check_dgrad_bf16(dev: &Device, what: &str, dy: &[f32], w: &[f32], ids: &[i32]
     );
 }
 
+/// BF16 k-grouped over groups of `sizes` tokens, dW [groups, n, k]: device vs CPU.
+fn check_k_grouped_bf16(dev: &Device, what: &str, sizes: &[usize], n: usize, k: usize) {
+    let mut offsets = vec![0i32];
+    for &s in sizes {
+        offsets.push(offsets.last().unwrap() + s as i32);
+    }
+    let m = *offsets.last().unwrap() as usize;
+    let (dy, x) = (values(m * n, 45), values(m * k, 46));
+    check(
+        dev,
+        what,
+        |d| {
+            k_grouped(
+                GemmInput::Bf16(&bf16_tensor(&dy, &[m, n], d)),
+                GemmInput::Bf16(&bf16_tensor(&x, &[m, k], d)),
+                &Tensor::from_slice(&offsets, &[sizes.len() + 1], d).unwrap(),
+            )
+            .unwrap()
+        },
+        None,
+    );
+}
+
 /// The same in FP8 (both token scale layouts), also against the unquantized reference.
 #[allow(clippy::too_many_arguments)]
 fn check_contiguous_fp8(
@@ -379,6 +402,7 @@ fn sm90_shapes(dev: &Device) {
     check_contiguous_bf16(dev, "sm90 contiguous bf16", &a, &b, &ids, groups, n, k);
     let (dy, w) = (values(m * k, 29), values(groups * k * n, 30));
     check_dgrad_bf16(dev, "sm90 dgrad bf16", &dy, &w, &ids, groups, k, n);
+    check_k_grouped_bf16(dev, "sm90 k-grouped bf16", &[0, 1, 300, 77, 128], n, k);
     // FP8 with several weight scale blocks along N and K (n = 256, k = 384).
     let (n8, k8) = (256, 384);
     let (a8, b8) = (values(m * k8, 25), values(groups * n8 * k8, 26));
@@ -436,6 +460,7 @@ fn gpu_grouped_gemm_sm90() {
     sm90_shapes(&d);
     m_grouped(&d, 8);
     masked(&d, 8);
+    kgrouped(&d, 8);
     moekit_gemm::raw::set_kernel_override(None);
 }
 
@@ -470,6 +495,32 @@ fn sm90_emulated(dev: &Device) {
     assert_eq!(kernel_for_op(on, Op::Dgrad, &Shape { groups, m, n: nd, k: kd }, false), Kernel::Sm90);
     let (dy, w) = (values(m * nd, 43), values(groups * nd * kd, 44));
     check_dgrad_bf16(dev, "sm90 dgrad bf16", &dy, &w, &ids, groups, nd, kd);
+    // k-grouped (BF16): the part-1 body (groups of 0, 1, 130 and 125 tokens: stages that end
+    // inside a group and hold the next group's tokens, accumulation), then 2 x 2 tiles of dW
+    // (partial in N and K) over groups that start and end off the 64-token stages.
+    assert_eq!(kernel_for_op(on, Op::KGrouped, &Shape { groups, m, n: 24, k: 40 }, false), Kernel::Sm90);
+    kgrouped(dev, 1);
+    check_k_grouped_bf16(dev, "sm90 k-grouped bf16", &[70, 0, 200, 3], 136, 200);
+    // A non-finite token stays in its group: X row 72 (group 1) is infinite, and group 0's last
+    // stage (tokens 64..127) holds it; groups 0 and 2 must be finite and equal the CPU's.
+    let (offsets, n, k) = ([0i32, 70, 75, 135], 16, 24);
+    let (dy, mut x) = (values(135 * n, 47), values(135 * k, 48));
+    x[72 * k..73 * k].fill(f32::INFINITY);
+    let run = |d: &Device| {
+        f32s(
+            &k_grouped(
+                GemmInput::Bf16(&bf16_tensor(&dy, &[135, n], d)),
+                GemmInput::Bf16(&bf16_tensor(&x, &[135, k], d)),
+                &Tensor::from_slice(&offsets, &[4], d).unwrap(),
+            )
+            .unwrap(),
+        )
+    };
+    let (want, got) = (run(&Device::Cpu), run(dev));
+    for g in [0, 2] {
+        let r = g * n * k..(g + 1) * n * k;
+        assert_close(&format!("k-grouped, infinity in group 1: group {g}"), &got[r.clone()], &want[r], 1e-5);
+    }
     let ids8 = contiguous_ids(&[(1, 1), (2, 100), (0, 30)], 32);
     let (m8, n8, k8) = (ids8.len(), 256, 384);
     assert_eq!(kernel_for_op(on, Op::Contiguous, &Shape { groups, m: m8, n: n8, k: k8 }, true), Kernel::Sm90);
@@ -554,7 +605,8 @@ fn emu_dispatcher_choice() {
     assert_eq!(kernel_for_op(on, Op::Masked, &s(128), true), Kernel::Sm90);
     assert_eq!(kernel_for_op(on, Op::Contiguous, &s(40), false), Kernel::Portable, "K not a 128-byte row");
     assert_eq!(kernel_for_op(on, Op::Contiguous, &s(64), true), Kernel::Portable, "FP8 K = 64");
-    assert_eq!(kernel_for_op(on, Op::KGrouped, &s(64), false), Kernel::Portable);
+    assert_eq!(kernel_for_op(on, Op::KGrouped, &s(40), false), Kernel::Sm90, "BF16 k-grouped: any shape");
+    assert_eq!(kernel_for_op(on, Op::KGrouped, &Shape { m: 128, ..s(128) }, true), Kernel::Portable, "FP8 k-grouped");
     assert_eq!(kernel_for_op(on, Op::Dgrad, &Shape { n: 64, ..s(16) }, false), Kernel::Sm90);
     assert_eq!(
         kernel_for_op(on, Op::Dgrad, &Shape { n: 40, ..s(16) }, false),

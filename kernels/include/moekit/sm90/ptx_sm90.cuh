@@ -123,16 +123,16 @@ __device__ __forceinline__ void fence_regs(float (&d)[64]) {
 // wgmma_m64n128k16_bf16: d (64 f32 per thread, accumulator of a 64 x 128 tile) += A(desc) . B(desc)^T,
 // or d = A . B^T when `accumulate` is false. kTransB (imm-trans-b): 0, B K-major [128 of N,
 // 16 of K]; 1, B MN-major (the descriptor describes B^T [16 of K, 128 of N], N contiguous:
-// smem_desc_mn128).
-template <int kTransB = 0>
+// smem_desc_mn128). kTransA (imm-trans-a) likewise for A [64 of M, 16 of K].
+template <int kTransB = 0, int kTransA = 0>
 __device__ __forceinline__ void wgmma_m64n128k16_bf16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
-  static_assert(kTransB == 0 || kTransB == 1, "imm-trans-b");
+  static_assert((kTransB == 0 || kTransB == 1) && (kTransA == 0 || kTransA == 1), "imm-trans-a/b");
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, %67;\n}\n"
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, %68, %67;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)), "n"(kTransB));
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)), "n"(kTransB), "n"(kTransA));
 }
 
 // wgmma_m64n128k32_e4m3: d (64 f32 per thread, accumulator of a 64 x 128 tile) += A(desc) . B(desc)^T,
@@ -192,9 +192,9 @@ inline void wgmma_commit() { emu90::wgmma_commit(); }
 template <int N>
 inline void wgmma_wait() { emu90::wgmma_wait(N); }
 inline void fence_regs(float (&)[64]) {}
-template <int kTransB = 0>
+template <int kTransB = 0, int kTransA = 0>
 inline void wgmma_m64n128k16_bf16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
-  emu90::wgmma<128>(d, desc_a, desc_b, accumulate, emu90::Kind::Bf16, false, kTransB != 0);
+  emu90::wgmma<128>(d, desc_a, desc_b, accumulate, emu90::Kind::Bf16, kTransA != 0, kTransB != 0);
 }
 inline void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
   emu90::wgmma<128>(d, desc_a, desc_b, accumulate, emu90::Kind::E4m3);
