@@ -3,8 +3,8 @@
 // the BF16 activation gradient (dgrad: dX [M, K] = dY [M, N] . W[m_indices] [N, K], the
 // forward weights read along N as an MN-major B: two 64-column TMA boxes per stage and
 // wgmma with imm-trans-b 1; the contiguous schedule and epilogue with K output columns);
-// and the BF16 k-grouped weight gradient (dW[g] [N, K] f32 over each group's tokens, both
-// operands MN-major along the tokens: gemm_sm90_kgrouped below).
+// and the k-grouped weight gradient (dW[g] [N, K] f32 over each group's tokens; BF16 with both
+// operands MN-major along the tokens, FP8 K-major with rank-1 scales: gemm_sm90_kgrouped below).
 //
 // Block = 3 warpgroups: warpgroup 0 produces (one thread issues TMA loads of 128 x 128-byte
 // tiles of A and B, 128-byte swizzled, into a 6-stage ring; completion on "full" mbarriers),
@@ -30,6 +30,7 @@
 // moekit-sass: moekit_gemm_sm90_fp8 require QGMMA UTMALDG SYNCS USETMAXREG
 // moekit-sass: moekit_gemm_sm90_bf16_dgrad require HGMMA UTMALDG SYNCS USETMAXREG
 // moekit-sass: moekit_gemm_sm90_bf16_kgrouped require HGMMA UTMALDG SYNCS USETMAXREG
+// moekit-sass: moekit_gemm_sm90_fp8_kgrouped require QGMMA UTMALDG SYNCS USETMAXREG
 // Budgets: 384 threads at one block per SM leave 168 registers before setmaxnreg (and
 // setmaxnreg needs exactly that: 128 x 40 + 256 x 232 = 384 x 168); static shared memory is
 // the three warpgroups' run lists (3 x 128 x (group, span) ints + counts: 3084 B).
@@ -398,20 +399,33 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
 }
 
 
-// ---- k-grouped BF16 weight gradient ----------------------------------------------------------
-// dW[g] [N, K] f32 = (accumulate: +=) dY[lo, hi)^T . X[lo, hi) over group g's tokens, offsets
-// clamped as the portable kernel does (lo to [0, M], hi to [lo, M]). Both operands are
-// MN-major along the tokens, the reduction: a stage holds 64 tokens from t0 = lo + 64 s, A as
-// two boxes of 64 dY columns (N) x 64 tokens (one per consumer warpgroup), B as two boxes of
-// 64 X columns (K) x 64 tokens, 8 KiB each (the m-grouped kernels' 32 KiB stage); wgmma with
-// imm-trans-a 1 and imm-trans-b 1. The last stage of a group can hold the next group's tokens
-// (rows hi - t0 .. 63 of every box; rows past M arrive as zeros): the consumers zero them in
-// both operands (a NaN or infinity of another group must not leak in: 0 x inf is NaN), each
-// warpgroup its own A box and B box `half`, then fence.proxy.async (generic stores before the
-// async proxy's wgmma reads) and a barrier of both consumer warpgroups. Tiles: 128 x 128 of
-// dW[g], groups in order, row-major over (N, K) tiles inside a group; a group without tokens
-// writes zeros (accumulate: leaves dW as it is).
-constexpr int kKgTokens = 64;  // tokens per stage
+// ---- k-grouped weight gradient ---------------------------------------------------------------
+// dW[g] [N, K] f32 = (accumulate: +=) the sum over group g's tokens [lo, hi) of dY[t]^T X[t]
+// (offsets clamped as the portable kernel: lo to [0, M], hi to [lo, M]). Tiles: 128 x 128 of
+// dW[g], groups in order, row-major over (N, K) tiles inside a group; the two consumer
+// warpgroups own its rows 0-63 and 64-127; f32 epilogue from the fragment; a group without
+// tokens writes zeros (accumulate: leaves dW). Stages that hold other groups' tokens have
+// them zeroed in shared memory in both operands (a NaN or infinity of another group must not
+// leak in: 0 x inf is NaN), each warpgroup its half of each tile, then fence.proxy.async
+// (generic stores before the async proxy's wgmma reads) and a barrier of both warpgroups.
+//
+// BF16: dY [M, N] and X [M, K] as given, both MN-major along the tokens (the reduction). A
+// stage holds 64 tokens from t0 = lo + 64 s (box starts need no alignment): A as two boxes of
+// 64 dY columns x 64 tokens, B as two boxes of 64 X columns x 64 tokens, 8 KiB each; wgmma
+// with imm-trans-a 1 and imm-trans-b 1. Only a group's last stage can hold foreign tokens
+// (rows hi - t0 .. 63; a token is one 128-byte row of a box under any swizzle).
+// FP8: dY^T [N, M] and X^T [K, M] (K-major along the tokens), 1x128 scales along the tokens
+// (sa [N, M / 128], sb [K, M / 128]). A stage is one global 128-token block b (the scales'
+// block), 128 rows x 128 tokens per operand; per stage 4 wgmma m64n128k32 into a fresh tile,
+// promoted as acc[n][k] += part[n][k] sa[n][b] sb[k][b] (a rank-1 scale: each thread reads its
+// 2 row scales and 32 column scales from the stage's slot, which the producer warp writes).
+// A group's first and last blocks can hold foreign tokens: byte columns outside [lo - 128 b,
+// hi - 128 b) of every row, at their 128-byte-swizzled positions.
+constexpr int kKgTokens = 64;          // BF16 tokens per stage
+constexpr int kKgScaleSlot = 2 * kBM;  // FP8: 128 token-block scales of dY^T rows, then of X^T rows
+constexpr int kKgSmemBytes = kStages * 2 * kTileBytes + kStages * kKgScaleSlot * 4 + 1024 + 2 * kStages * 8;
+static_assert(kKgSmemBytes == 203872, "keep sm90::SMEM_BYTES_KGROUPED_FP8 in step");
+static_assert(kKgSmemBytes <= 232448, "shared memory per block");
 
 struct KgTile {
   int g, n0, k0;  // group, first row (N) and column (K) of the dW tile
@@ -433,45 +447,103 @@ __device__ __forceinline__ KgTile kg_tile(const MoekitGemmParams& p, int64_t til
   return ti;
 }
 
+// The tile's stages: BF16 from t0 = lo by 64 tokens; FP8 the 128-token blocks lo / 128 ..
+// (hi - 1) / 128 (t0 = 128 b). None when the group is empty.
+template <bool kFp8>
+__device__ __forceinline__ int kg_first(const KgTile& ti) {
+  return kFp8 ? ti.lo / 128 * 128 : ti.lo;
+}
+template <bool kFp8>
+__device__ __forceinline__ int kg_step() {
+  return kFp8 ? 128 : kKgTokens;
+}
+
+// FP8: zero the byte columns outside [c_lo, c_hi) of rows r0 .. r0 + 63 of a 128 x 128-byte
+// tile written by TMA with 128-byte swizzle (column c of row r at ((c / 16) ^ (r % 8)) 16 + c % 16).
+__device__ __forceinline__ void kg_zero_columns(unsigned char* tile, int r0, int c_lo, int c_hi, int t) {
+  for (int i = t; i < 64 * 8; i += 128) {  // (row, 16-byte chunk) pairs
+    const int r = r0 + i / 8, q = i % 8;
+    unsigned char* chunk = tile + r * 128 + ((q ^ (r % 8)) * 16);
+    if (16 * q >= c_lo && 16 * q + 16 <= c_hi) continue;  // all 16 columns are the group's
+    if (16 * q + 16 <= c_lo || 16 * q >= c_hi) {
+      *reinterpret_cast<uint4*>(chunk) = make_uint4(0, 0, 0, 0);
+      continue;
+    }
+    for (int b = 0; b < 16; ++b) {
+      if (16 * q + b < c_lo || 16 * q + b >= c_hi) chunk[b] = 0;
+    }
+  }
+}
+
+template <bool kFp8>
 __device__ __forceinline__ void gemm_sm90_kgrouped(const MoekitGemmSm90Params& P) {
   const MoekitGemmParams& p = P.gemm;
   MOEKIT_DYNAMIC_SMEM(unsigned char, smem_raw);
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   unsigned char* tiles = smem;
-  // The m-grouped kernels' layout (their FP8 scale slots unused), so SMEM_BYTES is shared.
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * 2 * kTileBytes + kStages * kScaleSlot * 4);
+  // BF16: the m-grouped kernels' layout (its FP8 scale slots unused: SMEM_BYTES); FP8: slots
+  // of kKgScaleSlot floats (kKgSmemBytes).
+  constexpr int kSlot = kFp8 ? kKgScaleSlot : kScaleSlot;
+  float* scales = reinterpret_cast<float*>(smem + kStages * 2 * kTileBytes);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * 2 * kTileBytes + kStages * kSlot * 4);
   uint64_t* empty = full + kStages;
   const int wg = threadIdx.x / 128;
   const int t = threadIdx.x % 128;
   ring_init(P, full, empty);
-  const int64_t total =
-      static_cast<int64_t>(p.groups) * ((p.n + kBM - 1) / kBM) * ((p.k + kBN - 1) / kBN);
+  const int64_t total = static_cast<int64_t>(p.groups) * ((p.n + kBM - 1) / kBM) * ((p.k + kBN - 1) / kBN);
   uint32_t stage = 0, phase = 0;
   auto advance = [&]() {
     if (++stage == kStages) stage = 0, phase ^= 1;
   };
-  constexpr int kBox = kTileBytes / 2;  // 64 columns x 64 tokens of BF16
+  constexpr int kBox = kTileBytes / 2;  // BF16: 64 columns x 64 tokens
+  constexpr int kProducerRegs = kFp8 ? 56 : 40, kConsumerRegs = kFp8 ? 224 : 232;
+  static_assert(128 * kProducerRegs + 256 * kConsumerRegs == 384 * 168, "setmaxnreg pool");
 
   if (wg == 0) {
-    moekit::sm90::regs_dec<40>();
-    if (t != 0) return;
+    moekit::sm90::regs_dec<kProducerRegs>();
+    if (t >= (kFp8 ? 32 : 1)) return;
     for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
       const KgTile ti = kg_tile(p, tile);
-      for (int t0 = ti.lo; t0 < ti.hi; t0 += kKgTokens) {
-        moekit::sm90::mbar_wait(&empty[stage], phase ^ 1);
+      for (int t0 = kg_first<kFp8>(ti); t0 < ti.hi; t0 += kg_step<kFp8>()) {
+        if (t == 0) moekit::sm90::mbar_wait(&empty[stage], phase ^ 1);
+        if constexpr (kFp8) {
+          // Lane t: the block's scales of dY^T rows n0 + 4t .. and X^T rows k0 + 4t .. (0 past
+          // N, K); published by lane 0's arrive (as the m-grouped FP8 producer's slot).
+          __syncwarp();
+          float* slot = scales + stage * kSlot;
+          const int blocks = p.m / 128, b = t0 / 128;
+          const float* sa = reinterpret_cast<const float*>(p.a_scales);
+          const float* sb = reinterpret_cast<const float*>(p.b_scales);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int r = 4 * t + j;
+            slot[r] = ti.n0 + r < p.n ? sa[static_cast<int64_t>(ti.n0 + r) * blocks + b] : 0.0f;
+            slot[kBM + r] = ti.k0 + r < p.k ? sb[static_cast<int64_t>(ti.k0 + r) * blocks + b] : 0.0f;
+          }
+          __syncwarp();
+          if (t != 0) {
+            advance();
+            continue;
+          }
+        }
         moekit::sm90::mbar_arrive_expect_tx(&full[stage], 2 * kTileBytes);
         unsigned char* dst = tiles + stage * 2 * kTileBytes;
-        moekit::sm90::tma_load_2d(dst, &P.tmap_a, &full[stage], ti.n0, t0);
-        moekit::sm90::tma_load_2d(dst + kBox, &P.tmap_a, &full[stage], ti.n0 + 64, t0);
-        moekit::sm90::tma_load_2d(dst + 2 * kBox, &P.tmap_b, &full[stage], ti.k0, t0);
-        moekit::sm90::tma_load_2d(dst + 3 * kBox, &P.tmap_b, &full[stage], ti.k0 + 64, t0);
+        if constexpr (kFp8) {
+          moekit::sm90::tma_load_2d(dst, &P.tmap_a, &full[stage], t0, ti.n0);
+          moekit::sm90::tma_load_2d(dst + kTileBytes, &P.tmap_b, &full[stage], t0, ti.k0);
+        } else {
+          moekit::sm90::tma_load_2d(dst, &P.tmap_a, &full[stage], ti.n0, t0);
+          moekit::sm90::tma_load_2d(dst + kBox, &P.tmap_a, &full[stage], ti.n0 + 64, t0);
+          moekit::sm90::tma_load_2d(dst + 2 * kBox, &P.tmap_b, &full[stage], ti.k0, t0);
+          moekit::sm90::tma_load_2d(dst + 3 * kBox, &P.tmap_b, &full[stage], ti.k0 + 64, t0);
+        }
         advance();
       }
     }
     return;
   }
 
-  moekit::sm90::regs_inc<232>();
+  moekit::sm90::regs_inc<kConsumerRegs>();
   const int half = wg - 1;
   const int warp = t / 32, lane = t % 32;
   for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
@@ -479,30 +551,59 @@ __device__ __forceinline__ void gemm_sm90_kgrouped(const MoekitGemmSm90Params& P
     float acc[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-    for (int t0 = ti.lo; t0 < ti.hi; t0 += kKgTokens) {
+    float part[kFp8 ? 64 : 1];
+    for (int t0 = kg_first<kFp8>(ti); t0 < ti.hi; t0 += kg_step<kFp8>()) {
       moekit::sm90::mbar_wait(&full[stage], phase);
-      unsigned char* a_box = tiles + stage * 2 * kTileBytes + half * kBox;
-      unsigned char* b_tile = tiles + stage * 2 * kTileBytes + 2 * kBox;
-      const int rows = ti.hi - t0;  // the group's tokens in this stage
-      if (rows < kKgTokens) {
-        // A token is one 128-byte row of a box under any swizzle (chunks move within a row).
-        uint4* a4 = reinterpret_cast<uint4*>(a_box) + rows * 8;
-        uint4* b4 = reinterpret_cast<uint4*>(b_tile + half * kBox) + rows * 8;
-        for (int i = t; i < (kKgTokens - rows) * 8; i += 128) {
-          a4[i] = make_uint4(0, 0, 0, 0);
-          b4[i] = make_uint4(0, 0, 0, 0);
+      unsigned char* a_tile = tiles + stage * 2 * kTileBytes;
+      unsigned char* b_tile = a_tile + kTileBytes;
+      // The group's tokens in this stage, relative to t0: [c_lo, c_hi).
+      const int c_lo = ti.lo > t0 ? ti.lo - t0 : 0;
+      const int c_hi = ti.hi - t0 < kg_step<kFp8>() ? ti.hi - t0 : kg_step<kFp8>();
+      if (c_lo > 0 || c_hi < kg_step<kFp8>()) {
+        if constexpr (kFp8) {
+          kg_zero_columns(a_tile, 64 * half, c_lo, c_hi, t);
+          kg_zero_columns(b_tile, 64 * half, c_lo, c_hi, t);
+        } else {  // c_lo is 0 (stages start at lo): rows c_hi .. 63 of A box `half` and B box `half`
+          uint4* a4 = reinterpret_cast<uint4*>(a_tile + half * kBox) + c_hi * 8;
+          uint4* b4 = reinterpret_cast<uint4*>(b_tile + half * kBox) + c_hi * 8;
+          for (int i = t; i < (kKgTokens - c_hi) * 8; i += 128) {
+            a4[i] = make_uint4(0, 0, 0, 0);
+            b4[i] = make_uint4(0, 0, 0, 0);
+          }
         }
         moekit::sm90::fence_proxy_async();
         moekit::sm90::named_barrier_sync<3, 256>();
       }
       moekit::sm90::wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {  // 16 tokens per wgmma
-        moekit::sm90::wgmma_m64n128k16_bf16<1, 1>(acc, moekit::sm90::smem_desc_mn128(a_box, kk * 16, kBox),
-                                                  moekit::sm90::smem_desc_mn128(b_tile, kk * 16, kBox), true);
+      for (int kk = 0; kk < 4; ++kk) {
+        if constexpr (kFp8) {  // 32 tokens (bytes) per wgmma, K-major
+          moekit::sm90::wgmma_m64n128k32_e4m3(part, moekit::sm90::smem_desc_k128(a_tile + half * kBox, kk * 32),
+                                              moekit::sm90::smem_desc_k128(b_tile, kk * 32), kk > 0);
+        } else {  // 16 tokens (rows) per wgmma, MN-major
+          moekit::sm90::wgmma_m64n128k16_bf16<1, 1>(acc, moekit::sm90::smem_desc_mn128(a_tile + half * kBox, kk * 16, kBox),
+                                                    moekit::sm90::smem_desc_mn128(b_tile, kk * 16, kBox), true);
+        }
       }
       moekit::sm90::wgmma_commit();
       moekit::sm90::wgmma_wait<0>();
+      if constexpr (kFp8) {
+        // Promote with this block's scales, read from the slot before the stage is released.
+        moekit::sm90::fence_regs(part);
+        const float* slot = scales + stage * kSlot;
+        float sa[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) sa[h] = slot[half * 64 + warp * 16 + lane / 4 + 8 * h];
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float sb = slot[kBM + 8 * j + 2 * (lane % 4) + e];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) acc[4 * j + 2 * h + e] += part[4 * j + 2 * h + e] * (sa[h] * sb);
+          }
+        }
+      }
       if (moekit::sm90::elect_one_sync()) moekit::sm90::mbar_arrive(&empty[stage]);
       advance();
       moekit::sm90::fence_regs(acc);
@@ -540,5 +641,9 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
 }
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
     moekit_gemm_sm90_bf16_kgrouped(const __grid_constant__ MoekitGemmSm90Params p) {
-  gemm_sm90_kgrouped(p);
+  gemm_sm90_kgrouped<false>(p);
+}
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+    moekit_gemm_sm90_fp8_kgrouped(const __grid_constant__ MoekitGemmSm90Params p) {
+  gemm_sm90_kgrouped<true>(p);
 }

@@ -18,21 +18,23 @@ pub const TILE_N: usize = 128;
 /// Dynamic shared memory: 6 stages x ((A, B) x 16 KiB + a 528-byte FP8 scale slot), barriers,
 /// 1 KiB alignment slack (the kernel's `static_assert` keeps the two in step).
 pub const SMEM_BYTES: u32 = 6 * 2 * 16384 + 6 * 132 * 4 + 1024 + 2 * 6 * 8;
+/// Dynamic shared memory of the FP8 k-grouped kernel: its scale slots hold 256 floats (128 row
+/// scales of each operand's tile).
+pub const SMEM_BYTES_KGROUPED_FP8: u32 = 6 * 2 * 16384 + 6 * 256 * 4 + 1024 + 2 * 6 * 8;
 
 /// Whether the Hopper kernel handles `op` on `shape` where `on` runs, with the kernel built for
 /// `on` (its sm_90a fatbin on a GPU, its host build in the emulation): m-grouped contiguous or
 /// masked with K a multiple of one 128-byte TMA row (64 BF16, 128 FP8), BF16 dgrad with its
-/// reduction N a multiple of 64, and BF16 k-grouped (any shape). FP8 dgrad (FP8 wgmma reads
-/// K-major operands only, and the forward weights are K-major along the wrong dimension) and
-/// FP8 k-grouped run on the portable kernel (the planned FP8 k-grouped design is in
-/// `kernels/NOTES.md`, gemm_sm90 k-grouped).
+/// reduction N a multiple of 64, and k-grouped (BF16 and FP8: every shape the API takes). FP8
+/// dgrad runs on the portable kernel: FP8 wgmma reads K-major operands only, and the forward
+/// weights are K-major along the other dimension.
 pub fn supports(on: &dyn Launcher, op: Op, shape: &Shape, fp8: bool) -> bool {
     let built =
         if on.compute_capability().is_none() { !GEMM_SM90.emulation().is_empty() } else { GEMM_SM90.is_built() };
     let takes = match op {
         Op::Contiguous | Op::Masked => shape.k % if fp8 { 128 } else { 64 } == 0,
         Op::Dgrad => !fp8 && shape.n % 64 == 0,
-        Op::KGrouped => !fp8,
+        Op::KGrouped => true,
     };
     takes && built
 }
@@ -76,17 +78,24 @@ pub fn launch(on: &dyn Launcher, params: moekit_abi::MoekitGemmParams) -> Result
     let tmap_b = tensor_map(on, params.b, fp8, &[k, n, g], &[k * elem, n * k * elem], if dgrad { 64 } else { 128 })?;
     let tiles =
         (if masked { g } else { 1 }) as usize * (m as usize).div_ceil(TILE_M) * (cols as usize).div_ceil(TILE_N);
-    launch_kernel(on, tmap_a, tmap_b, params, tiles, name(fp8, dgrad))
+    launch_kernel(on, (tmap_a, tmap_b), params, tiles, name(fp8, dgrad), SMEM_BYTES)
 }
 
-/// BF16 k-grouped: dY [m, n] and X [m, k] as MN-major operands along the tokens, 64 columns
-/// by 64 tokens per box; tiles of dW [g, n, k].
+/// k-grouped, tiles of dW [g, n, k]. BF16: dY [m, n] and X [m, k] as MN-major operands along
+/// the tokens, 64 columns by 64 tokens per box. FP8: dY^T [n, m] and X^T [k, m], K-major along
+/// the tokens, 128 tokens (bytes) by 128 rows per box.
 fn launch_k_grouped(on: &dyn Launcher, params: moekit_abi::MoekitGemmParams) -> Result<()> {
     let (g, m, n, k) = (params.groups as u64, params.m as u64, params.n as u64, params.k as u64);
+    let tiles = g as usize * (n as usize).div_ceil(TILE_M) * (k as usize).div_ceil(TILE_N);
+    if params.fp8 != 0 {
+        let tmap_a = tensor_map(on, params.a, true, &[m, n], &[m], 128)?;
+        let tmap_b = tensor_map(on, params.b, true, &[m, k], &[m], 128)?;
+        let name = "moekit_gemm_sm90_fp8_kgrouped";
+        return launch_kernel(on, (tmap_a, tmap_b), params, tiles, name, SMEM_BYTES_KGROUPED_FP8);
+    }
     let tmap_a = tensor_map(on, params.a, false, &[n, m], &[n * 2], 64)?;
     let tmap_b = tensor_map(on, params.b, false, &[k, m], &[k * 2], 64)?;
-    let tiles = g as usize * (n as usize).div_ceil(TILE_M) * (k as usize).div_ceil(TILE_N);
-    launch_kernel(on, tmap_a, tmap_b, params, tiles, "moekit_gemm_sm90_bf16_kgrouped")
+    launch_kernel(on, (tmap_a, tmap_b), params, tiles, "moekit_gemm_sm90_bf16_kgrouped", SMEM_BYTES)
 }
 
 fn name(fp8: bool, dgrad: bool) -> &'static str {
@@ -97,24 +106,26 @@ fn name(fp8: bool, dgrad: bool) -> &'static str {
     }
 }
 
-/// The persistent launch of `name` over `tiles` output tiles (none: nothing to do).
+/// The persistent launch of `name` over `tiles` output tiles (none: nothing to do) with the
+/// tensor maps of A and B and `smem` bytes of dynamic shared memory.
 fn launch_kernel(
     on: &dyn Launcher,
-    tmap_a: moekit_abi::MoekitTensorMap,
-    tmap_b: moekit_abi::MoekitTensorMap,
+    (tmap_a, tmap_b): (moekit_abi::MoekitTensorMap, moekit_abi::MoekitTensorMap),
     params: moekit_abi::MoekitGemmParams,
     tiles: usize,
     name: &str,
+    smem: u32,
 ) -> Result<()> {
     if tiles == 0 {
         return Ok(());
     }
     let blocks = tiles.min(on.multiprocessors().max(1) as usize);
-    let cfg = LaunchConfig { grid: (blocks as u32, 1, 1), block: (BLOCK, 1, 1), shared_mem_bytes: SMEM_BYTES };
+    let cfg = LaunchConfig { grid: (blocks as u32, 1, 1), block: (BLOCK, 1, 1), shared_mem_bytes: smem };
     let p = moekit_abi::MoekitGemmSm90Params { tmap_a, tmap_b, gemm: params, _pad: [0; 88] };
     // SAFETY: one MoekitGemmSm90Params by value (layout checked by moekit-abi's tests); the
     // tensor maps describe exactly the operand buffers the caller checked (A [m, k], [g, m, k],
-    // dgrad's dY [m, n] or k-grouped's dY [m, n]; B [g, n, k] or k-grouped's X [m, k]); the
+    // dgrad's dY [m, n], k-grouped's dY [m, n] or dY^T [n, m]; B [g, n, k] or k-grouped's
+    // X [m, k] or X^T [k, m]); the
     // other pointers and sizes are the portable kernel's, checked by the caller; the kernel
     // reads ids, offsets and scales with the same range checks (offsets clamped to [0, m]).
     unsafe { moekit_cuda::launch(on, &GEMM_SM90, name, cfg, (p,)) }

@@ -149,6 +149,38 @@ fn check_k_grouped_bf16(dev: &Device, what: &str, sizes: &[usize], n: usize, k: 
     );
 }
 
+/// FP8 k-grouped over groups of `sizes` tokens (their sum a multiple of 128), dW [groups, n, k]:
+/// device vs CPU on the same quantized inputs. `nan_token`: that token of X^T is an E4M3 NaN
+/// code in every row; then only the groups without it are compared (they must be finite).
+fn check_k_grouped_fp8(dev: &Device, sizes: &[usize], n: usize, k: usize, nan_token: Option<usize>) {
+    let mut offsets = vec![0i32];
+    for &s in sizes {
+        offsets.push(offsets.last().unwrap() + s as i32);
+    }
+    let m = *offsets.last().unwrap() as usize;
+    let (dyt, xt) = (values(n * m, 49), values(k * m, 50));
+    let run = |d: &Device| {
+        let qa = fp8_tokens(&dyt, n, m, ScaleLayout::RowMajor, d);
+        let mut qb = fp8_tokens(&xt, k, m, ScaleLayout::RowMajor, d);
+        if let Some(t) = nan_token {
+            let mut codes = qb.data.to_vec::<F8E4M3>().unwrap();
+            (0..k).for_each(|r| codes[r * m + t] = F8E4M3(0x7f));
+            qb.data = Tensor::from_slice(&codes, &[k, m], d).unwrap();
+        }
+        let off = Tensor::from_slice(&offsets, &[sizes.len() + 1], d).unwrap();
+        f32s(&k_grouped((&qa).into(), (&qb).into(), &off).unwrap())
+    };
+    let (want, got) = (run(&Device::Cpu), run(dev));
+    for g in 0..sizes.len() {
+        let (lo, hi) = (offsets[g] as usize, offsets[g + 1] as usize);
+        if nan_token.is_some_and(|t| (lo..hi).contains(&t)) {
+            continue;
+        }
+        let r = g * n * k..(g + 1) * n * k;
+        assert_close(&format!("k-grouped fp8 {sizes:?} group {g}"), &got[r.clone()], &want[r], 1e-5);
+    }
+}
+
 /// The same in FP8 (both token scale layouts), also against the unquantized reference.
 #[allow(clippy::too_many_arguments)]
 fn check_contiguous_fp8(
@@ -499,6 +531,7 @@ fn sm90_emulated(dev: &Device) {
     // inside a group and hold the next group's tokens, accumulation), then 2 x 2 tiles of dW
     // (partial in N and K) over groups that start and end off the 64-token stages.
     assert_eq!(kernel_for_op(on, Op::KGrouped, &Shape { groups, m, n: 24, k: 40 }, false), Kernel::Sm90);
+    assert_eq!(kernel_for_op(on, Op::KGrouped, &Shape { groups, m: 256, n: 16, k: 24 }, true), Kernel::Sm90);
     kgrouped(dev, 1);
     check_k_grouped_bf16(dev, "sm90 k-grouped bf16", &[70, 0, 200, 3], 136, 200);
     // A non-finite token stays in its group: X row 72 (group 1) is infinite, and group 0's last
@@ -521,6 +554,10 @@ fn sm90_emulated(dev: &Device) {
         let r = g * n * k..(g + 1) * n * k;
         assert_close(&format!("k-grouped, infinity in group 1: group {g}"), &got[r.clone()], &want[r], 1e-5);
     }
+    // FP8: 2 x 2 partial dW tiles over groups off the 128-token blocks, then an E4M3 NaN code
+    // at X^T column 72 (group 1), inside the first block of groups 0 and 2.
+    check_k_grouped_fp8(dev, &[0, 100, 1, 200, 83], 136, 200, None);
+    check_k_grouped_fp8(dev, &[70, 5, 181], 16, 24, Some(72));
     let ids8 = contiguous_ids(&[(1, 1), (2, 100), (0, 30)], 32);
     let (m8, n8, k8) = (ids8.len(), 256, 384);
     assert_eq!(kernel_for_op(on, Op::Contiguous, &Shape { groups, m: m8, n: n8, k: k8 }, true), Kernel::Sm90);
@@ -606,7 +643,7 @@ fn emu_dispatcher_choice() {
     assert_eq!(kernel_for_op(on, Op::Contiguous, &s(40), false), Kernel::Portable, "K not a 128-byte row");
     assert_eq!(kernel_for_op(on, Op::Contiguous, &s(64), true), Kernel::Portable, "FP8 K = 64");
     assert_eq!(kernel_for_op(on, Op::KGrouped, &s(40), false), Kernel::Sm90, "BF16 k-grouped: any shape");
-    assert_eq!(kernel_for_op(on, Op::KGrouped, &Shape { m: 128, ..s(128) }, true), Kernel::Portable, "FP8 k-grouped");
+    assert_eq!(kernel_for_op(on, Op::KGrouped, &Shape { m: 128, ..s(128) }, true), Kernel::Sm90, "FP8 k-grouped");
     assert_eq!(kernel_for_op(on, Op::Dgrad, &Shape { n: 64, ..s(16) }, false), Kernel::Sm90);
     assert_eq!(
         kernel_for_op(on, Op::Dgrad, &Shape { n: 40, ..s(16) }, false),
