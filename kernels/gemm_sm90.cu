@@ -313,21 +313,26 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
 #pragma unroll
       for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
       float part[kFp8 ? 64 : 1];
-      for (int ks = 0; ks < k_steps; ++ks) {
-        if (!live) {
-          // One lane per warp keeps the ring in step: it waits for the stage to fill, then
-          // releases it. (Every lane waiting here and one lane arriving would be a race:
-          // nothing orders the others' waits before the arrival, so the producer could refill
-          // the stage and complete the next phase of the same parity before a slow lane's
-          // wait, which then waits for a phase that never comes - the emulation's deadlock
-          // report found it. The live path is ordered by the collective wgmma.wait_group.)
+      uint32_t prev = 0;  // BF16: the stage whose wgmmas are still in flight
+      if (!live) {
+        // One lane per warp keeps the ring in step: it waits for each stage to fill, then
+        // releases it. (Every lane waiting here and one lane arriving would be a race:
+        // nothing orders the others' waits before the arrival, so the producer could refill
+        // the stage and complete the next phase of the same parity before a slow lane's
+        // wait, which then waits for a phase that never comes - the emulation's deadlock
+        // report found it. The live path is ordered by the collective wgmma.wait_group.)
+        // A loop of its own: no divergent code in the live loop, where a wgmma group stays
+        // in flight across iterations (ptxas would serialise the wgmmas, C7518).
+        for (int ks = 0; ks < k_steps; ++ks) {
           if (lane == 0) {
             moekit::sm90::mbar_wait(&full[stage], phase);
             moekit::sm90::mbar_arrive(&empty[stage]);
           }
           advance();
-          continue;
         }
+        continue;
+      }
+      for (int ks = 0; ks < k_steps; ++ks) {
         moekit::sm90::mbar_wait(&full[stage], phase);
         const unsigned char* a_tile = tiles + stage * 2 * kTileBytes + half * (kTileBytes / 2);
         const unsigned char* b_tile = tiles + stage * 2 * kTileBytes + kTileBytes;
@@ -357,21 +362,33 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
 #pragma unroll
           for (int h = 0; h < 2; ++h) sa[h] = slot[half * 64 + warp * 16 + lane / 4 + 8 * h];
         }
-        moekit::sm90::wgmma_wait<0>();
-        // This warp is done with the stage (wait_group 0: its wgmmas have read it): one
-        // elected lane per warp arrives, as soon as its warp gets there.
-        if (moekit::sm90::elect_one_sync()) moekit::sm90::mbar_arrive(&empty[stage]);
-        advance();
         if constexpr (kFp8) {
+          moekit::sm90::wgmma_wait<0>();
+          // This warp is done with the stage (wait_group 0: its wgmmas have read it): one
+          // elected lane per warp arrives, as soon as its warp gets there.
+          if (moekit::sm90::elect_one_sync()) moekit::sm90::mbar_arrive(&empty[stage]);
+          advance();
           moekit::sm90::fence_regs(part);
           // Promote: acc += part * scale_a(row) * scale_b(block of (g, col0, ks)).
 #pragma unroll
           for (int i = 0; i < 64; ++i) acc[i] += part[i] * (sa[(i >> 1) & 1] * sb);
         } else {
-          moekit::sm90::fence_regs(acc);
+          // BF16 keeps one group in flight: wait_group 1 completes the previous stage's
+          // wgmmas (they chain on the same accumulators, which the hardware orders), so that
+          // stage is released while this one's run; the last is released after the loop.
+          moekit::sm90::wgmma_wait<1>();
+          const bool elected = moekit::sm90::elect_one_sync();
+          moekit::sm90::mbar_arrive_if(&empty[prev], elected & (ks > 0));
+          prev = stage;
+          advance();
         }
       }
-      if (!live) continue;
+      if constexpr (!kFp8) {
+        moekit::sm90::wgmma_wait<0>();
+        const bool elected = moekit::sm90::elect_one_sync();
+        moekit::sm90::mbar_arrive_if(&empty[prev], elected & (k_steps > 0));
+        moekit::sm90::fence_regs(acc);
+      }
       // Epilogue: acc[4 j + 2 h + e] is row (warp * 16 + lane / 4 + 8 h), column 8 j + 2 (lane % 4) + e.
       // A pass writes exactly its run's rows [lo, hi] (all of group g, all below m or masked_m):
       // no m_indices load here.

@@ -4,7 +4,7 @@ use crate::root;
 use crate::setup::ensure_toolchain;
 use moekit_build::{
     arch_override, archs_for, budget_failures, compile_module, failed_checks, parse_budgets, parse_cuobjdump_sass,
-    parse_ptxas, parse_sass_checks, KernelModule,
+    parse_ptxas, parse_sass_checks, wgmma_serialized, KernelModule,
 };
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -67,6 +67,7 @@ pub fn build_kernels(only: &[String]) -> Result<(), String> {
         }
         let sass = parse_cuobjdump_sass(&String::from_utf8_lossy(&out.stdout));
         let resources = parse_ptxas(&compiled.ptxas_report);
+        let serialized = wgmma_serialized(&compiled.ptxas_report);
         if resources.is_empty() {
             failures.push(format!("{}: ptxas reported no kernels", module.name));
         }
@@ -76,6 +77,9 @@ pub fn build_kernels(only: &[String]) -> Result<(), String> {
                 verdicts.push("SPILLS".to_string());
             }
             verdicts.extend(budget_failures(r, &budgets).into_iter().map(|b| format!("OVER BUDGET {b}")));
+            if serialized.contains(&r.kernel) {
+                verdicts.push("WGMMA SERIALIZED (ptxas C7518)".to_string());
+            }
             match sass.get(&(r.arch.clone(), r.kernel.clone())) {
                 Some(ins) => verdicts
                     .extend(failed_checks(&r.kernel, &r.arch, ins, &checks).into_iter().map(|c| format!("FAILED {c}"))),

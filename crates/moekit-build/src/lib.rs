@@ -30,8 +30,8 @@ pub use deps::scan_includes;
 pub use emulation::{compile_host_library, entry_symbol, kernel_names, sanitize_address, wrapper_source, EMU_HEADER};
 pub use module::{archs_for, default_archs, Arch, ArchClass, KernelModule};
 pub use report::{
-    budget_failures, failed_checks, parse_budgets, parse_cuobjdump_sass, parse_ptxas, parse_sass_checks, Budget,
-    KernelResources, SassCheck,
+    budget_failures, failed_checks, parse_budgets, parse_cuobjdump_sass, parse_ptxas, parse_sass_checks,
+    wgmma_serialized, Budget, KernelResources, SassCheck,
 };
 pub use toolchain::{
     find_cuda_include, find_nvcc, local_cuda_root, workspace_root, Toolchain, DISCOVERY_ENV_VARS, LOCAL_TOOLCHAIN_DIR,

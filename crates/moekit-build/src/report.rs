@@ -118,6 +118,20 @@ impl SassCheck {
     }
 }
 
+/// Kernels whose wgmma instructions ptxas serialised (its advisory `(C7518) Potential
+/// Performance Loss: wgmma.mma_async instructions are serialized ... in the function 'NAME'`):
+/// each wgmma then waits for the one before, so the pipeline the source describes is gone.
+pub fn wgmma_serialized(report: &str) -> Vec<String> {
+    let mut v: Vec<String> = report
+        .lines()
+        .filter(|l| l.contains("(C7518)"))
+        .filter_map(|l| l.split("in the function '").nth(1)?.split('\'').next().map(str::to_string))
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
 /// Reads `// moekit-sass:` directives from a kernel source.
 pub fn parse_sass_checks(source: &str) -> Result<Vec<SassCheck>, String> {
     let mut checks = Vec::new();
@@ -341,6 +355,15 @@ ptxas info    : Function properties for k
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 12 registers, used 0 barriers, 372 bytes cmem[0]
 ";
+
+    #[test]
+    fn finds_serialised_wgmma() {
+        let r = "ptxas info    : (C7518) Potential Performance Loss: wgmma.mma_async instructions are serialized \
+                 due to program dependence on compiler-inserted WG.DP in divergent path in the function 'k_bf16'\n\
+                 ptxas info    : Compiling entry function 'k_fp8' for 'sm_90a'";
+        assert_eq!(wgmma_serialized(r), vec!["k_bf16".to_string()]);
+        assert!(wgmma_serialized(PTXAS).is_empty());
+    }
 
     #[test]
     fn ptxas_report() {

@@ -33,6 +33,14 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t by
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
 }
+// One arrival when `pred` holds, as a predicated instruction (no branch: a divergent path
+// while a wgmma group is in flight makes ptxas serialise the wgmmas, C7518).
+__device__ __forceinline__ void mbar_arrive_if(uint64_t* bar, bool pred) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %1, 0;\n@p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(
+                   smem_addr(bar)),
+               "r"(static_cast<int>(pred))
+               : "memory");
+}
 // Waits until the phase with parity `phase` of the barrier has completed (on a fresh
 // barrier, parity 1 counts as completed).
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t phase) {
@@ -159,6 +167,9 @@ inline void mbar_init(uint64_t* bar, uint32_t count) { emu90::mbar_init(bar, cou
 inline void fence_barrier_init() {}
 inline void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) { emu90::mbar_arrive_expect_tx(bar, bytes); }
 inline void mbar_arrive(uint64_t* bar) { emu90::mbar_arrive(bar); }
+inline void mbar_arrive_if(uint64_t* bar, bool pred) {
+  if (pred) emu90::mbar_arrive(bar);
+}
 inline void mbar_wait(uint64_t* bar, uint32_t phase) { emu90::mbar_wait(bar, phase); }
 inline bool mbar_try_wait(uint64_t* bar, uint32_t phase) { return emu90::mbar_try_wait(bar, phase); }
 inline void tma_load_2d(void* dst, const void* tmap, uint64_t* bar, int c0, int c1) {
