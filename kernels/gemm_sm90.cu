@@ -7,7 +7,8 @@
 // operands MN-major along the tokens, FP8 K-major with rank-1 scales: gemm_sm90_kgrouped below).
 //
 // Block = 3 warpgroups: warpgroup 0 produces (one thread issues TMA loads of 128 x 128-byte
-// tiles of A and B, 128-byte swizzled, into a 6-stage ring; completion on "full" mbarriers),
+// tiles of A and B, 128-byte swizzled, into a 5-stage ring, 6 for k-grouped; completion on
+// "full" mbarriers),
 // warpgroups 1 and 2 consume (each a 64 x 128 half of the 128 x 128 output tile with
 // wgmma.m64n128, accumulators in registers), then release the stage on its "empty" mbarrier
 // (one arrival per consumer warp).
@@ -18,7 +19,9 @@
 // warp with shuffles and ballots, moekit::gemm::group_runs_warp), and a consumer half with
 // no row of the pass's run skips its wgmmas and stores (it still releases every stage), so
 // padding rows cost no MMA unless they share a 64-row half with real rows. The epilogue
-// converts to BF16 and stores the run's rows from registers.
+// converts to BF16; a half whose 64 rows all belong to the pass's run stages them in its own
+// shared buffer (128-byte swizzle) and stores two 64 x 64 boxes by TMA, any other half stores
+// its run's rows from registers.
 //
 // NOT YET RUN ON A GPU: verified by compilation, SASS inspection and the host emulation of
 // TMA, mbarrier and wgmma (moekit/emu/sm90.h; see NOTES.md). The dispatcher picks it only
@@ -26,9 +29,9 @@
 //
 // moekit-arch: hopper
 // moekit-sass: * forbid LDL STL
-// moekit-sass: moekit_gemm_sm90_bf16 require HGMMA UTMALDG SYNCS USETMAXREG
-// moekit-sass: moekit_gemm_sm90_fp8 require QGMMA UTMALDG SYNCS USETMAXREG
-// moekit-sass: moekit_gemm_sm90_bf16_dgrad require HGMMA UTMALDG SYNCS USETMAXREG
+// moekit-sass: moekit_gemm_sm90_bf16 require HGMMA UTMALDG UTMASTG SYNCS USETMAXREG
+// moekit-sass: moekit_gemm_sm90_fp8 require QGMMA UTMALDG UTMASTG SYNCS USETMAXREG
+// moekit-sass: moekit_gemm_sm90_bf16_dgrad require HGMMA UTMALDG UTMASTG SYNCS USETMAXREG
 // moekit-sass: moekit_gemm_sm90_bf16_kgrouped require HGMMA UTMALDG SYNCS USETMAXREG
 // moekit-sass: moekit_gemm_sm90_fp8_kgrouped require QGMMA UTMALDG SYNCS USETMAXREG
 // Budgets: 384 threads at one block per SM leave 168 registers before setmaxnreg (and
@@ -48,16 +51,19 @@ namespace {
 constexpr int kBM = 128;           // output rows per tile (two consumer warpgroups of 64)
 constexpr int kBN = 128;           // output columns per tile
 constexpr int kTileBytes = 16384;  // 128 rows x 128 bytes (BF16: 64 of K; FP8: 128 of K)
-constexpr int kStages = 6;
+constexpr int kStages = 6;    // k-grouped ring
+constexpr int kStagesMg = 5;  // m-grouped and dgrad ring (their output buffers take the sixth)
+constexpr int kOutBytes = 16384;  // per consumer warpgroup: 64 rows x 128 BF16 columns
 constexpr int kThreads = 384;
 constexpr int kConsumerWarps = 8;  // two consumer warpgroups
 // FP8 scales of a stage, written by the producer warp: 128 token scales (the tile's rows, 0
 // past the valid rows) and the weight block's scale, padded to 8-byte multiples.
 constexpr int kScaleSlot = 132;  // floats
-// Dynamic shared memory: stages of (A tile, B tile), their scale slots, then the barriers;
-// +1024 for alignment.
-constexpr int kSmemBytes = kStages * 2 * kTileBytes + kStages * kScaleSlot * 4 + 1024 + 2 * kStages * 8;
-static_assert(kSmemBytes == 200896, "keep sm90::SMEM_BYTES in step");
+// Dynamic shared memory: stages of (A tile, B tile), the two output buffers, the stages'
+// scale slots, then the barriers; +1024 for alignment.
+constexpr int kSmemBytes =
+    kStagesMg * 2 * kTileBytes + 2 * kOutBytes + kStagesMg * kScaleSlot * 4 + 1024 + 2 * kStagesMg * 8;
+static_assert(kSmemBytes == 200352, "keep sm90::SMEM_BYTES in step");
 // Within the 227 KiB a block may use, with the static run lists (3200 B).
 static_assert(kSmemBytes + 3200 <= 232448, "shared memory per block");
 
@@ -164,9 +170,10 @@ __device__ __forceinline__ void warpgroup_sync(int wg) {
 // Thread 0 initialises the ring's barriers ("full": one arrival plus the TMA bytes; "empty":
 // one arrival per consumer warp) and prefetches both tensor maps; then the block's last
 // block-wide barrier (the roles never meet again).
+template <int kRing>
 __device__ __forceinline__ void ring_init(const MoekitGemmSm90Params& P, uint64_t* full, uint64_t* empty) {
   if (threadIdx.x == 0) {
-    for (int i = 0; i < kStages; ++i) {
+    for (int i = 0; i < kRing; ++i) {
       moekit::sm90::mbar_init(&full[i], 1);
       moekit::sm90::mbar_init(&empty[i], kConsumerWarps);
     }
@@ -185,10 +192,12 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
   const MoekitGemmParams& p = P.gemm;
   MOEKIT_DYNAMIC_SMEM(unsigned char, smem_raw);
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  constexpr int kRing = kStagesMg;
   unsigned char* tiles = smem;
-  float* scales = reinterpret_cast<float*>(smem + kStages * 2 * kTileBytes);  // kStages slots
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * 2 * kTileBytes + kStages * kScaleSlot * 4);
-  uint64_t* empty = full + kStages;
+  unsigned char* out_bufs = smem + kRing * 2 * kTileBytes;  // 1024-aligned: 128-byte swizzle atoms
+  float* scales = reinterpret_cast<float*>(out_bufs + 2 * kOutBytes);  // kRing slots
+  uint64_t* full = reinterpret_cast<uint64_t*>(reinterpret_cast<unsigned char*>(scales) + kRing * kScaleSlot * 4);
+  uint64_t* empty = full + kRing;
   __shared__ int tile_groups[3][kBM];  // one run list per warpgroup: group,
   __shared__ int tile_spans[3][kBM];   // first | last row << 8 (relative to the tile)
   __shared__ int tile_runs[3];         // run count
@@ -202,11 +211,11 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
   const int k_block = kFp8 ? 128 : 64;  // K per stage (128 bytes per row)
   const int k_steps = ((kDgrad ? p.n : p.k) + k_block - 1) / k_block;
 
-  ring_init(P, full, empty);
+  ring_init<kRing>(P, full, empty);
 
   uint32_t stage = 0, phase = 0;  // ring position, the same sequence in every role
   auto advance = [&]() {
-    if (++stage == kStages) stage = 0, phase ^= 1;
+    if (++stage == kRing) stage = 0, phase ^= 1;
   };
 
   if (wg == 0) {
@@ -391,7 +400,39 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
       }
       // Epilogue: acc[4 j + 2 h + e] is row (warp * 16 + lane / 4 + 8 h), column 8 j + 2 (lane % 4) + e.
       // A pass writes exactly its run's rows [lo, hi] (all of group g, all below m or masked_m):
-      // no m_indices load here.
+      // no m_indices load here. A half whose 64 rows all belong to the run goes through its
+      // shared output buffer and two TMA stores of 64 x 64 (columns past the output's end are
+      // clipped by the map); any other half stores its run's rows from registers.
+      if (lo <= 64 * half && hi >= 64 * half + 63) {
+        unsigned char* out = out_bufs + half * kOutBytes;
+        if (t == 0) moekit::sm90::bulk_wait<0>();  // the previous tile's stores have read it
+        warpgroup_sync(wg);
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            // Box j / 8, row r (128 bytes), 16-byte chunk j % 8 at its 128-byte-swizzled place.
+            const int r = warp * 16 + lane / 4 + 8 * h;
+            const __nv_bfloat162 v = __floats2bfloat162_rn(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+            *reinterpret_cast<uint32_t*>(out + (j / 8) * (kOutBytes / 2) + r * 128 + (((j % 8) ^ (r % 8)) * 16) +
+                                         4 * (lane % 4)) = *reinterpret_cast<const uint32_t*>(&v);
+          }
+        }
+        moekit::sm90::fence_proxy_async();  // the st.shared before the async proxy's reads
+        warpgroup_sync(wg);
+        if (t == 0) {
+          const int r0 = row0 + 64 * half;
+          if (masked) {
+            moekit::sm90::tma_store_3d(&P.tmap_d, out, col0, r0, g);
+            moekit::sm90::tma_store_3d(&P.tmap_d, out + kOutBytes / 2, col0 + 64, r0, g);
+          } else {
+            moekit::sm90::tma_store_2d(&P.tmap_d, out, col0, r0);
+            moekit::sm90::tma_store_2d(&P.tmap_d, out + kOutBytes / 2, col0 + 64, r0);
+          }
+          moekit::sm90::bulk_commit();
+        }
+        continue;
+      }
       uint32_t* d = reinterpret_cast<uint32_t*>(p.d) + (masked ? static_cast<int64_t>(g) * p.m * cols_of<kDgrad>(p) / 2 : 0);
       bool row_ok[2];
 #pragma unroll
@@ -413,6 +454,7 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
     }
     if (!masked) warpgroup_sync(wg);  // the run list is rewritten for the next tile
   }
+  if (t == 0) moekit::sm90::bulk_wait<0>();  // the output buffers stay valid until stored
 }
 
 
@@ -441,7 +483,7 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
 constexpr int kKgTokens = 64;          // BF16 tokens per stage
 constexpr int kKgScaleSlot = 2 * kBM;  // FP8: 128 token-block scales of dY^T rows, then of X^T rows
 constexpr int kKgSmemBytes = kStages * 2 * kTileBytes + kStages * kKgScaleSlot * 4 + 1024 + 2 * kStages * 8;
-static_assert(kKgSmemBytes == 203872, "keep sm90::SMEM_BYTES_KGROUPED_FP8 in step");
+static_assert(kKgSmemBytes == 203872, "keep sm90::SMEM_BYTES_KGROUPED in step");
 static_assert(kKgSmemBytes <= 232448, "shared memory per block");
 
 struct KgTile {
@@ -498,15 +540,14 @@ __device__ __forceinline__ void gemm_sm90_kgrouped(const MoekitGemmSm90Params& P
   MOEKIT_DYNAMIC_SMEM(unsigned char, smem_raw);
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   unsigned char* tiles = smem;
-  // BF16: the m-grouped kernels' layout (its FP8 scale slots unused: SMEM_BYTES); FP8: slots
-  // of kKgScaleSlot floats (kKgSmemBytes).
-  constexpr int kSlot = kFp8 ? kKgScaleSlot : kScaleSlot;
+  // Slots of kKgScaleSlot floats (kKgSmemBytes; BF16 leaves them unused).
+  constexpr int kSlot = kKgScaleSlot;
   float* scales = reinterpret_cast<float*>(smem + kStages * 2 * kTileBytes);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * 2 * kTileBytes + kStages * kSlot * 4);
   uint64_t* empty = full + kStages;
   const int wg = threadIdx.x / 128;
   const int t = threadIdx.x % 128;
-  ring_init(P, full, empty);
+  ring_init<kStages>(P, full, empty);
   const int64_t total = static_cast<int64_t>(p.groups) * ((p.n + kBM - 1) / kBM) * ((p.k + kBN - 1) / kBN);
   uint32_t stage = 0, phase = 0;
   auto advance = [&]() {

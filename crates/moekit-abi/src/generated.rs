@@ -190,8 +190,9 @@ impl Default for MoekitTensorMap {
 pub struct MoekitGemmSm90Params {
     pub tmap_a: MoekitTensorMap,
     pub tmap_b: MoekitTensorMap,
+    pub tmap_d: MoekitTensorMap,
     pub gemm: MoekitGemmParams,
-    pub _pad: [u8; 88usize],
+    pub _pad: [u8; 24usize],
 }
 impl Default for MoekitGemmSm90Params {
     fn default() -> Self {

@@ -141,6 +141,7 @@ pub const RUST_LAYOUT: &[(&str, &str, usize)] = &[
     ("MoekitGemmSm90Params", "<align>", align_of::<MoekitGemmSm90Params>()),
     ("MoekitGemmSm90Params", "tmap_a", offset_of!(MoekitGemmSm90Params, tmap_a)),
     ("MoekitGemmSm90Params", "tmap_b", offset_of!(MoekitGemmSm90Params, tmap_b)),
+    ("MoekitGemmSm90Params", "tmap_d", offset_of!(MoekitGemmSm90Params, tmap_d)),
     ("MoekitGemmSm90Params", "gemm", offset_of!(MoekitGemmSm90Params, gemm)),
     ("MoekitGemmSm90Params", "_pad", offset_of!(MoekitGemmSm90Params, _pad)),
     ("MoekitIdsCheckParams", "", size_of::<MoekitIdsCheckParams>()),

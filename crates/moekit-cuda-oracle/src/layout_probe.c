@@ -138,6 +138,7 @@ const size_t moekit_abi_c_layout[] = {
     _Alignof(MoekitGemmSm90Params),
     offsetof(MoekitGemmSm90Params, tmap_a),
     offsetof(MoekitGemmSm90Params, tmap_b),
+    offsetof(MoekitGemmSm90Params, tmap_d),
     offsetof(MoekitGemmSm90Params, gemm),
     offsetof(MoekitGemmSm90Params, _pad),
     sizeof(MoekitIdsCheckParams),
@@ -355,4 +356,4 @@ const size_t moekit_abi_c_layout[] = {
     offsetof(MoekitEmuLaunch, _pad),
     offsetof(MoekitEmuLaunch, stack_bytes),
 };
-const size_t moekit_abi_c_layout_len = 350;
+const size_t moekit_abi_c_layout_len = 351;

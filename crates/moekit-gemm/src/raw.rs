@@ -300,7 +300,9 @@ fn launch(on: &dyn Launcher, l: Launch<'_>) -> Result<()> {
         return Ok(());
     }
     let name = if fp8 { "moekit_gemm_portable_fp8" } else { "moekit_gemm_portable_bf16" };
-    let sm90 = kernel_for_op(on, l.op, &s, fp8) == Kernel::Sm90;
+    // The Hopper m-grouped and dgrad kernels store D by TMA, which needs a 16-byte aligned
+    // address (the API requires 4): a less aligned output runs on the portable kernel.
+    let sm90 = kernel_for_op(on, l.op, &s, fp8) == Kernel::Sm90 && (l.op == Op::KGrouped || l.d.addr % 16 == 0);
     // The persistent grid: every tile, at most what the device keeps resident (the driver's
     // occupancy for this kernel and shared memory, cached per function).
     let blocks =

@@ -15,12 +15,13 @@ pub const BLOCK: u32 = 384;
 pub const TILE_M: usize = 128;
 /// Output tile columns.
 pub const TILE_N: usize = 128;
-/// Dynamic shared memory: 6 stages x ((A, B) x 16 KiB + a 528-byte FP8 scale slot), barriers,
+/// Dynamic shared memory of the m-grouped and dgrad kernels: 5 stages x (A, B) x 16 KiB, two
+/// 16 KiB output buffers (the TMA-store epilogue), 5 x 528-byte FP8 scale slots, barriers,
 /// 1 KiB alignment slack (the kernel's `static_assert` keeps the two in step).
-pub const SMEM_BYTES: u32 = 6 * 2 * 16384 + 6 * 132 * 4 + 1024 + 2 * 6 * 8;
-/// Dynamic shared memory of the FP8 k-grouped kernel: its scale slots hold 256 floats (128 row
-/// scales of each operand's tile).
-pub const SMEM_BYTES_KGROUPED_FP8: u32 = 6 * 2 * 16384 + 6 * 256 * 4 + 1024 + 2 * 6 * 8;
+pub const SMEM_BYTES: u32 = 5 * 2 * 16384 + 2 * 16384 + 5 * 132 * 4 + 1024 + 2 * 5 * 8;
+/// Dynamic shared memory of the k-grouped kernels: 6 stages x (A, B) x 16 KiB, 6 scale slots of
+/// 256 floats (FP8: 128 row scales of each operand's tile), barriers, 1 KiB slack.
+pub const SMEM_BYTES_KGROUPED: u32 = 6 * 2 * 16384 + 6 * 256 * 4 + 1024 + 2 * 6 * 8;
 
 /// Whether the Hopper kernel handles `op` on `shape` where `on` runs, with the kernel built for
 /// `on` (its sm_90a fatbin on a GPU, its host build in the emulation): m-grouped contiguous or
@@ -78,7 +79,13 @@ pub fn launch(on: &dyn Launcher, params: moekit_abi::MoekitGemmParams) -> Result
     let tmap_b = tensor_map(on, params.b, fp8, &[k, n, g], &[k * elem, n * k * elem], if dgrad { 64 } else { 128 })?;
     let tiles =
         (if masked { g } else { 1 }) as usize * (m as usize).div_ceil(TILE_M) * (cols as usize).div_ceil(TILE_N);
-    launch_kernel(on, (tmap_a, tmap_b), params, tiles, name(fp8, dgrad), SMEM_BYTES)
+    // D, BF16 [m, cols] or masked [g, m, n]: boxes of 64 columns (128 bytes) x 64 rows.
+    let tmap_d = if masked {
+        tensor_map(on, params.d, false, &[n, m, g], &[n * 2, m * n * 2], 64)?
+    } else {
+        tensor_map(on, params.d, false, &[cols, m], &[cols * 2], 64)?
+    };
+    launch_kernel(on, (tmap_a, tmap_b, tmap_d), params, tiles, name(fp8, dgrad), SMEM_BYTES)
 }
 
 /// k-grouped, tiles of dW [g, n, k]. BF16: dY [m, n] and X [m, k] as MN-major operands along
@@ -91,11 +98,13 @@ fn launch_k_grouped(on: &dyn Launcher, params: moekit_abi::MoekitGemmParams) -> 
         let tmap_a = tensor_map(on, params.a, true, &[m, n], &[m], 128)?;
         let tmap_b = tensor_map(on, params.b, true, &[m, k], &[m], 128)?;
         let name = "moekit_gemm_sm90_fp8_kgrouped";
-        return launch_kernel(on, (tmap_a, tmap_b), params, tiles, name, SMEM_BYTES_KGROUPED_FP8);
+        let maps = (tmap_a, tmap_b, Default::default());
+        return launch_kernel(on, maps, params, tiles, name, SMEM_BYTES_KGROUPED);
     }
     let tmap_a = tensor_map(on, params.a, false, &[n, m], &[n * 2], 64)?;
     let tmap_b = tensor_map(on, params.b, false, &[k, m], &[k * 2], 64)?;
-    launch_kernel(on, (tmap_a, tmap_b), params, tiles, "moekit_gemm_sm90_bf16_kgrouped", SMEM_BYTES)
+    let maps = (tmap_a, tmap_b, Default::default());
+    launch_kernel(on, maps, params, tiles, "moekit_gemm_sm90_bf16_kgrouped", SMEM_BYTES_KGROUPED)
 }
 
 fn name(fp8: bool, dgrad: bool) -> &'static str {
@@ -107,10 +116,10 @@ fn name(fp8: bool, dgrad: bool) -> &'static str {
 }
 
 /// The persistent launch of `name` over `tiles` output tiles (none: nothing to do) with the
-/// tensor maps of A and B and `smem` bytes of dynamic shared memory.
+/// tensor maps of A, B and D and `smem` bytes of dynamic shared memory.
 fn launch_kernel(
     on: &dyn Launcher,
-    (tmap_a, tmap_b): (moekit_abi::MoekitTensorMap, moekit_abi::MoekitTensorMap),
+    (tmap_a, tmap_b, tmap_d): (moekit_abi::MoekitTensorMap, moekit_abi::MoekitTensorMap, moekit_abi::MoekitTensorMap),
     params: moekit_abi::MoekitGemmParams,
     tiles: usize,
     name: &str,
@@ -121,9 +130,10 @@ fn launch_kernel(
     }
     let blocks = tiles.min(on.multiprocessors().max(1) as usize);
     let cfg = LaunchConfig { grid: (blocks as u32, 1, 1), block: (BLOCK, 1, 1), shared_mem_bytes: smem };
-    let p = moekit_abi::MoekitGemmSm90Params { tmap_a, tmap_b, gemm: params, _pad: [0; 88] };
+    let p = moekit_abi::MoekitGemmSm90Params { tmap_a, tmap_b, tmap_d, gemm: params, _pad: [0; 24] };
     // SAFETY: one MoekitGemmSm90Params by value (layout checked by moekit-abi's tests); the
-    // tensor maps describe exactly the operand buffers the caller checked (A [m, k], [g, m, k],
+    // tensor maps describe exactly the buffers the caller checked (D [m, cols] or [g, m, n]
+    // BF16, 16-byte aligned, unused by k-grouped; A [m, k], [g, m, k],
     // dgrad's dY [m, n], k-grouped's dY [m, n] or dY^T [n, m]; B [g, n, k] or k-grouped's
     // X [m, k] or X^T [k, m]); the
     // other pointers and sizes are the portable kernel's, checked by the caller; the kernel

@@ -504,7 +504,7 @@ fn gpu_grouped_gemm_sm90() {
 /// one row, 18 column tiles (two bands of the grouped tile order), masked groups with `masked_m` 0
 /// (between others: only live row tiles are scheduled), full,
 /// below `m` and a partial tile, FP8 with several weight scale blocks along N and K (both
-/// token scale layouts), and K of 7 stages (BF16: 64 of K per stage) so the 6-stage ring wraps
+/// token scale layouts), and K of 7 stages (BF16: 64 of K per stage) so the 5-stage ring (6 for k-grouped) wraps
 /// inside one pass and the phases flip. Same tolerances as every other kernel (module docs):
 /// the emulation's in-instruction summation order is a model, so the kernel is held to f32
 /// summation-order differences (`diff < 1e-5`) like the portable kernel, not to bits.

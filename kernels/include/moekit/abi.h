@@ -247,16 +247,19 @@ typedef struct MoekitTensorMap {
 } __attribute__((aligned(64))) MoekitTensorMap;
 
 /*
- * Hopper grouped GEMM (kernels/gemm_sm90.cu), m-grouped contiguous and masked: the portable
- * kernel's parameters plus TMA descriptors of A (2D [m, k] contiguous, 3D [groups, m, k]
- * masked; box 128 rows x 128 bytes, 128-byte swizzle) and B (3D [groups, n, k], same box).
+ * Hopper grouped GEMM (kernels/gemm_sm90.cu): the portable kernel's parameters plus TMA
+ * descriptors of A and B (per op: crates/moekit-gemm/src/sm90.rs; m-grouped A 2D [m, k] or
+ * masked 3D [groups, m, k], B 3D [groups, n, k], box 128 rows x 128 bytes, 128-byte swizzle)
+ * and of the BF16 output D of the m-grouped ops and dgrad (2D [m, cols] or masked 3D
+ * [groups, m, n], box 64 rows x 64 columns, 128-byte swizzle; unused by k-grouped).
  * Passed as a __grid_constant__ kernel parameter.
  */
 typedef struct MoekitGemmSm90Params {
   MoekitTensorMap tmap_a;
   MoekitTensorMap tmap_b;
+  MoekitTensorMap tmap_d;
   MoekitGemmParams gemm;
-  uint8_t _pad[88]; /* 128 + 128 + 104 + 88 = 448, a multiple of 64 */
+  uint8_t _pad[24]; /* 3 x 128 + 104 + 24 = 512, a multiple of 64 */
 } MoekitGemmSm90Params;
 
 /* ---- moekit-norm (kernels/norm.cu: embedding, RMSNorm, residual, RoPE) ---- */

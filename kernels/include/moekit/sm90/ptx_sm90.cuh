@@ -86,6 +86,11 @@ __device__ __forceinline__ void tma_store_2d(const void* tmap, const void* src, 
                "r"(smem_addr(src)), "r"(c0), "r"(c1)
                : "memory");
 }
+__device__ __forceinline__ void tma_store_3d(const void* tmap, const void* src, int c0, int c1, int c2) {
+  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(tmap),
+               "r"(smem_addr(src)), "r"(c0), "r"(c1), "r"(c2)
+               : "memory");
+}
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 template <int N>
@@ -183,6 +188,10 @@ inline void tma_load_3d(void* dst, const void* tmap, uint64_t* bar, int c0, int 
 inline void tma_store_2d(const void* tmap, const void* src, int c0, int c1) {
   const int c[2] = {c0, c1};
   emu90::tma_store(tmap, src, c, 2);
+}
+inline void tma_store_3d(const void* tmap, const void* src, int c0, int c1, int c2) {
+  const int c[3] = {c0, c1, c2};
+  emu90::tma_store(tmap, src, c, 3);
 }
 inline void fence_proxy_async() {}
 inline void bulk_commit() { emu90::bulk_commit(); }
