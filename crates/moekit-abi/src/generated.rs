@@ -203,6 +203,19 @@ impl Default for MoekitGemmSm90Params {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MoekitQuantBlocksParams {
+    pub w: u64,
+    pub codes: u64,
+    pub scales: u64,
+    pub codes_t: u64,
+    pub scales_t: u64,
+    pub groups: i32,
+    pub n: i32,
+    pub k: i32,
+    pub _pad: i32,
+}
 pub const MOEKIT_NORM_F32: MoekitNormDtype = 0;
 pub const MOEKIT_NORM_BF16: MoekitNormDtype = 1;
 pub type MoekitNormDtype = ::core::ffi::c_uint;

@@ -144,6 +144,17 @@ pub const RUST_LAYOUT: &[(&str, &str, usize)] = &[
     ("MoekitGemmSm90Params", "tmap_d", offset_of!(MoekitGemmSm90Params, tmap_d)),
     ("MoekitGemmSm90Params", "gemm", offset_of!(MoekitGemmSm90Params, gemm)),
     ("MoekitGemmSm90Params", "_pad", offset_of!(MoekitGemmSm90Params, _pad)),
+    ("MoekitQuantBlocksParams", "", size_of::<MoekitQuantBlocksParams>()),
+    ("MoekitQuantBlocksParams", "<align>", align_of::<MoekitQuantBlocksParams>()),
+    ("MoekitQuantBlocksParams", "w", offset_of!(MoekitQuantBlocksParams, w)),
+    ("MoekitQuantBlocksParams", "codes", offset_of!(MoekitQuantBlocksParams, codes)),
+    ("MoekitQuantBlocksParams", "scales", offset_of!(MoekitQuantBlocksParams, scales)),
+    ("MoekitQuantBlocksParams", "codes_t", offset_of!(MoekitQuantBlocksParams, codes_t)),
+    ("MoekitQuantBlocksParams", "scales_t", offset_of!(MoekitQuantBlocksParams, scales_t)),
+    ("MoekitQuantBlocksParams", "groups", offset_of!(MoekitQuantBlocksParams, groups)),
+    ("MoekitQuantBlocksParams", "n", offset_of!(MoekitQuantBlocksParams, n)),
+    ("MoekitQuantBlocksParams", "k", offset_of!(MoekitQuantBlocksParams, k)),
+    ("MoekitQuantBlocksParams", "_pad", offset_of!(MoekitQuantBlocksParams, _pad)),
     ("MoekitIdsCheckParams", "", size_of::<MoekitIdsCheckParams>()),
     ("MoekitIdsCheckParams", "<align>", align_of::<MoekitIdsCheckParams>()),
     ("MoekitIdsCheckParams", "ids", offset_of!(MoekitIdsCheckParams, ids)),
@@ -375,6 +386,7 @@ macro_rules! for_each_abi_struct {
         $m!($crate::MoekitGemmParams);
         $m!($crate::MoekitTensorMap);
         $m!($crate::MoekitGemmSm90Params);
+        $m!($crate::MoekitQuantBlocksParams);
         $m!($crate::MoekitIdsCheckParams);
         $m!($crate::MoekitEmbedParams);
         $m!($crate::MoekitEmbedBackwardParams);

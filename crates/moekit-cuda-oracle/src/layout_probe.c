@@ -141,6 +141,17 @@ const size_t moekit_abi_c_layout[] = {
     offsetof(MoekitGemmSm90Params, tmap_d),
     offsetof(MoekitGemmSm90Params, gemm),
     offsetof(MoekitGemmSm90Params, _pad),
+    sizeof(MoekitQuantBlocksParams),
+    _Alignof(MoekitQuantBlocksParams),
+    offsetof(MoekitQuantBlocksParams, w),
+    offsetof(MoekitQuantBlocksParams, codes),
+    offsetof(MoekitQuantBlocksParams, scales),
+    offsetof(MoekitQuantBlocksParams, codes_t),
+    offsetof(MoekitQuantBlocksParams, scales_t),
+    offsetof(MoekitQuantBlocksParams, groups),
+    offsetof(MoekitQuantBlocksParams, n),
+    offsetof(MoekitQuantBlocksParams, k),
+    offsetof(MoekitQuantBlocksParams, _pad),
     sizeof(MoekitIdsCheckParams),
     _Alignof(MoekitIdsCheckParams),
     offsetof(MoekitIdsCheckParams, ids),
@@ -356,4 +367,4 @@ const size_t moekit_abi_c_layout[] = {
     offsetof(MoekitEmuLaunch, _pad),
     offsetof(MoekitEmuLaunch, stack_bytes),
 };
-const size_t moekit_abi_c_layout_len = 351;
+const size_t moekit_abi_c_layout_len = 362;

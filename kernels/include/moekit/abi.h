@@ -262,6 +262,26 @@ typedef struct MoekitGemmSm90Params {
   uint8_t _pad[24]; /* 3 x 128 + 104 + 24 = 512, a multiple of 64 */
 } MoekitGemmSm90Params;
 
+/*
+ * FP8 E4M3 quantization of grouped weights per 128 x 128 block (kernels/quant_blocks.cu):
+ * w [groups, n, k] f32 -> codes [groups, n, k] and scales [groups, n / 128, k / 128] f32
+ * (scale = max(amax, 1e-4) / 448, code = e4m3(w * (448 / max(amax, 1e-4))), saturating,
+ * round to nearest even), and when codes_t is not 0 the transpose's quantization too: codes_t
+ * [groups, k, n] and scales_t [groups, k / 128, n / 128] (the same blocks, transposed). n and
+ * k multiples of 128; one block of 256 threads per 128 x 128 block.
+ */
+typedef struct MoekitQuantBlocksParams {
+  uint64_t w;        /* const float* */
+  uint64_t codes;    /* uint8_t* */
+  uint64_t scales;   /* float* */
+  uint64_t codes_t;  /* uint8_t* or 0 */
+  uint64_t scales_t; /* float* (with codes_t) */
+  int32_t groups;
+  int32_t n;
+  int32_t k;
+  int32_t _pad;
+} MoekitQuantBlocksParams;
+
 /* ---- moekit-norm (kernels/norm.cu: embedding, RMSNorm, residual, RoPE) ---- */
 
 /* Element type of a norm-crate output (MoekitEmbedParams.out_dtype, MoekitRmsNormParams.y_dtype). */
