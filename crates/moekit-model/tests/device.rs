@@ -58,6 +58,7 @@ fn images() -> Vec<&'static KernelImage> {
         &moekit_gating::kernels::GATING,
         &moekit_dispatch::kernels::DISPATCH,
         &moekit_gemm::kernels::GEMM_PORTABLE,
+        &moekit_gemm::kernels::QUANT_BLOCKS,
     ]
 }
 
@@ -69,9 +70,24 @@ fn gpu(test: &str) -> Option<Device> {
     gpu_or_skip(test, &images()).map(|_| Device::Cuda(CudaDevice::new(0).expect("GPU present")))
 }
 
+/// The tiny model with FP8 routed experts: d_model and expert_dim 128 (the 128 x 128 weight
+/// blocks), 2 heads of 64.
+fn tiny_fp8() -> ModelConfig {
+    let t = tiny();
+    ModelConfig {
+        d_model: 128,
+        moe: MoeConfig { expert_dim: 128, precision: moekit_model::Precision::Fp8, ..t.moe },
+        ..t
+    }
+}
+
 /// `steps` steps from the same model on `dev`: the metrics and the trained model.
 fn train(dev: &Device, steps: usize) -> (Vec<StepMetrics>, Model) {
-    let model = Model::new(tiny(), 3).unwrap();
+    train_cfg(tiny(), dev, steps)
+}
+
+fn train_cfg(cfg: ModelConfig, dev: &Device, steps: usize) -> (Vec<StepMetrics>, Model) {
+    let model = Model::new(cfg, 3).unwrap();
     let mut t = DeviceTrainer::new(&model, opt(), dev).unwrap();
     let metrics = (0..steps)
         .map(|s| {
@@ -127,6 +143,41 @@ fn assert_runs_close(a: &(Vec<StepMetrics>, Model), b: &(Vec<StepMetrics>, Model
             assert!((x - y).abs() <= 2.0 * tiny().moe.bias_update_rate * steps + 1e-7, "{what}: bias {x} vs {y}");
         }
     }
+}
+
+/// FP8 routed experts: the emulated step against the CPU references of the same ops. The FP8
+/// pieces are bit-identical to their references (the device weight quantization, the fused
+/// 1x128 quantization of the permuted tokens and of the SwiGLU output), the FP8 GEMM differs
+/// from its reference by f32 against f64 summation on the same dequantized inputs, so the
+/// BF16-ulp argument of [`assert_runs_close`] holds: a flipped GEMM output can move one 1x128
+/// block's scale (when it is the block's amax) and with it that block's codes by one E4M3
+/// rounding, a local change of the same kind that the loss and parameter bounds absorb.
+#[test]
+fn emu_fp8_training_step_matches_cpu() {
+    let Some(dev) = emulated("emu_fp8_training_step_matches_cpu", BlockOrder::Reversed) else { return };
+    let emu = train_cfg(tiny_fp8(), &dev, 2);
+    let cpu = train_cfg(tiny_fp8(), &Device::Cpu, 2);
+    assert_runs_close(&emu, &cpu, "fp8 emulated vs cpu");
+}
+
+/// FP8 routed experts train (CPU references): repeated steps on one batch drive the loss down,
+/// and the step differs from the BF16 one (the FP8 path is taken).
+#[test]
+fn fp8_device_training_reduces_the_loss() {
+    let model = Model::new(tiny_fp8(), 3).unwrap();
+    let mut t = DeviceTrainer::new(&model, opt(), &Device::Cpu).unwrap();
+    let (tokens, targets) = batch(10);
+    let first = t.step(&tokens, &targets, BATCH, SEQ).unwrap();
+    let mut last = first.loss;
+    for _ in 0..9 {
+        last = t.step(&tokens, &targets, BATCH, SEQ).unwrap().loss;
+    }
+    assert!(last < 0.5 * first.loss, "fp8 loss {} -> {last} after 10 steps", first.loss);
+    let bf16 =
+        ModelConfig { moe: MoeConfig { precision: moekit_model::Precision::Bf16, ..tiny_fp8().moe }, ..tiny_fp8() };
+    let mut tb = DeviceTrainer::new(&Model::new(bf16, 3).unwrap(), opt(), &Device::Cpu).unwrap();
+    let b = tb.step(&tokens, &targets, BATCH, SEQ).unwrap();
+    assert_ne!(first.grad_norm, b.grad_norm, "the FP8 step equals the BF16 one: FP8 not used");
 }
 
 #[test]
@@ -282,6 +333,9 @@ fn gpu_training_step_matches_cpu() {
         let e = train(&emu, 2);
         assert_runs_close(&g, &e, "gpu vs emulated");
     }
+    // FP8 routed experts.
+    let g = train_cfg(tiny_fp8(), &dev, 2);
+    assert_runs_close(&g, &train_cfg(tiny_fp8(), &Device::Cpu, 2), "fp8 gpu vs cpu");
 }
 
 #[test]

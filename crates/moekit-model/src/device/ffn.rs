@@ -8,7 +8,7 @@ use super::linear::Consts;
 use crate::Result;
 use moekit_dispatch::{ActFormat, DispatchConfig, DispatchLayout, Padding};
 use moekit_gating::RouterConfig;
-use moekit_gemm::GemmInput;
+use moekit_gemm::{BlockFp8, GemmInput};
 use moekit_tensor::Tensor;
 
 /// What the dense FFN's backward needs: `h [N, 2F]` and `a [N, F]`, BF16.
@@ -43,11 +43,14 @@ pub(crate) fn dense_backward(
     Ok((dx, dw1, dw2))
 }
 
-/// One MoE layer's weights on the device (BF16 copies) and its router bias (F32).
+/// One MoE layer's weights on the device (BF16 copies) and its router bias (F32); with
+/// `precision = "fp8"` also the experts' FP8 weights (128 x 128 blocks, quantized from the F32
+/// masters after every update), which the forward's expert GEMMs take.
 pub(crate) struct MoeWeights<'a> {
     pub router: &'a Tensor,
     pub w1: &'a Tensor,
     pub w2: &'a Tensor,
+    pub fp8: Option<&'a (BlockFp8, BlockFp8)>,
     pub shared: Option<(&'a Tensor, &'a Tensor)>,
     pub bias: Option<&'a Tensor>,
 }
@@ -77,7 +80,15 @@ pub(crate) struct MoeGrads {
     pub shared: Option<(Tensor, Tensor)>,
 }
 
+/// The GEMM operand of FP8 weights (block scales: the layout field is not read).
+fn fp8_weights(q: &BlockFp8) -> GemmInput<'_> {
+    GemmInput::Fp8 { data: &q.codes, scales: &q.scales, layout: moekit_gemm::ScaleLayout::RowMajor }
+}
+
 /// MoE forward of `x [N, D]` BF16: `(routed [N, D] BF16, shared [N, D] BF16 or None, cache)`.
+/// FP8 (as the host model's kernel backend): the gate/up GEMM takes the tokens permuted with
+/// the fused 1x128 quantization, the down GEMM the SwiGLU output quantized the same way; the
+/// BF16 activations are kept for the backward, which stays BF16.
 pub(crate) fn moe_forward(
     c: &Consts,
     rcfg: &RouterConfig,
@@ -90,9 +101,21 @@ pub(crate) fn moe_forward(
     let r = moekit_gating::route(&logits, w.bias, rcfg)?;
     let layout = moekit_dispatch::dispatch_layout(&r.topk_ids, dcfg, None)?;
     let xp = moekit_dispatch::permute(x, &layout, ActFormat::Bf16)?.data;
-    let h = m_grouped_contiguous(GemmInput::Bf16(&xp), GemmInput::Bf16(w.w1), &layout.m_indices)?;
+    let h = match w.fp8 {
+        Some((w1q, _)) => {
+            let xq = moekit_dispatch::permute(x, &layout, ActFormat::FP8)?;
+            m_grouped_contiguous((&xq).into(), fp8_weights(w1q), &layout.m_indices)?
+        }
+        None => m_grouped_contiguous(GemmInput::Bf16(&xp), GemmInput::Bf16(w.w1), &layout.m_indices)?,
+    };
     let act = moekit_dispatch::swiglu(&h, ActFormat::Bf16)?.data;
-    let y = m_grouped_contiguous(GemmInput::Bf16(&act), GemmInput::Bf16(w.w2), &layout.m_indices)?;
+    let y = match w.fp8 {
+        Some((_, w2q)) => {
+            let aq = moekit_dispatch::swiglu(&h, ActFormat::FP8)?;
+            m_grouped_contiguous((&aq).into(), fp8_weights(w2q), &layout.m_indices)?
+        }
+        None => m_grouped_contiguous(GemmInput::Bf16(&act), GemmInput::Bf16(w.w2), &layout.m_indices)?,
+    };
     let routed = moekit_dispatch::combine(&y, &layout, Some(&r.topk_weights))?;
     let (shared_out, shared) = match w.shared {
         Some((s1, s2)) => {

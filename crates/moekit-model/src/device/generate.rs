@@ -517,6 +517,7 @@ fn blocks(t: &DeviceTrainer, c: &Consts, ids: &Tensor, positions: &Tensor, mut a
                     router: &b[idx.router],
                     w1: &b[idx.w1],
                     w2: &b[idx.w2],
+                    fp8: t.fp8_experts(moe_index),
                     shared: idx.shared.map(|s| (&b[s.w1], &b[s.w2])),
                     bias: cfg.uses_router_bias().then(|| &t.router_bias[moe_index]),
                 };

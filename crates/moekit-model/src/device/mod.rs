@@ -22,13 +22,17 @@
 //!
 //! Precision: f32 master weights, moments, norms statistics, attention, softmax and weight
 //! gradients; BF16 operands (weights and activations) for every matmul, f32 accumulation; the
-//! residual stream and every gradient entering a norm or the attention in f32.
+//! residual stream and every gradient entering a norm or the attention in f32. With
+//! `moe.precision = "fp8"` the routed experts' two forward GEMMs take FP8 E4M3 operands
+//! (tokens and SwiGLU output 1x128-quantized by moekit-dispatch, weights 128x128-quantized on
+//! the device from the f32 masters after every update), as the host model's kernel backend;
+//! their backward stays BF16.
 //!
 //! Contract: the same model as [`crate::Model`] (parameter layout, formulas, optimizer), with
 //! BF16 matmuls instead of the host's f32 ones. Requirements (typed [`Error::Config`]
 //! otherwise): `d_model`, `vocab_size`, `dense_ffn_dim`, `moe.expert_dim` and `moe.experts`
 //! multiples of 8 (BF16 GEMM rows of 16 bytes), head dimension at most 128, no balance loss
-//! (`moe.balance_loss_alpha = 0`), precision F32 or BF16 (both run BF16 matmuls here). A step
+//! (`moe.balance_loss_alpha = 0`); precision F32 or BF16 run BF16 matmuls here, FP8 as above. A step
 //! takes `batch * seq` a multiple of 8 tokens.
 
 mod ffn;
@@ -82,6 +86,9 @@ pub struct DeviceTrainer {
     params: Vec<Tensor>,
     bf16: Vec<Tensor>,
     router_bias: Vec<Tensor>,
+    /// `precision = "fp8"`: each MoE layer's expert weights (w1, w2) as 128 x 128-block FP8,
+    /// quantized on the device from the F32 masters after every update; empty otherwise.
+    fp8: Vec<(moekit_gemm::BlockFp8, moekit_gemm::BlockFp8)>,
     opt: moekit_optim::ops::AdamW,
     rope: moekit_norm::Rope,
     consts: Option<Consts>,
@@ -113,9 +120,6 @@ fn check_config(cfg: &ModelConfig) -> Result<()> {
                 cfg.moe.balance_loss_alpha,
                 "0 on the device (not yet)",
             ));
-        }
-        if cfg.moe.precision == crate::Precision::Fp8 {
-            return Err(config_error("moe.precision", "fp8", "f32 or bf16 on the device (BF16 matmuls)"));
         }
     }
     if cfg.head_dim() > moekit_attention::MAX_HEAD_DIM {
@@ -183,7 +187,7 @@ impl DeviceTrainer {
             .map(|b| Tensor::from_slice(b, &[b.len()], device))
             .collect::<std::result::Result<_, _>>()?;
         let rope = moekit_norm::Rope::new(cfg.head_dim(), cfg.max_seq_len, cfg.rope_theta, device)?;
-        Ok(DeviceTrainer {
+        let mut t = DeviceTrainer {
             idx: crate::params::index(&cfg),
             names: p.names.clone(),
             cfg,
@@ -191,10 +195,36 @@ impl DeviceTrainer {
             params,
             bf16,
             router_bias,
+            fp8: Vec::new(),
             opt: optimizer,
             rope,
             consts: None,
-        })
+        };
+        t.refresh_fp8()?;
+        Ok(t)
+    }
+
+    /// `precision = "fp8"`: re-quantizes every MoE layer's expert weights from the F32 masters
+    /// (`moekit_gemm::quantize_weights`, on the device: two launches per layer, no readback).
+    fn refresh_fp8(&mut self) -> Result<()> {
+        if self.cfg.moe.precision != crate::Precision::Fp8 {
+            return Ok(());
+        }
+        let mut fp8 = Vec::new();
+        for l in &self.idx.layers {
+            if let FfnKind::Moe { idx, .. } = l.ffn {
+                let w1 = moekit_gemm::quantize_weights(&self.params[idx.w1], false)?.0;
+                let w2 = moekit_gemm::quantize_weights(&self.params[idx.w2], false)?.0;
+                fp8.push((w1, w2));
+            }
+        }
+        self.fp8 = fp8;
+        Ok(())
+    }
+
+    /// The FP8 expert weights of MoE layer `moe_index` (`precision = "fp8"`).
+    pub(crate) fn fp8_experts(&self, moe_index: usize) -> Option<&(moekit_gemm::BlockFp8, moekit_gemm::BlockFp8)> {
+        self.fp8.get(moe_index)
     }
 
     /// The configuration.
@@ -277,6 +307,7 @@ impl DeviceTrainer {
         let (loss, grads, counts) = self.forward_backward(&ids, &targets)?;
         self.opt.step(&mut self.params, &grads, Some(&mut self.bf16), None)?;
         drop(grads);
+        self.refresh_fp8()?;
         if self.cfg.uses_router_bias() {
             for (b, c) in self.router_bias.iter_mut().zip(&counts) {
                 moekit_gating::update_bias(b, c, self.cfg.moe.bias_update_rate)?;
@@ -328,6 +359,7 @@ impl DeviceTrainer {
             router: &b[idx.router],
             w1: &b[idx.w1],
             w2: &b[idx.w2],
+            fp8: self.fp8_experts(moe_index),
             shared: idx.shared.map(|s| (&b[s.w1], &b[s.w2])),
             bias: cfg.uses_router_bias().then(|| &self.router_bias[moe_index]),
         };
