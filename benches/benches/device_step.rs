@@ -1,5 +1,6 @@
 //! Training-step throughput (tokens/s) of `moekit_model::device::DeviceTrainer` on the GPU:
-//! the default model and a larger one (8 layers, d_model 1024, 64 experts). Each iteration is
+//! the default model and a larger one (8 layers, d_model 1024, 64 experts; BF16 and FP8 routed
+//! experts). Each iteration is
 //! one full step (forward, loss, backward, clipping, AdamW, router bias) ending in its metrics
 //! readback, so wall time is device time plus launch overhead. Skips without a GPU.
 
@@ -38,8 +39,15 @@ fn bench(c: &mut Criterion) {
         Ok(d) => Device::Cuda(d),
         Err(e) => return skip_notice("device training step benchmark", &e.to_string()),
     };
-    for (name, cfg, batch, seq) in [("default", ModelConfig::default(), 8, 32), ("large-8L-1024d-64e", large(), 4, 256)]
-    {
+    let large_fp8 = {
+        let l = large();
+        ModelConfig { moe: MoeConfig { precision: moekit_model::Precision::Fp8, ..l.moe }, ..l }
+    };
+    for (name, cfg, batch, seq) in [
+        ("default", ModelConfig::default(), 8, 32),
+        ("large-8L-1024d-64e", large(), 4, 256),
+        ("large-8L-1024d-64e-fp8", large_fp8, 4, 256),
+    ] {
         let model = Model::new(cfg, 0).expect("model");
         let mut t = DeviceTrainer::new(&model, AdamWConfig::default(), &dev).expect("trainer");
         let tokens: Vec<u32> = (0..batch * seq).map(|i| ((i * 7 + i / 5) % model.cfg.vocab_size) as u32).collect();
