@@ -27,8 +27,10 @@ pub const SMEM_BYTES_KGROUPED: u32 = 6 * 2 * 16384 + 6 * 256 * 4 + 1024 + 2 * 6 
 /// `on` (its sm_90a fatbin on a GPU, its host build in the emulation): m-grouped contiguous or
 /// masked with K a multiple of one 128-byte TMA row (64 BF16, 128 FP8), BF16 dgrad with its
 /// reduction N a multiple of 64, and k-grouped (BF16 and FP8: every shape the API takes). FP8
-/// dgrad runs on the portable kernel: FP8 wgmma reads K-major operands only, and the forward
-/// weights are K-major along the other dimension.
+/// [`Op::Dgrad`] runs on the portable kernel: FP8 wgmma reads K-major operands only, and the
+/// forward weights are K-major along the other dimension. On Hopper an FP8 dgrad is the
+/// m-grouped contiguous GEMM against the transposed weights' quantization
+/// ([`crate::quantize_weights`] with `transposed`), which this kernel takes.
 pub fn supports(on: &dyn Launcher, op: Op, shape: &Shape, fp8: bool) -> bool {
     let built =
         if on.compute_capability().is_none() { !GEMM_SM90.emulation().is_empty() } else { GEMM_SM90.is_built() };

@@ -527,6 +527,37 @@ fn sm90_emulated(dev: &Device) {
     assert_eq!(kernel_for_op(on, Op::Dgrad, &Shape { groups, m, n: nd, k: kd }, false), Kernel::Sm90);
     let (dy, w) = (values(m * nd, 43), values(groups * nd * kd, 44));
     check_dgrad_bf16(dev, "sm90 dgrad bf16", &dy, &w, &ids, groups, nd, kd);
+    // FP8 dgrad on Hopper: FP8 wgmma reads K-major operands only, so it runs as the m-grouped
+    // contiguous GEMM against the transposed weights' quantization (`quantize_weights(w,
+    // true)`: the same codes and block scales, transposed), and equals the portable FP8 dgrad
+    // on the forward weights up to summation order.
+    {
+        let (nd, kd) = (256, 384);
+        let ids8 = contiguous_ids(&[(1, 1), (2, 100), (0, 30)], 32);
+        let m8 = ids8.len();
+        let (dy, w) = (values(m8 * nd, 51), values(groups * nd * kd, 52));
+        let run = |d: &Device, hopper: bool| {
+            let qa = fp8_tokens(&dy, m8, nd, ScaleLayout::RowMajor, d);
+            let wt = Tensor::from_slice(&w, &[groups, nd, kd], d).unwrap();
+            let (q, qt) = moekit_gemm::quantize_weights(&wt, true).unwrap();
+            let mi = Tensor::from_slice(&ids8, &[m8], d).unwrap();
+            if hopper {
+                let qt = qt.unwrap();
+                let b = GemmInput::Fp8 { data: &qt.codes, scales: &qt.scales, layout: ScaleLayout::RowMajor };
+                f32s(&m_grouped_contiguous((&qa).into(), b, &mi).unwrap())
+            } else {
+                let b = GemmInput::Fp8 { data: &q.codes, scales: &q.scales, layout: ScaleLayout::RowMajor };
+                f32s(&dgrad((&qa).into(), b, &mi).unwrap())
+            }
+        };
+        assert_eq!(kernel_for_op(on, Op::Contiguous, &Shape { groups, m: m8, n: kd, k: nd }, true), Kernel::Sm90);
+        assert_close(
+            "fp8 dgrad as contiguous on W^T (Hopper) vs dgrad (CPU)",
+            &run(dev, true),
+            &run(&Device::Cpu, false),
+            1e-5,
+        );
+    }
     // k-grouped (BF16): the part-1 body (groups of 0, 1, 130 and 125 tokens: stages that end
     // inside a group and hold the next group's tokens, accumulation), then 2 x 2 tiles of dW
     // (partial in N and K) over groups that start and end off the 64-token stages.
