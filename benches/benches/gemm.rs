@@ -2,10 +2,13 @@
 //! dispatcher picks for the GPU (CUDA events; TFLOPS and fraction of the ceiling: BF16 against
 //! the measured 790 TFLOPS, FP8 against the 1979 TFLOPS datasheet rate). Each shape is checked
 //! for correctness first: sampled output rows against the CPU reference on the same inputs
-//! (`diff < 1e-5`). CPU: the reference on a small shape.
+//! (`diff < 1e-5`). CPU: the reference on a small shape. Also the device FP8 quantization of
+//! weights (`quantize_weights`, GB/s of minimum bytes).
 
 use criterion::{criterion_main, Criterion};
-use moekit_benches::{criterion, median_gpu_us, report_tflops, time_gpu, BF16_FLOPS_PER_S, FP8_FLOPS_PER_S};
+use moekit_benches::{
+    criterion, median_gpu_us, report_bandwidth, report_tflops, time_gpu, BF16_FLOPS_PER_S, FP8_FLOPS_PER_S,
+};
 use moekit_cuda::{testing::skip_notice, DeviceBuffer, Gpu, Stream};
 use moekit_dtype::{bf16, F8E4M3};
 use moekit_gemm::raw::{self, Operand};
@@ -188,7 +191,7 @@ fn gpu(c: &mut Criterion) {
                 .collect()
         };
         // Every kernel the dispatcher can pick for this GPU (Hopper: also the sm90 kernel).
-        let kernels: Vec<raw::Kernel> = if gpu.compute_capability() == (9, 0) && !kg {
+        let kernels: Vec<raw::Kernel> = if gpu.compute_capability() == (9, 0) {
             vec![raw::Kernel::Portable, raw::Kernel::Sm90]
         } else {
             vec![raw::Kernel::Portable]
@@ -236,6 +239,43 @@ fn gpu(c: &mut Criterion) {
         }
         raw::set_kernel_override(None);
     }
+    quantize(c, &gpu, &stream);
+}
+
+/// FP8 block quantization of weights on the device (`quantize_weights`), with the transpose:
+/// 4 experts of DeepSeek-V3's gate/up weights `[4, 4096, 7168]` f32. Minimum bytes: 4 read and
+/// 2 written per weight. The first 128 rows are checked against the reference first.
+fn quantize(c: &mut Criterion, gpu: &Gpu, stream: &Stream) {
+    let (g, n, k) = (4usize, 4096usize, 7168usize);
+    let hw: Vec<f32> = (0..g * n * k).map(|i| ((i as u64 * 2654435761) % 2001) as f32 / 1000.0 - 1.0).collect();
+    let w = DeviceBuffer::from_host(gpu, &hw).unwrap();
+    let mut codes = DeviceBuffer::<F8E4M3>::zeros(gpu, g * n * k).unwrap();
+    let mut sc = DeviceBuffer::<f32>::zeros(gpu, g * (n / 128) * (k / 128)).unwrap();
+    let mut codes_t = DeviceBuffer::<F8E4M3>::zeros(gpu, g * n * k).unwrap();
+    let mut sc_t = DeviceBuffer::<f32>::zeros(gpu, g * (n / 128) * (k / 128)).unwrap();
+    let mut quant = |codes: &mut DeviceBuffer<F8E4M3>| {
+        moekit_gemm::raw_quantize(
+            stream,
+            (g, n, k),
+            w.view(),
+            codes.view_mut(),
+            sc.view_mut(),
+            Some(codes_t.view_mut()),
+            Some(sc_t.view_mut()),
+        )
+    };
+    quant(&mut codes).unwrap();
+    let (want, _) = reference::quantize_blocks(&hw[..128 * k], 1, 128, k);
+    let mut got = vec![F8E4M3::from_bits(0); 128 * k];
+    codes.copy_range_to_host(stream, 0, &mut got).unwrap();
+    assert!(got.iter().map(|c| c.to_bits()).eq(want), "quantize_weights: first 128 rows differ from the reference");
+    let mut run = |_: u64| quant(&mut codes);
+    let mut grp = c.benchmark_group("quantize-weights-fp8");
+    grp.sample_size(10);
+    grp.bench_function("gpu", |b| b.iter_custom(|iters| time_gpu(stream, iters, &mut run).unwrap()));
+    grp.finish();
+    let us = median_gpu_us(stream, 2, 10, &mut run).unwrap();
+    report_bandwidth("quantize-weights-fp8", &format!("[{g}, {n}, {k}] f32 + transpose"), us, (6 * g * n * k) as f64);
 }
 
 fn benches() {
