@@ -1,5 +1,6 @@
 // Hopper grouped GEMM, version 2 (sm_90a): m-grouped contiguous and masked (dense = one masked
-// group), BF16 and FP8 E4M3 with 1x128 / 128x128 scales promoted to f32 every 128 of K; and
+// group), BF16 and FP8 E4M3 with 1x128 / 128x128 scales promoted to f32 every 128 of K (BF16
+// also with 128 x 256 tiles: moekit_gemm_sm90_bf16_n256, a 3-stage ring); and
 // the BF16 activation gradient (dgrad: dX [M, K] = dY [M, N] . W[m_indices] [N, K], the
 // forward weights read along N as an MN-major B: two 64-column TMA boxes per stage and
 // wgmma with imm-trans-b 1; the contiguous schedule and epilogue with K output columns);
@@ -32,6 +33,7 @@
 // moekit-sass: moekit_gemm_sm90_bf16 require HGMMA UTMALDG UTMASTG SYNCS USETMAXREG
 // moekit-sass: moekit_gemm_sm90_fp8 require QGMMA UTMALDG UTMASTG SYNCS USETMAXREG
 // moekit-sass: moekit_gemm_sm90_bf16_dgrad require HGMMA UTMALDG UTMASTG SYNCS USETMAXREG
+// moekit-sass: moekit_gemm_sm90_bf16_n256 require HGMMA UTMALDG UTMASTG SYNCS USETMAXREG
 // moekit-sass: moekit_gemm_sm90_bf16_kgrouped require HGMMA UTMALDG SYNCS USETMAXREG
 // moekit-sass: moekit_gemm_sm90_fp8_kgrouped require QGMMA UTMALDG SYNCS USETMAXREG
 // Budgets: 384 threads at one block per SM leave 168 registers before setmaxnreg (and
@@ -61,11 +63,31 @@ constexpr int kConsumerWarps = 8;  // two consumer warpgroups
 constexpr int kScaleSlot = 132;  // floats
 // Dynamic shared memory: stages of (A tile, B tile), the two output buffers, the stages'
 // scale slots, then the barriers; +1024 for alignment.
-constexpr int kSmemBytes =
-    kStagesMg * 2 * kTileBytes + 2 * kOutBytes + kStagesMg * kScaleSlot * 4 + 1024 + 2 * kStagesMg * 8;
+// kN: the tile's columns, 128, or 256 for the wide BF16 forward kernel (3 stages of 48 KiB,
+// 32 KiB output buffers).
+template <int kN>
+__host__ __device__ constexpr int ring_stages() {
+  return kN == 256 ? 3 : kStagesMg;
+}
+template <int kN>
+__host__ __device__ constexpr int stage_bytes() {
+  return kTileBytes + kN * 128;  // A: 128 rows x 128 bytes; B: kN rows x 128 bytes
+}
+template <int kN>
+__host__ __device__ constexpr int out_bytes() {
+  return 64 * kN * 2;  // per consumer warpgroup: 64 rows x kN BF16 columns
+}
+template <int kN>
+__host__ __device__ constexpr int smem_bytes() {
+  return ring_stages<kN>() * stage_bytes<kN>() + 2 * out_bytes<kN>() + ring_stages<kN>() * kScaleSlot * 4 + 1024 +
+         2 * ring_stages<kN>() * 8;
+}
+constexpr int kSmemBytes = smem_bytes<128>();
 static_assert(kSmemBytes == 200352, "keep sm90::SMEM_BYTES in step");
+static_assert(smem_bytes<256>() == 215648, "keep sm90::SMEM_BYTES_N256 in step");
 // Within the 227 KiB a block may use, with the static run lists (3200 B).
-static_assert(kSmemBytes + 3200 <= 232448, "shared memory per block");
+static_assert(kSmemBytes + 3200 <= 232448 && smem_bytes<256>() + 3200 <= 232448, "shared memory per block");
+static_assert(kOutBytes == out_bytes<128>(), "output buffer");
 
 // Tile order: within a group, bands of kRasterCols column tiles, row-major inside a band, so
 // the tiles in flight at once (one per SM) share a few A row blocks and at most kRasterCols
@@ -100,9 +122,10 @@ struct Schedule {
   int64_t g_base;
 };
 
+template <int kN = kBN>
 __device__ __forceinline__ Schedule schedule(const MoekitGemmParams& p) {
   Schedule s;
-  s.tiles_c = (out_cols(p) + kBN - 1) / kBN;
+  s.tiles_c = (out_cols(p) + kN - 1) / kN;
   s.g_cur = 0;
   s.g_base = 0;
   s.g_valid = p.m;
@@ -127,6 +150,7 @@ struct TileInfo {
 };
 
 // `tile` must not decrease between calls on the same `s` (the masked cursor moves forward).
+template <int kN = kBN>
 __device__ __forceinline__ TileInfo tile_info(const MoekitGemmParams& p, Schedule& s, int64_t tile) {
   TileInfo ti;
   ti.g = 0;
@@ -147,7 +171,7 @@ __device__ __forceinline__ TileInfo tile_info(const MoekitGemmParams& p, Schedul
   const int within = static_cast<int>(rem % band_tiles);
   const int width = s.tiles_c - band * kRasterCols < kRasterCols ? s.tiles_c - band * kRasterCols : kRasterCols;
   ti.row0 = (within / width) * kBM;
-  ti.col0 = (band * kRasterCols + within % width) * kBN;
+  ti.col0 = (band * kRasterCols + within % width) * kN;
   return ti;
 }
 
@@ -186,16 +210,20 @@ __device__ __forceinline__ void ring_init(const MoekitGemmSm90Params& P, uint64_
 
 // kDgrad (BF16 only): B is W [G, N, K] read along N (MN-major), the reduction is N and the
 // output has K columns; otherwise the forward (reduction K, N output columns).
-template <bool kFp8, bool kDgrad = false>
+// kN: tile columns, 128 or 256 (BF16 forward only: 128 accumulators per thread).
+template <bool kFp8, bool kDgrad = false, int kN = kBN>
 __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
   static_assert(!(kFp8 && kDgrad), "FP8 wgmma takes K-major operands only: FP8 dgrad stays portable");
+  static_assert(kN == 128 || (kN == 256 && !kFp8 && !kDgrad), "BLOCK_N 256: the BF16 forward only");
   const MoekitGemmParams& p = P.gemm;
   MOEKIT_DYNAMIC_SMEM(unsigned char, smem_raw);
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  constexpr int kRing = kStagesMg;
+  constexpr int kRing = ring_stages<kN>();
+  constexpr int kStage = stage_bytes<kN>();
+  constexpr int kOut = out_bytes<kN>();
   unsigned char* tiles = smem;
-  unsigned char* out_bufs = smem + kRing * 2 * kTileBytes;  // 1024-aligned: 128-byte swizzle atoms
-  float* scales = reinterpret_cast<float*>(out_bufs + 2 * kOutBytes);  // kRing slots
+  unsigned char* out_bufs = smem + kRing * kStage;  // 1024-aligned: 128-byte swizzle atoms
+  float* scales = reinterpret_cast<float*>(out_bufs + 2 * kOut);  // kRing slots
   uint64_t* full = reinterpret_cast<uint64_t*>(reinterpret_cast<unsigned char*>(scales) + kRing * kScaleSlot * 4);
   uint64_t* empty = full + kRing;
   __shared__ int tile_groups[3][kBM];  // one run list per warpgroup: group,
@@ -223,9 +251,9 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
     // steps of A and B through the ring.
     moekit::sm90::regs_dec<kProducerRegs>();
     if (t >= 32) return;
-    Schedule s = schedule(p);  // per thread, after setmaxnreg (nothing live across it)
+    Schedule s = schedule<kN>(p);  // per thread, after setmaxnreg (nothing live across it)
     for (int64_t tile = blockIdx.x; tile < s.total; tile += gridDim.x) {
-      const TileInfo ti = tile_info(p, s, tile);
+      const TileInfo ti = tile_info<kN>(p, s, tile);
       const int passes =
           masked ? (ti.row0 < ti.valid ? 1 : 0)
                  : moekit::gemm::group_runs_warp<kBM / 32>(reinterpret_cast<const int*>(p.m_indices), ti.row0, p.m,
@@ -267,8 +295,8 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
               continue;
             }
           }
-          moekit::sm90::mbar_arrive_expect_tx(&full[stage], 2 * kTileBytes);
-          unsigned char* a_dst = tiles + stage * 2 * kTileBytes;
+          moekit::sm90::mbar_arrive_expect_tx(&full[stage], kStage);
+          unsigned char* a_dst = tiles + stage * kStage;
           const int kc = ks * k_block;
           if (masked) {
             moekit::sm90::tma_load_3d(a_dst, &P.tmap_a, &full[stage], kc, ti.row0, g);
@@ -291,12 +319,12 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
 
   // Consumers: 232 registers; warpgroup `wg` computes rows 64 (wg - 1) .. of each tile.
   moekit::sm90::regs_inc<kConsumerRegs>();
-  Schedule s = schedule(p);  // per thread: the masked cursor moves
+  Schedule s = schedule<kN>(p);  // per thread: the masked cursor moves
   const int half = wg - 1;
   const int warp = t / 32, lane = t % 32;
   const int* m_indices = reinterpret_cast<const int*>(p.m_indices);
   for (int64_t tile = blockIdx.x; tile < s.total; tile += gridDim.x) {
-    const TileInfo ti = tile_info(p, s, tile);
+    const TileInfo ti = tile_info<kN>(p, s, tile);
     const int row0 = ti.row0, col0 = ti.col0, valid = ti.valid;
     int passes;
     if (masked) {
@@ -318,9 +346,9 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
       // A half with no row of the run skips its wgmmas and its stores, but still waits on
       // and releases every stage (the empty barriers count both halves).
       const bool live = lo < 64 * half + 64 && hi >= 64 * half;
-      float acc[64];
+      float acc[kN / 2];
 #pragma unroll
-      for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+      for (int i = 0; i < kN / 2; ++i) acc[i] = 0.0f;
       float part[kFp8 ? 64 : 1];
       uint32_t prev = 0;  // BF16: the stage whose wgmmas are still in flight
       if (!live) {
@@ -343,8 +371,8 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
       }
       for (int ks = 0; ks < k_steps; ++ks) {
         moekit::sm90::mbar_wait(&full[stage], phase);
-        const unsigned char* a_tile = tiles + stage * 2 * kTileBytes + half * (kTileBytes / 2);
-        const unsigned char* b_tile = tiles + stage * 2 * kTileBytes + kTileBytes;
+        const unsigned char* a_tile = tiles + stage * kStage + half * (kTileBytes / 2);
+        const unsigned char* b_tile = tiles + stage * kStage + kTileBytes;
         moekit::sm90::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {  // 4 x 32 bytes of K per 128-byte row
@@ -358,7 +386,11 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
           if constexpr (kFp8) {
             moekit::sm90::wgmma_m64n128k32_e4m3(part, da, db, kk > 0);
           } else {
-            moekit::sm90::wgmma_m64n128k16_bf16(acc, da, db, true);
+            if constexpr (kN == 256) {
+              moekit::sm90::wgmma_m64n256k16_bf16(acc, da, db, true);
+            } else {
+              moekit::sm90::wgmma_m64n128k16_bf16(acc, da, db, true);
+            }
           }
         }
         moekit::sm90::wgmma_commit();
@@ -401,33 +433,35 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
       // Epilogue: acc[4 j + 2 h + e] is row (warp * 16 + lane / 4 + 8 h), column 8 j + 2 (lane % 4) + e.
       // A pass writes exactly its run's rows [lo, hi] (all of group g, all below m or masked_m):
       // no m_indices load here. A half whose 64 rows all belong to the run goes through its
-      // shared output buffer and two TMA stores of 64 x 64 (columns past the output's end are
-      // clipped by the map); any other half stores its run's rows from registers.
+      // shared output buffer and kN / 64 TMA stores of 64 x 64 (columns past the output's end
+      // are clipped by the map); any other half stores its run's rows from registers.
       if (lo <= 64 * half && hi >= 64 * half + 63) {
-        unsigned char* out = out_bufs + half * kOutBytes;
+        constexpr int kBox = 64 * 128;  // 64 rows x 64 BF16 columns
+        unsigned char* out = out_bufs + half * kOut;
         if (t == 0) moekit::sm90::bulk_wait<0>();  // the previous tile's stores have read it
         warpgroup_sync(wg);
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {
+        for (int j = 0; j < kN / 8; ++j) {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             // Box j / 8, row r (128 bytes), 16-byte chunk j % 8 at its 128-byte-swizzled place.
             const int r = warp * 16 + lane / 4 + 8 * h;
             const __nv_bfloat162 v = __floats2bfloat162_rn(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
-            *reinterpret_cast<uint32_t*>(out + (j / 8) * (kOutBytes / 2) + r * 128 + (((j % 8) ^ (r % 8)) * 16) +
-                                         4 * (lane % 4)) = *reinterpret_cast<const uint32_t*>(&v);
+            *reinterpret_cast<uint32_t*>(out + (j / 8) * kBox + r * 128 + (((j % 8) ^ (r % 8)) * 16) + 4 * (lane % 4)) =
+                *reinterpret_cast<const uint32_t*>(&v);
           }
         }
         moekit::sm90::fence_proxy_async();  // the st.shared before the async proxy's reads
         warpgroup_sync(wg);
         if (t == 0) {
           const int r0 = row0 + 64 * half;
-          if (masked) {
-            moekit::sm90::tma_store_3d(&P.tmap_d, out, col0, r0, g);
-            moekit::sm90::tma_store_3d(&P.tmap_d, out + kOutBytes / 2, col0 + 64, r0, g);
-          } else {
-            moekit::sm90::tma_store_2d(&P.tmap_d, out, col0, r0);
-            moekit::sm90::tma_store_2d(&P.tmap_d, out + kOutBytes / 2, col0 + 64, r0);
+#pragma unroll
+          for (int b = 0; b < kN / 64; ++b) {
+            if (masked) {
+              moekit::sm90::tma_store_3d(&P.tmap_d, out + b * kBox, col0 + 64 * b, r0, g);
+            } else {
+              moekit::sm90::tma_store_2d(&P.tmap_d, out + b * kBox, col0 + 64 * b, r0);
+            }
           }
           moekit::sm90::bulk_commit();
         }
@@ -441,7 +475,7 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
         row_ok[h] = rel >= lo && rel <= hi;
       }
 #pragma unroll
-      for (int j = 0; j < 16; ++j) {
+      for (int j = 0; j < kN / 8; ++j) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int r = row0 + half * 64 + warp * 16 + lane / 4 + 8 * h;
@@ -704,4 +738,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
     moekit_gemm_sm90_fp8_kgrouped(const __grid_constant__ MoekitGemmSm90Params p) {
   gemm_sm90_kgrouped<true>(p);
+}
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+    moekit_gemm_sm90_bf16_n256(const __grid_constant__ MoekitGemmSm90Params p) {
+  gemm_sm90<false, false, 256>(p);
 }

@@ -19,6 +19,9 @@ pub const TILE_N: usize = 128;
 /// 16 KiB output buffers (the TMA-store epilogue), 5 x 528-byte FP8 scale slots, barriers,
 /// 1 KiB alignment slack (the kernel's `static_assert` keeps the two in step).
 pub const SMEM_BYTES: u32 = 5 * 2 * 16384 + 2 * 16384 + 5 * 132 * 4 + 1024 + 2 * 5 * 8;
+/// Dynamic shared memory of the 256-column BF16 forward kernel: 3 stages x (16 + 32) KiB, two
+/// 32 KiB output buffers, 3 scale slots (unused), barriers, 1 KiB slack.
+pub const SMEM_BYTES_N256: u32 = 3 * (16384 + 32768) + 2 * 32768 + 3 * 132 * 4 + 1024 + 2 * 3 * 8;
 /// Dynamic shared memory of the k-grouped kernels: 6 stages x (A, B) x 16 KiB, 6 scale slots of
 /// 256 floats (FP8: 128 row scales of each operand's tile), barriers, 1 KiB slack.
 pub const SMEM_BYTES_KGROUPED: u32 = 6 * 2 * 16384 + 6 * 256 * 4 + 1024 + 2 * 6 * 8;
@@ -76,18 +79,25 @@ pub fn launch(on: &dyn Launcher, params: moekit_abi::MoekitGemmParams) -> Result
     } else {
         tensor_map(on, params.a, fp8, &[red, m], &[red * elem], 128)?
     };
-    // B is [g, n, k] with k innermost either way: K-major for the forward (128 rows of N per
+    // BF16 forward tiles of 256 columns when N is a multiple of 256 and they still give every
+    // SM a tile: half the A tile loads per output, wgmma m64n256 (twice the work per issue).
+    let row_tiles = (if masked { g } else { 1 }) as usize * (m as usize).div_ceil(TILE_M);
+    let wide = !fp8 && !dgrad && n % 256 == 0 && row_tiles * (n as usize / 256) >= on.multiprocessors().max(1) as usize;
+    let tile_n = if wide { 256 } else { TILE_N };
+    // B is [g, n, k] with k innermost either way: K-major for the forward (tile_n rows of N per
     // box), MN-major for dgrad (64 of K by 64 rows of N per box, two boxes per stage).
-    let tmap_b = tensor_map(on, params.b, fp8, &[k, n, g], &[k * elem, n * k * elem], if dgrad { 64 } else { 128 })?;
-    let tiles =
-        (if masked { g } else { 1 }) as usize * (m as usize).div_ceil(TILE_M) * (cols as usize).div_ceil(TILE_N);
+    let b_rows = if dgrad { 64 } else { tile_n as u32 };
+    let tmap_b = tensor_map(on, params.b, fp8, &[k, n, g], &[k * elem, n * k * elem], b_rows)?;
+    let tiles = row_tiles * (cols as usize).div_ceil(tile_n);
     // D, BF16 [m, cols] or masked [g, m, n]: boxes of 64 columns (128 bytes) x 64 rows.
     let tmap_d = if masked {
         tensor_map(on, params.d, false, &[n, m, g], &[n * 2, m * n * 2], 64)?
     } else {
         tensor_map(on, params.d, false, &[cols, m], &[cols * 2], 64)?
     };
-    launch_kernel(on, (tmap_a, tmap_b, tmap_d), params, tiles, name(fp8, dgrad), SMEM_BYTES)
+    let (name, smem) =
+        if wide { ("moekit_gemm_sm90_bf16_n256", SMEM_BYTES_N256) } else { (name(fp8, dgrad), SMEM_BYTES) };
+    launch_kernel(on, (tmap_a, tmap_b, tmap_d), params, tiles, name, smem)
 }
 
 /// k-grouped, tiles of dW [g, n, k]. BF16: dY [m, n] and X [m, k] as MN-major operands along

@@ -435,6 +435,10 @@ fn sm90_shapes(dev: &Device) {
     let (dy, w) = (values(m * k, 29), values(groups * k * n, 30));
     check_dgrad_bf16(dev, "sm90 dgrad bf16", &dy, &w, &ids, groups, k, n);
     check_k_grouped_bf16(dev, "sm90 k-grouped bf16", &[0, 1, 300, 77, 128], n, k);
+    // 256-column tiles need a tile per SM: 66 row tiles x 2 column tiles >= 132 SMs.
+    let ids_w = contiguous_ids(&[(0, 4000), (1, 4400)], 128);
+    let (aw, bw) = (values(ids_w.len() * k, 57), values(2 * 512 * k, 58));
+    check_contiguous_bf16(dev, "sm90 contiguous bf16, 256-column tiles", &aw, &bw, &ids_w, 2, 512, k);
     // FP8 with several weight scale blocks along N and K (n = 256, k = 384).
     let (n8, k8) = (256, 384);
     let (a8, b8) = (values(m * k8, 25), values(groups * n8 * k8, 26));
@@ -521,6 +525,27 @@ fn sm90_emulated(dev: &Device) {
     assert_eq!(kernel_for_op(on, Op::Contiguous, &shape, false), Kernel::Sm90, "the Hopper kernel must run");
     let (a, b) = (values(m * k, 31), values(groups * n * k, 32));
     check_contiguous_bf16(dev, "sm90 contiguous bf16", &a, &b, &ids, groups, n, k);
+    // 256-column tiles (BF16 forward, N a multiple of 256 with a tile per SM): N = 512, K of 7
+    // stages over the 3-stage ring, contiguous with group runs and padding, and masked.
+    let ids3 = contiguous_ids(&[(0, 70), (1, 100), (2, 60)], 32);
+    let (m3, n3) = (ids3.len(), 512);
+    let (a4, b4) = (values(m3 * k, 53), values(3 * n3 * k, 54));
+    check_contiguous_bf16(dev, "sm90 contiguous bf16, 256-column tiles", &a4, &b4, &ids3, 3, n3, k);
+    let mm3 = vec![0i32, 130, 160];
+    let (a5, b5) = (values(3 * 160 * k, 55), values(3 * n3 * k, 56));
+    check(
+        dev,
+        "sm90 masked bf16, 256-column tiles",
+        |d| {
+            m_grouped_masked(
+                GemmInput::Bf16(&bf16_tensor(&a5, &[3, 160, k], d)),
+                GemmInput::Bf16(&bf16_tensor(&b5, &[3, n3, k], d)),
+                Some(&Tensor::from_slice(&mm3, &[3], d).unwrap()),
+            )
+            .unwrap()
+        },
+        None,
+    );
     // Dgrad (BF16): the same rows; reduction N of 7 stages (the ring wraps), K = 136 output
     // columns (a partial second column tile: the second 64-column box of B is all zero fill).
     let (nd, kd) = (448, 136);
