@@ -52,53 +52,50 @@ moekit_cast_bf16_to_fp8(const MoekitCastParams p) {
   }
 }
 
-// F32 -> BF16, RNE (moekit::f32_to_bf16_bits_rne). 6 bytes moved per element. Vector path (both pointers 16-byte aligned): 4 elements per step, one 16-byte load
-// and one 8-byte store; scalar tail and scalar path otherwise.
-extern "C" __global__ void __launch_bounds__(256)
-moekit_cast_f32_to_bf16(const MoekitCastParams p) {
-  const auto* src = reinterpret_cast<const float*>(p.src);
-  auto* dst = reinterpret_cast<uint16_t*>(p.dst);
-  const uint64_t n = p.n;
+// Grid-stride map of MoekitCastParams' n elements `In` -> `Out`: groups of 4 (one `In4` load,
+// one `Out4` store, `four`) when both pointers are 16-byte aligned, then a scalar tail (`one`);
+// scalar throughout otherwise. Every access stays in [0, n).
+template <typename In, typename Out, typename In4, typename Out4, typename Four, typename One>
+__device__ __forceinline__ void map_by_four(const MoekitCastParams& p, Four four, One one) {
+  const auto* src = reinterpret_cast<const In*>(p.src);
+  auto* dst = reinterpret_cast<Out*>(p.dst);
   const uint64_t tid = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
   uint64_t done = 0;
   if (((p.src | p.dst) & 15u) == 0) {
-    const uint64_t vecs = n / 4;
-    const auto* src4 = reinterpret_cast<const float4*>(src);
-    auto* dst4 = reinterpret_cast<uint2*>(dst);
-    for (uint64_t v = tid; v < vecs; v += stride) {
-      const float4 in = __ldg(&src4[v]);
-      const uint32_t lo = static_cast<uint32_t>(moekit::f32_to_bf16_bits_rne(in.x)) |
-                          (static_cast<uint32_t>(moekit::f32_to_bf16_bits_rne(in.y)) << 16);
-      const uint32_t hi = static_cast<uint32_t>(moekit::f32_to_bf16_bits_rne(in.z)) |
-                          (static_cast<uint32_t>(moekit::f32_to_bf16_bits_rne(in.w)) << 16);
-      dst4[v] = make_uint2(lo, hi);
-    }
+    const uint64_t vecs = p.n / 4;
+    const auto* src4 = reinterpret_cast<const In4*>(src);
+    auto* dst4 = reinterpret_cast<Out4*>(dst);
+    for (uint64_t v = tid; v < vecs; v += stride) dst4[v] = four(__ldg(&src4[v]));
     done = vecs * 4;
   }
-  for (uint64_t i = done + tid; i < n; i += stride) dst[i] = moekit::f32_to_bf16_bits_rne(__ldg(&src[i]));
+  for (uint64_t i = done + tid; i < p.n; i += stride) dst[i] = one(__ldg(&src[i]));
 }
 
-// BF16 -> F32, exact (the BF16 bits in the high half). Vector path (both pointers 16-byte
-// aligned): 4 elements per step, one 8-byte load and one 16-byte store; scalar otherwise.
+// F32 -> BF16, RNE (moekit::f32_to_bf16_bits_rne). 6 bytes moved per element; vector path: one
+// 16-byte load and one 8-byte store per 4 elements.
+extern "C" __global__ void __launch_bounds__(256)
+moekit_cast_f32_to_bf16(const MoekitCastParams p) {
+  map_by_four<float, uint16_t, float4, uint2>(
+      p,
+      [](float4 in) {
+        return make_uint2(static_cast<uint32_t>(moekit::f32_to_bf16_bits_rne(in.x)) |
+                              (static_cast<uint32_t>(moekit::f32_to_bf16_bits_rne(in.y)) << 16),
+                          static_cast<uint32_t>(moekit::f32_to_bf16_bits_rne(in.z)) |
+                              (static_cast<uint32_t>(moekit::f32_to_bf16_bits_rne(in.w)) << 16));
+      },
+      [](float x) { return moekit::f32_to_bf16_bits_rne(x); });
+}
+
+// BF16 -> F32, exact (the BF16 bits in the high half); vector path: one 8-byte load and one
+// 16-byte store per 4 elements.
 extern "C" __global__ void __launch_bounds__(256)
 moekit_cast_bf16_to_f32(const MoekitCastParams p) {
-  const auto* src = reinterpret_cast<const uint16_t*>(p.src);
-  auto* dst = reinterpret_cast<float*>(p.dst);
-  const uint64_t n = p.n;
-  const uint64_t tid = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
-  uint64_t done = 0;
-  if (((p.src | p.dst) & 15u) == 0) {
-    const uint64_t vecs = n / 4;
-    const auto* src4 = reinterpret_cast<const uint2*>(src);
-    auto* dst4 = reinterpret_cast<float4*>(dst);
-    for (uint64_t v = tid; v < vecs; v += stride) {
-      const uint2 in = __ldg(&src4[v]);
-      dst4[v] = make_float4(moekit::bf16_bits_to_f32(in.x & 0xffffu), moekit::bf16_bits_to_f32(in.x >> 16),
-                            moekit::bf16_bits_to_f32(in.y & 0xffffu), moekit::bf16_bits_to_f32(in.y >> 16));
-    }
-    done = vecs * 4;
-  }
-  for (uint64_t i = done + tid; i < n; i += stride) dst[i] = moekit::bf16_bits_to_f32(__ldg(&src[i]));
+  map_by_four<uint16_t, float, uint2, float4>(
+      p,
+      [](uint2 in) {
+        return make_float4(moekit::bf16_bits_to_f32(in.x & 0xffffu), moekit::bf16_bits_to_f32(in.x >> 16),
+                           moekit::bf16_bits_to_f32(in.y & 0xffffu), moekit::bf16_bits_to_f32(in.y >> 16));
+      },
+      [](uint16_t b) { return moekit::bf16_bits_to_f32(b); });
 }
