@@ -33,7 +33,7 @@
 //! otherwise): `d_model`, `vocab_size`, `dense_ffn_dim`, `moe.expert_dim` and `moe.experts`
 //! multiples of 8 (BF16 GEMM rows of 16 bytes), head dimension at most 128, no balance loss
 //! (`moe.balance_loss_alpha = 0`); precision F32 or BF16 run BF16 matmuls here, FP8 as above. A step
-//! takes `batch * seq` a multiple of 8 tokens.
+//! takes any number of tokens.
 
 mod ffn;
 mod generate;
@@ -268,11 +268,6 @@ impl DeviceTrainer {
                 "{} tokens / {} targets are not {batch} sequences of {seq} (both positive)",
                 tokens.len(),
                 targets.len()
-            )));
-        }
-        if n % 8 != 0 {
-            return Err(Error::InvalidInput(format!(
-                "batch * seq = {n} tokens: the device step takes a multiple of 8"
             )));
         }
         if seq > self.cfg.max_seq_len {
