@@ -90,6 +90,20 @@ extern "C" __global__ void selftest_sm90_tma_store_reuse(const __grid_constant__
   }
 }
 
+// PLANTED BUG: the store's shared source is written by st.shared without fence.proxy.async
+// before the TMA store (the async proxy may not see the writes); the emulation must fail the
+// launch. With `fence` set the same kernel is correct.
+extern "C" __global__ void planted_sm90_store_without_fence(const __grid_constant__ MoekitTensorMap dst, int fence) {
+  unsigned char* smem = smem_1024();
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 16384; ++i) smem[i] = static_cast<unsigned char>(i * 5 + 3);
+    if (fence) sm90::fence_proxy_async();
+    sm90::tma_store_2d(&dst, smem, 0, 0);
+    sm90::bulk_commit();
+    sm90::bulk_wait<0>();
+  }
+}
+
 namespace {
 
 // What a planted kernel gets wrong (0: nothing).

@@ -479,3 +479,31 @@ fn emu_tma_store_source_reused_before_wait_is_reported() {
         other => panic!("expected a fault, got {other:?}"),
     }
 }
+
+/// Planted bug: st.shared then a TMA store without fence.proxy.async is reported; the same
+/// kernel with the fence stores the bytes.
+#[test]
+fn emu_catches_planted_store_without_proxy_fence() {
+    let Some(d) = emu("emu_catches_planted_store_without_proxy_fence") else { return };
+    let on = d.launcher().unwrap();
+    let mut yt = bytes_tensor(&vec![0u8; ROWS * COLS], &d);
+    let map = TensorMapSpec {
+        addr: yt.dev_ptr_mut::<u8>().unwrap().addr(),
+        elem: TmaElem::U8,
+        dims: &[COLS as u64, ROWS as u64],
+        strides_bytes: &[COLS as u64],
+        boxes: &[128, BOX_ROWS],
+        swizzle: TmaSwizzle::B128,
+    }
+    .encode(on)
+    .unwrap();
+    // SAFETY: as above (a map over y, alive; 16 KiB + 1 KiB slack of dynamic shared memory).
+    match unsafe { run_sm90(&d, "planted_sm90_store_without_fence", 1, 128, 16384 + 1024, (map, 0i32)) } {
+        Err(Error::KernelFault(m)) => assert!(m.contains("after the last fence.proxy.async"), "{m}"),
+        other => panic!("expected a fault, got {other:?}"),
+    }
+    // SAFETY: the same launch with the fence.
+    unsafe { run_sm90(&d, "planted_sm90_store_without_fence", 1, 128, 16384 + 1024, (map, 1i32)) }.unwrap();
+    let y = yt.to_vec::<u8>().unwrap();
+    assert!(y.iter().any(|&b| b != 0), "the fenced store wrote nothing");
+}

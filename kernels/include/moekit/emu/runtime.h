@@ -170,6 +170,10 @@ struct Block {
   NamedBarrier named[16];
   std::vector<Warpgroup> warpgroups;
   std::deque<AsyncOp> tma;   // TMA transfers issued, not yet performed
+  // Dynamic shared memory as the async proxy (wgmma, TMA stores) sees it: refreshed by
+  // fence.proxy.async and written by TMA loads (see sm90.h: a read that differs from the
+  // generic view is a write without the fence).
+  std::vector<unsigned char> async_view;
   bool restart = false;      // start the next round at thread 0 (see sm90.h: mbar_arrive)
   // Describes the mbarrier / named barrier / warpgroup waits of a deadlock (set by sm90.h).
   std::string (*describe_wait)(const Block&) = nullptr;
@@ -381,6 +385,7 @@ inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
   // Under AddressSanitizer the guards are poisoned too: a read past the tile is reported.
   MOEKIT_EMU_POISON(b.smem, kSmemGuard);
   MOEKIT_EMU_POISON(b.smem + kSmemGuard + b.smem_bytes, kSmemGuard);
+  b.async_view.assign(b.smem + kSmemGuard, b.smem + kSmemGuard + b.smem_bytes);
   for (unsigned i = 0; i < nthreads; ++i) {
     Fiber& f = b.fibers[i];
     f.linear = i;

@@ -42,7 +42,10 @@
 //   it. Hazards are checked, not left to chance: a wgmma issued over shared memory that a
 //   TMA load has not yet written, a TMA load into shared memory that an uncompleted wgmma
 //   still reads (a stage released before wgmma.wait_group), and a wgmma.mma_async without a
-//   wgmma.fence since the warpgroup last waited each fail the launch.
+//   wgmma.fence since the warpgroup last waited each fail the launch; so does an async-proxy
+//   read (wgmma operand, TMA store source) of bytes that st.shared wrote after the last
+//   fence.proxy.async (the block keeps the async proxy's view: refreshed by the fence, written
+//   by TMA loads; a fence by any thread publishes every thread's writes, a model).
 // - the schedule after an mbarrier arrival that completes a phase: the released threads run
 //   before the arriving one continues (so a stage released too early is refilled at once).
 // - a wait that can never complete (e.g. an expect_tx count larger than the bytes that
@@ -359,6 +362,24 @@ inline void check_tma_write(size_t lo, size_t hi, const char* op) {
   }
 }
 
+// fence.proxy.async.shared::cta: the generic proxy's shared-memory writes so far become visible
+// to the async proxy (a model: every thread's writes, not only the fencing thread's).
+inline void fence_proxy_async() {
+  Block& b = block();
+  if (b.smem_bytes) std::memcpy(b.async_view.data(), b.smem + kSmemGuard, b.smem_bytes);
+}
+// An async-proxy read of shared [lo, hi) by `op`: bytes the generic proxy wrote after the last
+// fence.proxy.async (so the async view differs) are a fault: the hardware may read either.
+inline void check_async_view(size_t lo, size_t hi, const char* op) {
+  Block& b = block();
+  if (hi > b.smem_bytes || lo >= hi) return;
+  if (std::memcmp(b.async_view.data() + lo, b.smem + kSmemGuard + lo, hi - lo) != 0) {
+    fault(std::string(op) + " reads shared addresses [" + std::to_string(lo) + ", " + std::to_string(hi) +
+          ") written by st.shared after the last fence.proxy.async: fence the writes (and synchronise the "
+          "writing threads) before an async-proxy read");
+  }
+}
+
 // cp.async.bulk.tensor.Nd.shared::cluster.global.mbarrier::complete_tx::bytes [dst], [map,
 // {c0, ..}], [bar]: issues the transfer of one box; performed later (see the header).
 inline void tma_load(void* dst, const void* map, uint64_t* bar, const int* coords, unsigned rank) {
@@ -408,6 +429,8 @@ inline void tma_load(void* dst, const void* map, uint64_t* bar, const int* coord
         std::memset(base + s, 0, m.elem);
       }
     }
+    // The async proxy wrote it: both views hold the box (the swizzle stays inside it).
+    std::memcpy(block().async_view.data() + lo, base + lo, bytes);
     mbar_complete_tx(bar, uint32_t(bytes));
   };
   block().tma.push_back(std::move(a));
@@ -442,6 +465,7 @@ inline void tma_store(const void* map, const void* src, const int* coords, unsig
   // compared with shared memory when the group completes, so a source rewritten before
   // cp.async.bulk.wait_group (a race on the hardware: the TMA unit may read either) fails the
   // launch instead of storing whichever bytes the emulated schedule happened to leave.
+  check_async_view(size_t(lo), size_t(lo) + bytes, op);
   std::vector<unsigned char> issued(base + lo, base + lo + bytes);
   a.perform = [m, c, base, lo, bytes, issued, op]() {
     if (std::memcmp(issued.data(), base + lo, bytes) != 0) {
@@ -583,6 +607,8 @@ inline void wgmma(float* d, uint64_t desc_a, uint64_t desc_b, bool scale_d, Kind
     AsyncOp o;
     range(da, trans_a, 64, o.lo, o.hi);
     range(db, trans_b, N, o.lo2, o.hi2);
+    check_async_view(o.lo, o.hi, op);
+    check_async_view(o.lo2, o.hi2, op);
     for (const auto& t : b.tma) {
       if ((o.lo < t.hi && t.lo < o.hi) || (o.lo2 < t.hi && t.lo < o.hi2)) {
         fault(std::string(op) + " reads shared addresses [" + std::to_string(t.lo) + ", " + std::to_string(t.hi) +

@@ -205,7 +205,7 @@ inline void tma_store_3d(const void* tmap, const void* src, int c0, int c1, int 
   const int c[3] = {c0, c1, c2};
   emu90::tma_store(tmap, src, c, 3);
 }
-inline void fence_proxy_async() {}
+inline void fence_proxy_async() { emu90::fence_proxy_async(); }
 inline void bulk_commit() { emu90::bulk_commit(); }
 template <int N>
 inline void bulk_wait() { emu90::bulk_wait(N); }
