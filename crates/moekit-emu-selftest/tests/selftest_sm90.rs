@@ -461,17 +461,7 @@ fn gpu_named_barriers_setmaxnreg_elect() {
 fn emu_tma_store_source_reused_before_wait_is_reported() {
     let Some(d) = emu("emu_tma_store_source_reused_before_wait_is_reported") else { return };
     let on = d.launcher().unwrap();
-    let mut yt = bytes_tensor(&vec![0u8; ROWS * COLS], &d);
-    let map = TensorMapSpec {
-        addr: yt.dev_ptr_mut::<u8>().unwrap().addr(),
-        elem: TmaElem::U8,
-        dims: &[COLS as u64, ROWS as u64],
-        strides_bytes: &[COLS as u64],
-        boxes: &[128, BOX_ROWS],
-        swizzle: TmaSwizzle::B128,
-    }
-    .encode(on)
-    .unwrap();
+    let (_y, map) = store_target(&d, on);
     // SAFETY: a map over y (ROWS x COLS bytes, alive); 16 KiB + 1 KiB slack of dynamic shared
     // memory, which the kernel's box (128 x BOX_ROWS bytes) fits.
     match unsafe { run_sm90(&d, "selftest_sm90_tma_store_reuse", 1, 128, 16384 + 1024, (map,)) } {
@@ -480,13 +470,9 @@ fn emu_tma_store_source_reused_before_wait_is_reported() {
     }
 }
 
-/// Planted bug: st.shared then a TMA store without fence.proxy.async is reported; the same
-/// kernel with the fence stores the bytes.
-#[test]
-fn emu_catches_planted_store_without_proxy_fence() {
-    let Some(d) = emu("emu_catches_planted_store_without_proxy_fence") else { return };
-    let on = d.launcher().unwrap();
-    let mut yt = bytes_tensor(&vec![0u8; ROWS * COLS], &d);
+/// y (ROWS x COLS zero bytes on `d`) and a 128 x BOX_ROWS-box, 128B-swizzled store map over it.
+fn store_target(d: &Device, on: &dyn moekit_cuda::Launcher) -> (Tensor, moekit_abi::MoekitTensorMap) {
+    let mut yt = bytes_tensor(&vec![0u8; ROWS * COLS], d);
     let map = TensorMapSpec {
         addr: yt.dev_ptr_mut::<u8>().unwrap().addr(),
         elem: TmaElem::U8,
@@ -497,6 +483,16 @@ fn emu_catches_planted_store_without_proxy_fence() {
     }
     .encode(on)
     .unwrap();
+    (yt, map)
+}
+
+/// Planted bug: st.shared then a TMA store without fence.proxy.async is reported; the same
+/// kernel with the fence stores the bytes.
+#[test]
+fn emu_catches_planted_store_without_proxy_fence() {
+    let Some(d) = emu("emu_catches_planted_store_without_proxy_fence") else { return };
+    let on = d.launcher().unwrap();
+    let (yt, map) = store_target(&d, on);
     // SAFETY: as above (a map over y, alive; 16 KiB + 1 KiB slack of dynamic shared memory).
     match unsafe { run_sm90(&d, "planted_sm90_store_without_fence", 1, 128, 16384 + 1024, (map, 0i32)) } {
         Err(Error::KernelFault(m)) => assert!(m.contains("after the last fence.proxy.async"), "{m}"),
