@@ -145,6 +145,20 @@ fn assert_runs_close(a: &(Vec<StepMetrics>, Model), b: &(Vec<StepMetrics>, Model
     }
 }
 
+/// The balance loss on the device: emulated against the CPU references (the balance-loss
+/// backward kernel is bit-identical to its reference, so the same bounds hold).
+#[test]
+fn emu_balance_loss_step_matches_cpu() {
+    let Some(dev) = emulated("emu_balance_loss_step_matches_cpu", BlockOrder::Reversed) else { return };
+    let cfg = || ModelConfig { moe: MoeConfig { balance_loss_alpha: 0.1, ..tiny().moe }, ..tiny() };
+    let emu = train_cfg(cfg(), &dev, 2);
+    let cpu = train_cfg(cfg(), &Device::Cpu, 2);
+    assert_runs_close(&emu, &cpu, "balance loss, emulated vs cpu");
+    // And it is used: the router's weights move differently than without it.
+    let plain = train_cfg(tiny(), &Device::Cpu, 2);
+    assert!(cpu.1.params.data != plain.1.params.data, "the balance loss changed nothing");
+}
+
 /// FP8 routed experts: the emulated step against the CPU references of the same ops. The FP8
 /// pieces are bit-identical to their references (the device weight quantization, the fused
 /// 1x128 quantization of the permuted tokens and of the SwiGLU output), the FP8 GEMM differs
@@ -215,7 +229,9 @@ fn device_step_matches_the_host_model() {
         },
         ..tiny()
     };
-    for cfg in [tiny(), untied] {
+    // The sequence-wise balance loss (its gradient enters the router's).
+    let balance = ModelConfig { moe: MoeConfig { balance_loss_alpha: 0.1, ..tiny().moe }, ..tiny() };
+    for cfg in [tiny(), untied, balance] {
         step_matches_the_host_model(cfg);
     }
 }

@@ -130,10 +130,14 @@ pub(crate) fn moe_forward(
 }
 
 /// MoE backward from `dy [N, D]` BF16: the input gradient as F32 `[N, D]` (routed experts +
-/// shared experts + router, each widened and added in that order) and the gradients.
+/// shared experts + router, each widened and added in that order) and the gradients. With
+/// `balance_alpha > 0` the router's logit gradient also takes the sequence-wise balance loss's
+/// (its mean over the batch's sequences, added after the routing weights' part, as the host
+/// model does); the loss value itself is not computed (the step reports the cross-entropy).
 pub(crate) fn moe_backward(
     c: &Consts,
     rcfg: &RouterConfig,
+    balance_alpha: f32,
     w: &MoeWeights<'_>,
     x: &Tensor,
     cache: &MoeCache,
@@ -158,7 +162,12 @@ pub(crate) fn moe_backward(
         _ => None,
     };
     // The router: through the routing weights (the choice has no gradient).
-    let dlogits = moekit_gating::route_backward(&cache.logits, &cache.ids, &gw, rcfg)?;
+    let mut dlogits = moekit_gating::route_backward(&cache.logits, &cache.ids, &gw, rcfg)?;
+    if balance_alpha > 0.0 {
+        let db =
+            moekit_gating::balance_loss_backward(&cache.logits, &cache.ids, &c.seq_mean, rcfg, c.seq, balance_alpha)?;
+        dlogits = moekit_norm::add(&dlogits, &db)?;
+    }
     let dl = c.narrow(&dlogits)?;
     let router = c.linear_dw(&dl, x)?;
     dx = moekit_norm::add(&dx, &c.widen(&c.linear_dx(&dl, w.router)?)?)?;

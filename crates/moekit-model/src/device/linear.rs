@@ -22,6 +22,8 @@ pub(crate) struct Consts {
     pub mi0: Tensor,
     pub off: Tensor,
     pub pos: Tensor,
+    /// `[batch]` F32 of `1 / batch`: the gradient of the balance loss's mean over sequences.
+    pub seq_mean: Tensor,
 }
 
 impl Consts {
@@ -35,6 +37,7 @@ impl Consts {
             mi0: Tensor::zeros(&[n], DType::I32, dev)?,
             off: Tensor::from_slice(&[0i32, n as i32], &[2], dev)?,
             pos: Tensor::from_slice(&pos, &[n], dev)?,
+            seq_mean: Tensor::from_slice(&vec![1.0f32 / batch.max(1) as f32; batch], &[batch], dev)?,
         })
     }
 

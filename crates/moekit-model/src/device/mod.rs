@@ -31,8 +31,9 @@
 //! Contract: the same model as [`crate::Model`] (parameter layout, formulas, optimizer), with
 //! BF16 matmuls instead of the host's f32 ones. Requirements (typed [`Error::Config`]
 //! otherwise): `d_model`, `vocab_size`, `dense_ffn_dim`, `moe.expert_dim` and `moe.experts`
-//! multiples of 8 (BF16 GEMM rows of 16 bytes), head dimension at most 128, no balance loss
-//! (`moe.balance_loss_alpha = 0`); precision F32 or BF16 run BF16 matmuls here, FP8 as above. A step
+//! multiples of 8 (BF16 GEMM rows of 16 bytes), head dimension at most 128; precision F32 or BF16
+//! run BF16 matmuls here, FP8 as above; the sequence-wise balance loss enters the router's
+//! gradient as on the host (its value is not in the step's metrics). A step
 //! takes any number of tokens.
 
 mod ffn;
@@ -114,13 +115,6 @@ fn check_config(cfg: &ModelConfig) -> Result<()> {
     if cfg.first_dense_layers < cfg.n_layers {
         m8("moe.expert_dim", cfg.moe.expert_dim)?;
         m8("moe.experts", cfg.moe.experts)?;
-        if cfg.moe.balance_loss_alpha != 0.0 {
-            return Err(config_error(
-                "moe.balance_loss_alpha",
-                cfg.moe.balance_loss_alpha,
-                "0 on the device (not yet)",
-            ));
-        }
     }
     if cfg.head_dim() > moekit_attention::MAX_HEAD_DIM {
         return Err(config_error("n_heads", cfg.n_heads, "one giving a head dimension of at most 128"));
@@ -412,7 +406,8 @@ impl DeviceTrainer {
                     c.widen(&dxf)?
                 }
                 (FfnKind::Moe { idx, moe_index }, FfnCache::Moe(mc)) => {
-                    let (dxm, g) = ffn::moe_backward(c, &rcfg, &moe_w(&idx, moe_index), &cc.ln2.y, mc, &dy)?;
+                    let alpha = cfg.moe.balance_loss_alpha;
+                    let (dxm, g) = ffn::moe_backward(c, &rcfg, alpha, &moe_w(&idx, moe_index), &cc.ln2.y, mc, &dy)?;
                     grads[idx.router] = Some(g.router);
                     grads[idx.w1] = Some(g.w1);
                     grads[idx.w2] = Some(g.w2);
