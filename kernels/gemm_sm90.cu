@@ -55,7 +55,6 @@ constexpr int kBN = 128;           // output columns per tile
 constexpr int kTileBytes = 16384;  // 128 rows x 128 bytes (BF16: 64 of K; FP8: 128 of K)
 constexpr int kStages = 6;    // k-grouped ring
 constexpr int kStagesMg = 5;  // m-grouped and dgrad ring (their output buffers take the sixth)
-constexpr int kOutBytes = 16384;  // per consumer warpgroup: 64 rows x 128 BF16 columns
 constexpr int kThreads = 384;
 constexpr int kConsumerWarps = 8;  // two consumer warpgroups
 // FP8 scales of a stage, written by the producer warp: 128 token scales (the tile's rows, 0
@@ -82,12 +81,10 @@ __host__ __device__ constexpr int smem_bytes() {
   return ring_stages<kN>() * stage_bytes<kN>() + 2 * out_bytes<kN>() + ring_stages<kN>() * kScaleSlot * 4 + 1024 +
          2 * ring_stages<kN>() * 8;
 }
-constexpr int kSmemBytes = smem_bytes<128>();
-static_assert(kSmemBytes == 200352, "keep sm90::SMEM_BYTES in step");
+static_assert(smem_bytes<128>() == 200352, "keep sm90::SMEM_BYTES in step");
 static_assert(smem_bytes<256>() == 215648, "keep sm90::SMEM_BYTES_N256 in step");
 // Within the 227 KiB a block may use, with the static run lists (3200 B).
-static_assert(kSmemBytes + 3200 <= 232448 && smem_bytes<256>() + 3200 <= 232448, "shared memory per block");
-static_assert(kOutBytes == out_bytes<128>(), "output buffer");
+static_assert(smem_bytes<128>() + 3200 <= 232448 && smem_bytes<256>() + 3200 <= 232448, "shared memory per block");
 
 // Tile order: within a group, bands of kRasterCols column tiles, row-major inside a band, so
 // the tiles in flight at once (one per SM) share a few A row blocks and at most kRasterCols
@@ -96,11 +93,8 @@ static_assert(kOutBytes == out_bytes<128>(), "output buffer");
 // (ceil(masked_m / 128)) are enumerated, groups one after the other.
 constexpr int kRasterCols = 16;
 
-// Output columns: N, or K for dgrad (whose reduction runs over N).
-__device__ __forceinline__ int out_cols(const MoekitGemmParams& p) { return p.op == MOEKIT_GEMM_DGRAD ? p.k : p.n; }
-
-// The same, for a kernel that knows its op: read from the parameters where used (a register
-// held across the K loop makes the FP8 consumers spill).
+// Output columns: N, or K for dgrad (whose reduction runs over N). Read from the parameters
+// where used (a register held across the K loop makes the FP8 consumers spill).
 template <bool kDgrad>
 __device__ __forceinline__ int cols_of(const MoekitGemmParams& p) {
   return kDgrad ? p.k : p.n;
@@ -122,10 +116,10 @@ struct Schedule {
   int64_t g_base;
 };
 
-template <int kN = kBN>
+template <int kN, bool kDgrad>
 __device__ __forceinline__ Schedule schedule(const MoekitGemmParams& p) {
   Schedule s;
-  s.tiles_c = (out_cols(p) + kN - 1) / kN;
+  s.tiles_c = (cols_of<kDgrad>(p) + kN - 1) / kN;
   s.g_cur = 0;
   s.g_base = 0;
   s.g_valid = p.m;
@@ -251,7 +245,7 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
     // steps of A and B through the ring.
     moekit::sm90::regs_dec<kProducerRegs>();
     if (t >= 32) return;
-    Schedule s = schedule<kN>(p);  // per thread, after setmaxnreg (nothing live across it)
+    Schedule s = schedule<kN, kDgrad>(p);  // per thread, after setmaxnreg (nothing live across it)
     for (int64_t tile = blockIdx.x; tile < s.total; tile += gridDim.x) {
       const TileInfo ti = tile_info<kN>(p, s, tile);
       const int passes =
@@ -319,7 +313,7 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
 
   // Consumers: 232 registers; warpgroup `wg` computes rows 64 (wg - 1) .. of each tile.
   moekit::sm90::regs_inc<kConsumerRegs>();
-  Schedule s = schedule<kN>(p);  // per thread: the masked cursor moves
+  Schedule s = schedule<kN, kDgrad>(p);  // per thread: the masked cursor moves
   const int half = wg - 1;
   const int warp = t / 32, lane = t % 32;
   const int* m_indices = reinterpret_cast<const int*>(p.m_indices);

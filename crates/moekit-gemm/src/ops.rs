@@ -346,7 +346,8 @@ fn k_grouped_into(
     }
 }
 
-fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+/// `v [rows, cols]` row-major -> `[cols, rows]`.
+pub(crate) fn transpose<T: Copy>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
     (0..rows * cols).map(|i| v[(i % rows) * cols + i / rows]).collect()
 }
 

@@ -6,6 +6,7 @@
 //! gives its bits on every device.
 
 use crate::kernels::QUANT_BLOCKS;
+use crate::ops::transpose;
 use crate::{reference, Error, Result, SCALE_BLOCK};
 use moekit_cuda::{DevPtr, DevPtrMut, LaunchConfig, Launcher};
 use moekit_dtype::F8E4M3;
@@ -50,6 +51,24 @@ pub fn quantize_weights(w: &Tensor, transposed: bool) -> Result<(BlockFp8, Optio
     }
     let dev = w.device().clone();
     let (nb, kb) = (n / SCALE_BLOCK, k / SCALE_BLOCK);
+    let Some(on) = dev.launcher() else {
+        // The reference, and for the transpose the same codes and scales transposed per group
+        // (what the kernel writes: a 128 x 128 block transposes as a whole).
+        let (codes, scales) = reference::quantize_blocks(w.cpu_slice::<f32>()?, g, n, k);
+        let codes: Vec<F8E4M3> = codes.into_iter().map(F8E4M3).collect();
+        let qt = match transposed {
+            true => Some(BlockFp8 {
+                codes: Tensor::from_slice(&transpose_groups(&codes, n, k), &[g, k, n], &dev)?,
+                scales: Tensor::from_slice(&transpose_groups(&scales, nb, kb), &[g, kb, nb], &dev)?,
+            }),
+            false => None,
+        };
+        let q = BlockFp8 {
+            codes: Tensor::from_slice(&codes, &[g, n, k], &dev)?,
+            scales: Tensor::from_slice(&scales, &[g, nb, kb], &dev)?,
+        };
+        return Ok((q, qt));
+    };
     let new = |dims: [usize; 3], sdims: [usize; 3]| -> Result<BlockFp8> {
         Ok(BlockFp8 {
             codes: Tensor::empty(&dims, DType::F8E4M3, &dev)?,
@@ -58,40 +77,17 @@ pub fn quantize_weights(w: &Tensor, transposed: bool) -> Result<(BlockFp8, Optio
     };
     let mut q = new([g, n, k], [g, nb, kb])?;
     let mut qt = if transposed { Some(new([g, k, n], [g, kb, nb])?) } else { None };
-    match dev.launcher() {
-        None => {
-            let v = w.cpu_slice::<f32>()?;
-            let put = |b: &mut BlockFp8, (codes, scales): (Vec<u8>, Vec<f32>)| -> Result<()> {
-                let c: Vec<F8E4M3> = codes.into_iter().map(F8E4M3).collect();
-                b.codes = Tensor::from_slice(&c, b.codes.dims(), &dev)?;
-                b.scales = Tensor::from_slice(&scales, b.scales.dims(), &dev)?;
-                Ok(())
-            };
-            put(&mut q, reference::quantize_blocks(v, g, n, k))?;
-            if let Some(t) = qt.as_mut() {
-                let wt: Vec<f32> =
-                    (0..g * n * k).map(|i| v[i / (n * k) * n * k + (i % n) * k + (i % (n * k)) / n]).collect();
-                put(t, reference::quantize_blocks(&wt, g, k, n))?;
-            }
-        }
-        Some(on) => {
-            let t = qt.as_mut().map(|t| (&mut t.codes, &mut t.scales));
-            let (codes_t, scales_t) = match t {
-                Some((c, s)) => (Some(c.dev_ptr_mut::<F8E4M3>()?), Some(s.dev_ptr_mut::<f32>()?)),
-                None => (None, None),
-            };
-            raw_quantize(
-                on,
-                (g, n, k),
-                w.dev_ptr()?,
-                q.codes.dev_ptr_mut()?,
-                q.scales.dev_ptr_mut()?,
-                codes_t,
-                scales_t,
-            )?;
-        }
-    }
+    let (codes_t, scales_t) = match qt.as_mut() {
+        Some(t) => (Some(t.codes.dev_ptr_mut::<F8E4M3>()?), Some(t.scales.dev_ptr_mut::<f32>()?)),
+        None => (None, None),
+    };
+    raw_quantize(on, (g, n, k), w.dev_ptr()?, q.codes.dev_ptr_mut()?, q.scales.dev_ptr_mut()?, codes_t, scales_t)?;
     Ok((q, qt))
+}
+
+/// `v [G, rows, cols]` -> `[G, cols, rows]`.
+fn transpose_groups<T: Copy>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
+    v.chunks(rows * cols).flat_map(|m| transpose(m, rows, cols)).collect()
 }
 
 /// The raw launch of [`quantize_weights`] on device buffers: `w [g, n, k]` F32, `codes` and

@@ -95,8 +95,12 @@ pub fn launch(on: &dyn Launcher, params: moekit_abi::MoekitGemmParams) -> Result
     } else {
         tensor_map(on, params.d, false, &[cols, m], &[cols * 2], 64)?
     };
-    let (name, smem) =
-        if wide { ("moekit_gemm_sm90_bf16_n256", SMEM_BYTES_N256) } else { (name(fp8, dgrad), SMEM_BYTES) };
+    let (name, smem) = match (fp8, dgrad, wide) {
+        (true, _, _) => ("moekit_gemm_sm90_fp8", SMEM_BYTES),
+        (false, true, _) => ("moekit_gemm_sm90_bf16_dgrad", SMEM_BYTES),
+        (false, false, true) => ("moekit_gemm_sm90_bf16_n256", SMEM_BYTES_N256),
+        (false, false, false) => ("moekit_gemm_sm90_bf16", SMEM_BYTES),
+    };
     launch_kernel(on, (tmap_a, tmap_b, tmap_d), params, tiles, name, smem)
 }
 
@@ -119,14 +123,6 @@ fn launch_k_grouped(on: &dyn Launcher, params: moekit_abi::MoekitGemmParams) -> 
     launch_kernel(on, maps, params, tiles, "moekit_gemm_sm90_bf16_kgrouped", SMEM_BYTES_KGROUPED)
 }
 
-fn name(fp8: bool, dgrad: bool) -> &'static str {
-    match (fp8, dgrad) {
-        (true, _) => "moekit_gemm_sm90_fp8",
-        (false, true) => "moekit_gemm_sm90_bf16_dgrad",
-        (false, false) => "moekit_gemm_sm90_bf16",
-    }
-}
-
 /// The persistent launch of `name` over `tiles` output tiles (none: nothing to do) with the
 /// tensor maps of A, B and D and `smem` bytes of dynamic shared memory.
 fn launch_kernel(
@@ -144,11 +140,10 @@ fn launch_kernel(
     let cfg = LaunchConfig { grid: (blocks as u32, 1, 1), block: (BLOCK, 1, 1), shared_mem_bytes: smem };
     let p = moekit_abi::MoekitGemmSm90Params { tmap_a, tmap_b, tmap_d, gemm: params, _pad: [0; 24] };
     // SAFETY: one MoekitGemmSm90Params by value (layout checked by moekit-abi's tests); the
-    // tensor maps describe exactly the buffers the caller checked (D [m, cols] or [g, m, n]
-    // BF16, 16-byte aligned, unused by k-grouped; A [m, k], [g, m, k],
-    // dgrad's dY [m, n], k-grouped's dY [m, n] or dY^T [n, m]; B [g, n, k] or k-grouped's
-    // X [m, k] or X^T [k, m]); the
-    // other pointers and sizes are the portable kernel's, checked by the caller; the kernel
+    // tensor maps describe exactly the buffers the caller checked: D [m, cols] or [g, m, n]
+    // BF16, 16-byte aligned (unused by k-grouped); A [m, k], [g, m, k], dgrad's dY [m, n] or
+    // k-grouped's dY [m, n] / dY^T [n, m]; B [g, n, k] or k-grouped's X [m, k] / X^T [k, m].
+    // The other pointers and sizes are the portable kernel's, checked by the caller; the kernel
     // reads ids, offsets and scales with the same range checks (offsets clamped to [0, m]).
     unsafe { moekit_cuda::launch(on, &GEMM_SM90, name, cfg, (p,)) }
 }

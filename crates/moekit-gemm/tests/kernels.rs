@@ -107,6 +107,16 @@ fn check_contiguous_bf16(
     );
 }
 
+/// k-grouped offsets `[G + 1]` of consecutive groups of `sizes` tokens.
+fn group_offsets(sizes: &[usize]) -> Vec<i32> {
+    std::iter::once(0)
+        .chain(sizes.iter().scan(0i32, |end, &s| {
+            *end += s as i32;
+            Some(*end)
+        }))
+        .collect()
+}
+
 /// BF16 dgrad `dy [m, n]` by the forward weights `w [groups, n, k]` with `ids`: device vs CPU.
 #[allow(clippy::too_many_arguments)]
 fn check_dgrad_bf16(dev: &Device, what: &str, dy: &[f32], w: &[f32], ids: &[i32], groups: usize, n: usize, k: usize) {
@@ -128,10 +138,7 @@ fn check_dgrad_bf16(dev: &Device, what: &str, dy: &[f32], w: &[f32], ids: &[i32]
 
 /// BF16 k-grouped over groups of `sizes` tokens, dW [groups, n, k]: device vs CPU.
 fn check_k_grouped_bf16(dev: &Device, what: &str, sizes: &[usize], n: usize, k: usize) {
-    let mut offsets = vec![0i32];
-    for &s in sizes {
-        offsets.push(offsets.last().unwrap() + s as i32);
-    }
+    let offsets = group_offsets(sizes);
     let m = *offsets.last().unwrap() as usize;
     let (dy, x) = (values(m * n, 45), values(m * k, 46));
     check(
@@ -153,10 +160,7 @@ fn check_k_grouped_bf16(dev: &Device, what: &str, sizes: &[usize], n: usize, k: 
 /// device vs CPU on the same quantized inputs. `nan_token`: that token of X^T is an E4M3 NaN
 /// code in every row; then only the groups without it are compared (they must be finite).
 fn check_k_grouped_fp8(dev: &Device, sizes: &[usize], n: usize, k: usize, nan_token: Option<usize>) {
-    let mut offsets = vec![0i32];
-    for &s in sizes {
-        offsets.push(offsets.last().unwrap() + s as i32);
-    }
+    let offsets = group_offsets(sizes);
     let m = *offsets.last().unwrap() as usize;
     let (dyt, xt) = (values(n * m, 49), values(k * m, 50));
     let run = |d: &Device| {
@@ -327,10 +331,7 @@ fn masked(dev: &Device, scale: usize) {
 fn kgrouped(dev: &Device, scale: usize) {
     // Groups of 0, 1, uneven sizes; FP8 boundaries not on 128 (scales follow the global blocks).
     let sizes = [0usize, 1, 130 * scale, 125];
-    let mut offsets = vec![0i32];
-    for s in sizes {
-        offsets.push(offsets.last().unwrap() + s as i32);
-    }
+    let offsets = group_offsets(&sizes);
     let m = *offsets.last().unwrap() as usize;
     let groups = sizes.len();
     let off = |d: &Device| Tensor::from_slice(&offsets, &[groups + 1], d).unwrap();
