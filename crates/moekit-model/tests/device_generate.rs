@@ -52,6 +52,7 @@ fn images() -> Vec<&'static KernelImage> {
         &moekit_gating::kernels::GATING,
         &moekit_dispatch::kernels::DISPATCH,
         &moekit_gemm::kernels::GEMM_PORTABLE,
+        &moekit_gemm::kernels::QUANT_BLOCKS,
     ]
 }
 
@@ -120,6 +121,28 @@ fn emu_device_generation_matches_cpu() {
         }
         assert!(a.generation.logprobs.iter().all(|&l| l <= 0.0 && l.is_finite()));
     }
+}
+
+/// FP8 routed experts when sampling (the forward without the BF16 copies the backward would
+/// read): the emulation against the CPU references, as above.
+#[test]
+fn emu_fp8_device_generation_matches_cpu() {
+    let Some(dev) = emulated("emu_fp8_device_generation_matches_cpu", BlockOrder::Reversed) else { return };
+    let t = tiny();
+    let cfg = ModelConfig {
+        d_model: 128,
+        moe: MoeConfig { expert_dim: 128, precision: moekit_model::Precision::Fp8, ..t.moe },
+        ..t
+    };
+    let trainer =
+        |d: &Device| DeviceTrainer::new(&Model::new(cfg.clone(), 5).unwrap(), AdamWConfig::default(), d).unwrap();
+    let (emu, cpu) = (trainer(&dev), trainer(&Device::Cpu));
+    let (name, sc, seed) = configs().remove(0);
+    let (a, b) = (generate(&emu, &sc, seed), generate(&cpu, &sc, seed));
+    let d = rel_max_diff(&a.logits, &b.logits);
+    eprintln!("fp8 {name}: max |dlogit| / max |logit| = {d:e}");
+    assert_eq!(a.generation.tokens, b.generation.tokens, "fp8 {name}: tokens, emulation vs CPU");
+    assert!(d <= LOGIT_TOL, "fp8 {name}: logits differ by {d}");
 }
 
 /// Greedy decode with the KV cache equals greedy decode by full forwards (no cache) of the

@@ -85,36 +85,46 @@ fn fp8_weights(q: &BlockFp8) -> GemmInput<'_> {
     GemmInput::Fp8 { data: &q.codes, scales: &q.scales, layout: moekit_gemm::ScaleLayout::RowMajor }
 }
 
-/// MoE forward of `x [N, D]` BF16: `(routed [N, D] BF16, shared [N, D] BF16 or None, cache)`.
-/// FP8 (as the host model's kernel backend): the gate/up GEMM takes the tokens permuted with
-/// the fused 1x128 quantization, the down GEMM the SwiGLU output quantized the same way; the
-/// BF16 activations are kept for the backward, which stays BF16.
+/// MoE forward of `x [N, D]` BF16: `(routed [N, D] BF16, shared [N, D] BF16 or None, cache)`,
+/// the cache only with `train`. FP8 (as the host model's kernel backend): the gate/up GEMM takes
+/// the tokens permuted with the fused 1x128 quantization, the down GEMM the SwiGLU output
+/// quantized the same way; the BF16 permuted tokens and activation, which only the BF16
+/// backward reads, are made only with `train` (not when sampling).
 pub(crate) fn moe_forward(
     c: &Consts,
     rcfg: &RouterConfig,
     dcfg: &DispatchConfig,
     w: &MoeWeights<'_>,
     x: &Tensor,
-) -> Result<(Tensor, Option<Tensor>, MoeCache)> {
+    train: bool,
+) -> Result<(Tensor, Option<Tensor>, Option<MoeCache>)> {
     use moekit_gemm::m_grouped_contiguous;
     let logits = c.linear(x, w.router)?;
     let r = moekit_gating::route(&logits, w.bias, rcfg)?;
     let layout = moekit_dispatch::dispatch_layout(&r.topk_ids, dcfg, None)?;
-    let xp = moekit_dispatch::permute(x, &layout, ActFormat::Bf16)?.data;
-    let h = match w.fp8 {
+    let bf16_xp = || Ok::<_, crate::Error>(moekit_dispatch::permute(x, &layout, ActFormat::Bf16)?.data);
+    let (h, xp) = match w.fp8 {
         Some((w1q, _)) => {
             let xq = moekit_dispatch::permute(x, &layout, ActFormat::FP8)?;
-            m_grouped_contiguous((&xq).into(), fp8_weights(w1q), &layout.m_indices)?
+            let h = m_grouped_contiguous((&xq).into(), fp8_weights(w1q), &layout.m_indices)?;
+            (h, if train { Some(bf16_xp()?) } else { None })
         }
-        None => m_grouped_contiguous(GemmInput::Bf16(&xp), GemmInput::Bf16(w.w1), &layout.m_indices)?,
+        None => {
+            let xp = bf16_xp()?;
+            (m_grouped_contiguous(GemmInput::Bf16(&xp), GemmInput::Bf16(w.w1), &layout.m_indices)?, Some(xp))
+        }
     };
-    let act = moekit_dispatch::swiglu(&h, ActFormat::Bf16)?.data;
-    let y = match w.fp8 {
+    let bf16_act = || Ok::<_, crate::Error>(moekit_dispatch::swiglu(&h, ActFormat::Bf16)?.data);
+    let (y, act) = match w.fp8 {
         Some((_, w2q)) => {
             let aq = moekit_dispatch::swiglu(&h, ActFormat::FP8)?;
-            m_grouped_contiguous((&aq).into(), fp8_weights(w2q), &layout.m_indices)?
+            let y = m_grouped_contiguous((&aq).into(), fp8_weights(w2q), &layout.m_indices)?;
+            (y, if train { Some(bf16_act()?) } else { None })
         }
-        None => m_grouped_contiguous(GemmInput::Bf16(&act), GemmInput::Bf16(w.w2), &layout.m_indices)?,
+        None => {
+            let act = bf16_act()?;
+            (m_grouped_contiguous(GemmInput::Bf16(&act), GemmInput::Bf16(w.w2), &layout.m_indices)?, Some(act))
+        }
     };
     let routed = moekit_dispatch::combine(&y, &layout, Some(&r.topk_weights))?;
     let (shared_out, shared) = match w.shared {
@@ -124,8 +134,21 @@ pub(crate) fn moe_forward(
         }
         None => (None, None),
     };
-    let cache =
-        MoeCache { logits, ids: r.topk_ids, weights: r.topk_weights, counts: r.counts, layout, xp, h, act, y, shared };
+    let cache = match (train, xp, act) {
+        (true, Some(xp), Some(act)) => Some(MoeCache {
+            logits,
+            ids: r.topk_ids,
+            weights: r.topk_weights,
+            counts: r.counts,
+            layout,
+            xp,
+            h,
+            act,
+            y,
+            shared,
+        }),
+        _ => None,
+    };
     Ok((routed, shared_out, cache))
 }
 

@@ -521,7 +521,7 @@ fn blocks(t: &DeviceTrainer, c: &Consts, ids: &Tensor, positions: &Tensor, mut a
                     shared: idx.shared.map(|s| (&b[s.w1], &b[s.w2])),
                     bias: cfg.uses_router_bias().then(|| &t.router_bias[moe_index]),
                 };
-                let (routed, shared, _) = ffn::moe_forward(c, &rcfg, &dcfg, &w, &ln2.y)?;
+                let (routed, shared, _) = ffn::moe_forward(c, &rcfg, &dcfg, &w, &ln2.y, false)?;
                 let mut out = moekit_norm::add(&x2, &c.widen(&routed)?)?;
                 if let Some(s) = shared {
                     out = moekit_norm::add(&out, &c.widen(&s)?)?;

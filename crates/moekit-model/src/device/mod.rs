@@ -370,7 +370,9 @@ impl DeviceTrainer {
                     (moekit_norm::add(&x2, &c.widen(&y)?)?, FfnCache::Dense(fc))
                 }
                 FfnKind::Moe { idx, moe_index } => {
-                    let (routed, shared, mc) = ffn::moe_forward(c, &rcfg, &dcfg, &moe_w(&idx, moe_index), &ln2.y)?;
+                    let (routed, shared, mc) =
+                        ffn::moe_forward(c, &rcfg, &dcfg, &moe_w(&idx, moe_index), &ln2.y, true)?;
+                    let mc = mc.ok_or_else(|| Error::InvalidInput("MoE forward kept no cache".into()))?;
                     let mut out = moekit_norm::add(&x2, &c.widen(&routed)?)?;
                     if let Some(s) = shared {
                         out = moekit_norm::add(&out, &c.widen(&s)?)?;
