@@ -36,10 +36,16 @@
 // moekit-sass: moekit_gemm_sm90_bf16_n256 require HGMMA UTMALDG UTMASTG SYNCS USETMAXREG
 // moekit-sass: moekit_gemm_sm90_bf16_kgrouped require HGMMA UTMALDG SYNCS USETMAXREG
 // moekit-sass: moekit_gemm_sm90_fp8_kgrouped require QGMMA UTMALDG SYNCS USETMAXREG
+// moekit-sass: moekit_gemm_sm90_mc2_bf16 require HGMMA UTMALDG UTMASTG SYNCS USETMAXREG
+// moekit-sass: moekit_gemm_sm90_mc2_fp8 require QGMMA UTMALDG UTMASTG SYNCS USETMAXREG
 // Budgets: 384 threads at one block per SM leave 168 registers before setmaxnreg (and
 // setmaxnreg needs exactly that: 128 x 40 + 256 x 232 = 384 x 168); static shared memory is
-// the three warpgroups' run lists (3 x 128 x (group, span) ints + counts: 3084 B).
-// moekit-budget: * regs<=168 smem<=3200
+// the three warpgroups' run lists (3 x 128 x (group, span) ints + counts: 3084 B; a cluster's
+// producer also keeps its peer's list: 4224 B).
+// moekit-budget: * regs<=168
+// moekit-budget: moekit_gemm_sm90_b* smem<=3200
+// moekit-budget: moekit_gemm_sm90_f* smem<=3200
+// moekit-budget: moekit_gemm_sm90_mc2_* smem<=4300
 
 #include "moekit/abi.h"
 #include "moekit/gemm/scheduler.cuh"
@@ -84,7 +90,7 @@ __host__ __device__ constexpr int smem_bytes() {
 static_assert(smem_bytes<128>() == 200352, "keep sm90::SMEM_BYTES in step");
 static_assert(smem_bytes<256>() == 215648, "keep sm90::SMEM_BYTES_N256 in step");
 // Within the 227 KiB a block may use, with the static run lists (3200 B).
-static_assert(smem_bytes<128>() + 3200 <= 232448 && smem_bytes<256>() + 3200 <= 232448, "shared memory per block");
+static_assert(smem_bytes<128>() + 4300 <= 232448 && smem_bytes<256>() + 3200 <= 232448, "shared memory per block");
 
 // Tile order: within a group, bands of kRasterCols column tiles, row-major inside a band, so
 // the tiles in flight at once (one per SM) share a few A row blocks and at most kRasterCols
@@ -116,21 +122,23 @@ struct Schedule {
   int64_t g_base;
 };
 
-template <int kN, bool kDgrad>
+// kRows: rows per scheduled tile, kBM; or 2 kBM for a 2-CTA cluster, whose ranks take its two
+// 128-row halves (the same columns, so the same weight tile).
+template <int kN, bool kDgrad, int kRows = kBM>
 __device__ __forceinline__ Schedule schedule(const MoekitGemmParams& p) {
   Schedule s;
   s.tiles_c = (cols_of<kDgrad>(p) + kN - 1) / kN;
   s.g_cur = 0;
   s.g_base = 0;
   s.g_valid = p.m;
-  s.tiles_r = (p.m + kBM - 1) / kBM;
+  s.tiles_r = (p.m + kRows - 1) / kRows;
   s.total = static_cast<int64_t>(s.tiles_r) * s.tiles_c;
   if (p.op == MOEKIT_GEMM_MASKED) {
     int64_t live = 0;  // live row tiles over all groups
-    for (int g = 0; g < p.groups; ++g) live += (masked_rows(p, g) + kBM - 1) / kBM;
+    for (int g = 0; g < p.groups; ++g) live += (masked_rows(p, g) + kRows - 1) / kRows;
     s.total = live * s.tiles_c;
     s.g_valid = p.groups > 0 ? masked_rows(p, 0) : 0;
-    s.tiles_r = (s.g_valid + kBM - 1) / kBM;
+    s.tiles_r = (s.g_valid + kRows - 1) / kRows;
   }
   return s;
 }
@@ -144,7 +152,7 @@ struct TileInfo {
 };
 
 // `tile` must not decrease between calls on the same `s` (the masked cursor moves forward).
-template <int kN = kBN>
+template <int kN = kBN, int kRows = kBM>
 __device__ __forceinline__ TileInfo tile_info(const MoekitGemmParams& p, Schedule& s, int64_t tile) {
   TileInfo ti;
   ti.g = 0;
@@ -154,7 +162,7 @@ __device__ __forceinline__ TileInfo tile_info(const MoekitGemmParams& p, Schedul
     while (tile >= s.g_base + static_cast<int64_t>(s.tiles_r) * s.tiles_c) {  // tile < total: ends
       s.g_base += static_cast<int64_t>(s.tiles_r) * s.tiles_c;
       s.g_valid = masked_rows(p, ++s.g_cur);
-      s.tiles_r = (s.g_valid + kBM - 1) / kBM;
+      s.tiles_r = (s.g_valid + kRows - 1) / kRows;
     }
     ti.g = s.g_cur;
     ti.valid = s.g_valid;
@@ -164,7 +172,7 @@ __device__ __forceinline__ TileInfo tile_info(const MoekitGemmParams& p, Schedul
   const int band = static_cast<int>(rem / band_tiles);
   const int within = static_cast<int>(rem % band_tiles);
   const int width = s.tiles_c - band * kRasterCols < kRasterCols ? s.tiles_c - band * kRasterCols : kRasterCols;
-  ti.row0 = (within / width) * kBM;
+  ti.row0 = (within / width) * kRows;
   ti.col0 = (band * kRasterCols + within % width) * kN;
   return ti;
 }
@@ -186,29 +194,51 @@ __device__ __forceinline__ void warpgroup_sync(int wg) {
 }
 
 // Thread 0 initialises the ring's barriers ("full": one arrival plus the TMA bytes; "empty":
-// one arrival per consumer warp) and prefetches both tensor maps; then the block's last
-// block-wide barrier (the roles never meet again).
-template <int kRing>
+// one arrival per consumer warp of each CTA of the cluster) and prefetches both tensor maps;
+// then the block's last block-wide barrier (the roles never meet again), a cluster barrier in
+// a cluster (a peer's barriers are initialised before anyone arrives on them or multicasts).
+template <int kRing, int kCluster = 1>
 __device__ __forceinline__ void ring_init(const MoekitGemmSm90Params& P, uint64_t* full, uint64_t* empty) {
   if (threadIdx.x == 0) {
     for (int i = 0; i < kRing; ++i) {
       moekit::sm90::mbar_init(&full[i], 1);
-      moekit::sm90::mbar_init(&empty[i], kConsumerWarps);
+      moekit::sm90::mbar_init(&empty[i], kConsumerWarps * kCluster);
     }
     moekit::sm90::fence_barrier_init();
     moekit::sm90::prefetch_tmap(&P.tmap_a);
     moekit::sm90::prefetch_tmap(&P.tmap_b);
   }
-  __syncthreads();
+  if constexpr (kCluster > 1) {
+    moekit::sm90::cluster_sync();
+  } else {
+    __syncthreads();
+  }
+}
+
+// A consumer warp's release of a stage it has finished reading (`pred`: it releases at all):
+// one elected lane's arrival on `empty`; in a 2-CTA cluster also lane 1's on the peer's
+// (`rank`: this CTA's), relaxed (predicated instructions, no branch).
+template <int kCluster>
+__device__ __forceinline__ void release_stage(uint64_t* empty, int lane, int rank, bool elected, bool pred) {
+  if constexpr (kCluster > 1) {
+    moekit::sm90::mbar_arrive_if(empty, pred & (lane == 0));
+    moekit::sm90::mbar_arrive_peer_if(empty, static_cast<uint32_t>(1 - rank), pred & (lane == 1));
+  } else {
+    moekit::sm90::mbar_arrive_if(empty, pred & elected);
+  }
 }
 
 // kDgrad (BF16 only): B is W [G, N, K] read along N (MN-major), the reduction is N and the
 // output has K columns; otherwise the forward (reduction K, N output columns).
 // kN: tile columns, 128 or 256 (BF16 forward only: 128 accumulators per thread).
-template <bool kFp8, bool kDgrad = false, int kN = kBN>
+// kCluster 2: a 2-CTA cluster takes 256-row tiles, rank r their rows 128 r .. (see
+// moekit_gemm_sm90_mc2_bf16 below); both ranks walk the same stages in lockstep.
+template <bool kFp8, bool kDgrad = false, int kN = kBN, int kCluster = 1>
 __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
   static_assert(!(kFp8 && kDgrad), "FP8 wgmma takes K-major operands only: FP8 dgrad stays portable");
   static_assert(kN == 128 || (kN == 256 && !kFp8 && !kDgrad), "BLOCK_N 256: the BF16 forward only");
+  static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
+  constexpr int kRows = kBM * kCluster;  // rows per scheduled tile
   const MoekitGemmParams& p = P.gemm;
   MOEKIT_DYNAMIC_SMEM(unsigned char, smem_raw);
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -220,9 +250,13 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
   float* scales = reinterpret_cast<float*>(out_bufs + 2 * kOut);  // kRing slots
   uint64_t* full = reinterpret_cast<uint64_t*>(reinterpret_cast<unsigned char*>(scales) + kRing * kScaleSlot * 4);
   uint64_t* empty = full + kRing;
-  __shared__ int tile_groups[3][kBM];  // one run list per warpgroup: group,
-  __shared__ int tile_spans[3][kBM];   // first | last row << 8 (relative to the tile)
-  __shared__ int tile_runs[3];         // run count
+  // One run list per warpgroup (a cluster's producer also keeps its peer's, list 3): group,
+  // first | last row << 8 (relative to the tile), and the run counts (a cluster's consumers
+  // also keep the peer's count).
+  __shared__ int tile_groups[kCluster > 1 ? 4 : 3][kBM];
+  __shared__ int tile_spans[kCluster > 1 ? 4 : 3][kBM];
+  __shared__ int tile_runs[3];
+  __shared__ int peer_runs[3];
 
   // Register split (128 P + 256 C = 384 x 168): FP8's producer warp also loads the scales.
   constexpr int kProducerRegs = kFp8 ? 56 : 40, kConsumerRegs = kFp8 ? 224 : 232;
@@ -233,9 +267,11 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
   const int k_block = kFp8 ? 128 : 64;  // K per stage (128 bytes per row)
   const int k_steps = ((kDgrad ? p.n : p.k) + k_block - 1) / k_block;
 
-  ring_init<kRing>(P, full, empty);
+  ring_init<kRing, kCluster>(P, full, empty);
+  // This CTA's rank and its rows within a scheduled tile.
+  const int rank = kCluster > 1 ? static_cast<int>(moekit::sm90::cluster_ctarank()) : 0;
 
-  uint32_t stage = 0, phase = 0;  // ring position, the same sequence in every role
+  uint32_t stage = 0, phase = 0;  // ring position, the same sequence in every role (and CTA)
   auto advance = [&]() {
     if (++stage == kRing) stage = 0, phase ^= 1;
   };
@@ -245,19 +281,39 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
     // steps of A and B through the ring.
     moekit::sm90::regs_dec<kProducerRegs>();
     if (t >= 32) return;
-    Schedule s = schedule<kN, kDgrad>(p);  // per thread, after setmaxnreg (nothing live across it)
-    for (int64_t tile = blockIdx.x; tile < s.total; tile += gridDim.x) {
-      const TileInfo ti = tile_info<kN>(p, s, tile);
-      const int passes =
-          masked ? (ti.row0 < ti.valid ? 1 : 0)
-                 : moekit::gemm::group_runs_warp<kBM / 32>(reinterpret_cast<const int*>(p.m_indices), ti.row0, p.m,
-                                                           p.groups, t, tile_groups[0], tile_spans[0]);
+    Schedule s = schedule<kN, kDgrad, kRows>(p);  // per thread, after setmaxnreg (nothing live across it)
+    for (int64_t tile = blockIdx.x / kCluster; tile < s.total; tile += gridDim.x / kCluster) {
+      TileInfo ti = tile_info<kN, kRows>(p, s, tile);
+      ti.row0 += kBM * rank;
+      const int* m_indices = reinterpret_cast<const int*>(p.m_indices);
+      const int own = masked ? (ti.row0 < ti.valid ? 1 : 0)
+                             : moekit::gemm::group_runs_warp<kBM / 32>(m_indices, ti.row0, p.m, p.groups, t,
+                                                                       tile_groups[0], tile_spans[0]);
+      // A cluster walks max(own, peer) passes in both CTAs (the stages stay in lockstep); a
+      // pass of the peer's only is an empty stage here. The peer's run list says which passes
+      // share their group (then rank 0 multicasts the weight tile to both).
+      int passes = own, peer = 0;
+      if constexpr (kCluster > 1) {
+        const int peer_row0 = ti.row0 + kBM * (1 - 2 * rank);
+        peer = masked ? (peer_row0 < ti.valid ? 1 : 0)
+                      : moekit::gemm::group_runs_warp<kBM / 32>(m_indices, peer_row0, p.m, p.groups, t, tile_groups[3],
+                                                                tile_spans[3]);
+        passes = own > peer ? own : peer;
+      }
       // BF16: lane 0 alone. FP8: the warp also writes each stage's scales (lane l: rows 4l..).
       if (!kFp8 && t != 0) continue;
       for (int pass = 0; pass < passes; ++pass) {
-        const int g = masked ? ti.g : tile_groups[0][pass];
+        const bool mine = pass < own;
+        const int g = masked ? ti.g : (mine ? tile_groups[0][pass] : 0);
+        // Multicast: both CTAs have this pass, for the same group (the same weight tile).
+        const bool shared_b = kCluster > 1 && mine && pass < peer && (masked || tile_groups[3][pass] == g);
         for (int ks = 0; ks < k_steps; ++ks) {
           if (t == 0) moekit::sm90::mbar_wait(&empty[stage], phase ^ 1);
+          if (!mine) {  // the peer's pass: an empty stage (no bytes), consumed and released here
+            if (t == 0) moekit::sm90::mbar_arrive(&full[stage]);
+            advance();
+            continue;
+          }
           if constexpr (kFp8) {
             // Plain loads and st.shared, published by lane 0's mbarrier.arrive below: arrive
             // has release and try_wait acquire semantics (CTA scope), so a consumer whose wait
@@ -297,7 +353,14 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
           } else {
             moekit::sm90::tma_load_2d(a_dst, &P.tmap_a, &full[stage], kc, ti.row0);
           }
-          if constexpr (kDgrad) {
+          if (shared_b) {
+            // The weight tile both CTAs need: rank 0 multicasts it into both (each counts the
+            // full tile on its own barrier); the stage is free in both, since this CTA's empty
+            // barrier counts the peer's consumer warps too.
+            if (rank == 0) {
+              moekit::sm90::tma_load_3d_multicast(a_dst + kTileBytes, &P.tmap_b, &full[stage], kc, ti.col0, g, 3);
+            }
+          } else if constexpr (kDgrad) {
             // W[g] rows kc .. kc + 63 (N), columns col0 .. col0 + 127 (K) as two 64-column boxes.
             moekit::sm90::tma_load_3d(a_dst + kTileBytes, &P.tmap_b, &full[stage], ti.col0, kc, g);
             moekit::sm90::tma_load_3d(a_dst + kTileBytes + kTileBytes / 2, &P.tmap_b, &full[stage], ti.col0 + 64, kc, g);
@@ -313,33 +376,42 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
 
   // Consumers: 232 registers; warpgroup `wg` computes rows 64 (wg - 1) .. of each tile.
   moekit::sm90::regs_inc<kConsumerRegs>();
-  Schedule s = schedule<kN, kDgrad>(p);  // per thread: the masked cursor moves
+  Schedule s = schedule<kN, kDgrad, kRows>(p);  // per thread: the masked cursor moves
   const int half = wg - 1;
   const int warp = t / 32, lane = t % 32;
   const int* m_indices = reinterpret_cast<const int*>(p.m_indices);
-  for (int64_t tile = blockIdx.x; tile < s.total; tile += gridDim.x) {
-    const TileInfo ti = tile_info<kN>(p, s, tile);
+  for (int64_t tile = blockIdx.x / kCluster; tile < s.total; tile += gridDim.x / kCluster) {
+    TileInfo ti = tile_info<kN, kRows>(p, s, tile);
+    ti.row0 += kBM * rank;
     const int row0 = ti.row0, col0 = ti.col0, valid = ti.valid;
-    int passes;
+    const int peer_row0 = row0 + kBM * (1 - 2 * rank);  // a cluster's other CTA
+    int own, passes;
     if (masked) {
-      passes = row0 < valid ? 1 : 0;
+      own = row0 < valid ? 1 : 0;
+      passes = kCluster > 1 && peer_row0 < valid ? 1 : own;
     } else {
       // Warp 0 finds the runs (a few loads, shuffles and ballots), the warpgroup waits once.
       if (warp == 0) {
         const int runs = moekit::gemm::group_runs_warp<kBM / 32>(m_indices, row0, p.m, p.groups, lane, tile_groups[wg],
                                                                  tile_spans[wg]);
         if (lane == 0) tile_runs[wg] = runs;
+        if constexpr (kCluster > 1) {
+          const int peer = moekit::gemm::group_run_count_warp<kBM / 32>(m_indices, peer_row0, p.m, p.groups, lane);
+          if (lane == 0) peer_runs[wg] = peer;
+        }
       }
       warpgroup_sync(wg);
-      passes = tile_runs[wg];
+      own = tile_runs[wg];
+      passes = kCluster > 1 && peer_runs[wg] > own ? peer_runs[wg] : own;
     }
     for (int pass = 0; pass < passes; ++pass) {
-      const int g = masked ? ti.g : tile_groups[wg][pass];
-      const int span = masked ? masked_span(ti) : tile_spans[wg][pass];
+      const bool mine = pass < own;  // else a pass of the cluster peer's only: empty stages
+      const int g = masked ? ti.g : (mine ? tile_groups[wg][pass] : 0);
+      const int span = masked ? masked_span(ti) : (mine ? tile_spans[wg][pass] : 0);
       const int lo = span & 0xff, hi = span >> 8;  // the run's rows, relative to row0
       // A half with no row of the run skips its wgmmas and its stores, but still waits on
       // and releases every stage (the empty barriers count both halves).
-      const bool live = lo < 64 * half + 64 && hi >= 64 * half;
+      const bool live = mine && lo < 64 * half + 64 && hi >= 64 * half;
       float acc[kN / 2];
 #pragma unroll
       for (int i = 0; i < kN / 2; ++i) acc[i] = 0.0f;
@@ -355,7 +427,12 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
         // A loop of its own: no divergent code in the live loop, where a wgmma group stays
         // in flight across iterations (ptxas would serialise the wgmmas, C7518).
         for (int ks = 0; ks < k_steps; ++ks) {
-          if (lane == 0) {
+          if constexpr (kCluster > 1) {
+            // Lane 0 waits; after __syncwarp lanes 0 and 1 release the stage here and in the peer.
+            if (lane == 0) moekit::sm90::mbar_wait(&full[stage], phase);
+            __syncwarp();
+            release_stage<kCluster>(&empty[stage], lane, rank, true, true);
+          } else if (lane == 0) {
             moekit::sm90::mbar_wait(&full[stage], phase);
             moekit::sm90::mbar_arrive(&empty[stage]);
           }
@@ -401,7 +478,11 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
           moekit::sm90::wgmma_wait<0>();
           // This warp is done with the stage (wait_group 0: its wgmmas have read it): one
           // elected lane per warp arrives, as soon as its warp gets there.
-          if (moekit::sm90::elect_one_sync()) moekit::sm90::mbar_arrive(&empty[stage]);
+          if constexpr (kCluster > 1) {
+            release_stage<kCluster>(&empty[stage], lane, rank, true, true);
+          } else if (moekit::sm90::elect_one_sync()) {
+            moekit::sm90::mbar_arrive(&empty[stage]);
+          }
           advance();
           moekit::sm90::fence_regs(part);
           // Promote: acc += part * scale_a(row) * scale_b(block of (g, col0, ks)).
@@ -412,16 +493,16 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
           // wgmmas (they chain on the same accumulators, which the hardware orders), so that
           // stage is released while this one's run; the last is released after the loop.
           moekit::sm90::wgmma_wait<1>();
-          const bool elected = moekit::sm90::elect_one_sync();
-          moekit::sm90::mbar_arrive_if(&empty[prev], elected & (ks > 0));
+          const bool elected = kCluster > 1 || moekit::sm90::elect_one_sync();
+          release_stage<kCluster>(&empty[prev], lane, rank, elected, ks > 0);
           prev = stage;
           advance();
         }
       }
       if constexpr (!kFp8) {
         moekit::sm90::wgmma_wait<0>();
-        const bool elected = moekit::sm90::elect_one_sync();
-        moekit::sm90::mbar_arrive_if(&empty[prev], elected & (k_steps > 0));
+        const bool elected = kCluster > 1 || moekit::sm90::elect_one_sync();
+        release_stage<kCluster>(&empty[prev], lane, rank, elected, k_steps > 0);
         moekit::sm90::fence_regs(acc);
       }
       // Epilogue: acc[4 j + 2 h + e] is row (warp * 16 + lane / 4 + 8 h), column 8 j + 2 (lane % 4) + e.
@@ -483,6 +564,10 @@ __device__ __forceinline__ void gemm_sm90(const MoekitGemmSm90Params& P) {
     if (!masked) warpgroup_sync(wg);  // the run list is rewritten for the next tile
   }
   if (t == 0) moekit::sm90::bulk_wait<0>();  // the output buffers stay valid until stored
+  // The peer may still arrive on this CTA's empty barriers until its consumers are done: the
+  // CTA exits only after both CTAs' consumers met here (the producer warps need not: their
+  // exit does not end the CTA, and exited threads do not hold barrier.cluster back).
+  if constexpr (kCluster > 1) moekit::sm90::cluster_sync();
 }
 
 
@@ -736,4 +821,15 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
     moekit_gemm_sm90_bf16_n256(const __grid_constant__ MoekitGemmSm90Params p) {
   gemm_sm90<false, false, 256>(p);
+}
+// 2-CTA clusters (m-grouped forward): the two CTAs of a cluster take the 128-row halves of a
+// 256-row tile with the same columns; where both halves' pass is of one group, rank 0
+// multicasts the weight tile into both CTAs (half the weight loads from L2).
+extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(kThreads, 1)
+    moekit_gemm_sm90_mc2_bf16(const __grid_constant__ MoekitGemmSm90Params p) {
+  gemm_sm90<false, false, kBN, 2>(p);
+}
+extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(kThreads, 1)
+    moekit_gemm_sm90_mc2_fp8(const __grid_constant__ MoekitGemmSm90Params p) {
+  gemm_sm90<true, false, kBN, 2>(p);
 }

@@ -13,6 +13,7 @@
 // moekit-sass: selftest_sm90_wgmma_fp8 require QGMMA UTMALDG
 // moekit-sass: selftest_sm90_wgmma_bf16_mn_b require HGMMA UTMALDG
 // moekit-sass: selftest_sm90_warpgroup_roles require USETMAXREG
+// moekit-sass: selftest_sm90_cluster_multicast require UTMALDG SYNCS UCGABAR_ARV UCGABAR_WAIT
 // moekit-budget: * smem<=1024
 
 #include "moekit/abi.h"
@@ -286,4 +287,51 @@ extern "C" __global__ void planted_sm90_setmaxnreg_not_uniform(int* out) {
     sm90::regs_inc<240>();
   }
   out[threadIdx.x] = 1;
+}
+
+// ---- thread block clusters -------------------------------------------------------------------------
+// A cluster of 2 CTAs (128 threads each). Rank r multicasts one 2 KiB box (128 bytes x 16 rows,
+// 128-byte swizzle) of the map at rows 32 c + 16 r (c: the cluster's index, blockIdx.x / 2) to
+// shared offset 2048 r of both CTAs; each CTA expects both boxes on its own barrier and copies
+// its 4 KiB out to out[4096 blockIdx.x ..]; out_rank[blockIdx.x] = %cluster_ctarank. Then
+// thread 0 arrives on the "done" barrier (count 2) of both CTAs (the peer's through mapa) and waits for its
+// own; threads 64.. exit, the rest meet at barrier.cluster before exit (exited threads must
+// not hold it back).
+// `planted`: 0 correct; 1 __syncthreads instead of barrier.cluster after the initialisation (a
+// peer's barriers may still be uninitialised); 2 each rank multicasts to itself only (the
+// peer's bytes never arrive); 3 rank 0 neither waits for "done" nor meets its peer at
+// barrier.cluster before exiting (its peer's arrival on it is not ordered before the exit).
+extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(128, 1)
+    selftest_sm90_cluster_multicast(const __grid_constant__ MoekitTensorMap tmap, unsigned char* out, int* out_rank,
+                                    int planted) {
+  unsigned char* smem = smem_1024();
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + 4096);
+  uint64_t* done = full + 1;
+  const uint32_t rank = sm90::cluster_ctarank();
+  if (threadIdx.x == 0) {
+    sm90::mbar_init(full, 1);
+    sm90::mbar_init(done, 2);
+    sm90::fence_barrier_init();
+  }
+  if (planted == 1) {
+    __syncthreads();
+  } else {
+    sm90::cluster_sync();
+  }
+  if (threadIdx.x == 0) {
+    sm90::mbar_arrive_expect_tx(full, 2 * 2048);
+    const uint16_t mask = planted == 2 ? static_cast<uint16_t>(1u << rank) : uint16_t(3);
+    sm90::tma_load_2d_multicast(smem + 2048 * rank, &tmap, full, 0, 32 * static_cast<int>(blockIdx.x / 2) + 16 * rank,
+                                mask);
+  }
+  sm90::mbar_wait(full, 0);
+  for (int i = threadIdx.x; i < 4096; i += blockDim.x) out[4096 * blockIdx.x + i] = smem[i];
+  if (threadIdx.x == 0) {
+    out_rank[blockIdx.x] = static_cast<int>(rank);
+    sm90::mbar_arrive(done);
+    sm90::mbar_arrive_peer_if(done, rank ^ 1u, true);
+    if (!(planted == 3 && rank == 0)) sm90::mbar_wait(done, 0);
+  }
+  if (threadIdx.x >= 64 || (planted == 3 && rank == 0)) return;
+  sm90::cluster_sync();
 }

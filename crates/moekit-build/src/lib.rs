@@ -27,7 +27,10 @@ mod toolchain;
 
 pub use compile::{compile_module, Compiled, BASE_FLAGS};
 pub use deps::scan_includes;
-pub use emulation::{compile_host_library, entry_symbol, kernel_names, sanitize_address, wrapper_source, EMU_HEADER};
+pub use emulation::{
+    compile_host_library, entry_symbol, kernel_decls, kernel_names, sanitize_address, wrapper_source, KernelDecl,
+    EMU_HEADER,
+};
 pub use module::{archs_for, default_archs, Arch, ArchClass, KernelModule};
 pub use report::{
     budget_failures, failed_checks, parse_budgets, parse_cuobjdump_sass, parse_ptxas, parse_sass_checks,
@@ -177,11 +180,12 @@ pub fn embed_kernels(modules: &[KernelModule]) {
         };
         let text = std::fs::read_to_string(&source).unwrap_or_else(|e| panic!("{}: {e}", source.display()));
         let emulate = !text.lines().any(|l| l.trim() == "// moekit-emulate: no");
-        let kernels = kernel_names(&text);
+        let decls = kernel_decls(&text);
+        let kernels: Vec<String> = decls.iter().map(|d| d.name.clone()).collect();
         let image = match (&cuda_include, emulate && !kernels.is_empty()) {
             (Some(_), true) => {
                 let wrapper = out_dir.join(format!("emu_{name}.cpp"));
-                std::fs::write(&wrapper, wrapper_source(&source, &kernels)).unwrap_or_else(|e| panic!("{e}"));
+                std::fs::write(&wrapper, wrapper_source(&source, &decls)).unwrap_or_else(|e| panic!("{e}"));
                 wrappers.push(wrapper);
                 let _ = writeln!(code, "mod emu_{name} {{\n    extern \"C\" {{");
                 for k in &kernels {

@@ -3,7 +3,10 @@
 //! descriptors with its accumulator fragment, mbarrier phases, named barriers, setmaxnreg and
 //! elect.sync; and proof that it catches planted bugs (a wrong swizzle, a wrong descriptor
 //! offset, a wrong expect-tx count, a phase-parity mistake, a stage reloaded before the wgmma
-//! reading it completed, a missing wgmma.fence, a non-uniform setmaxnreg). The expectations are
+//! reading it completed, a missing wgmma.fence, a non-uniform setmaxnreg); thread block clusters
+//! (multicast TMA, remote mbarrier arrivals, barrier.cluster) and their planted bugs (a peer's
+//! barrier used before a cluster barrier, a multicast mask missing a CTA, a CTA exiting while
+//! its peer still arrives on its barrier). The expectations are
 //! independent statements in Rust of what the PTX ISA and the CUDA driver documentation fix;
 //! correct kernels also run on a compute capability 9.0 GPU (`gpu_*`, ignored without one).
 
@@ -502,4 +505,107 @@ fn emu_catches_planted_store_without_proxy_fence() {
     unsafe { run_sm90(&d, "planted_sm90_store_without_fence", 1, 128, 16384 + 1024, (map, 1i32)) }.unwrap();
     let y = yt.to_vec::<u8>().unwrap();
     assert!(y.iter().any(|&b| b != 0), "the fenced store wrote nothing");
+}
+
+// ---- thread block clusters: multicast TMA, remote arrivals, barrier.cluster -------------------------
+
+const MC_COLS: usize = 128;
+const MC_ROWS: usize = 64; // 32 rows per cluster, two clusters
+
+/// `selftest_sm90_cluster_multicast` on `blocks` blocks (clusters of 2) with `planted`: the
+/// launch's result, then (what each block copied out, what it must be, each block's
+/// %cluster_ctarank). Rank r of cluster c multicasts rows 32 c + 16 r .. + 15 to shared offset
+/// 2048 r of both CTAs, 128-byte swizzled: byte e of that box lands at swizzled(2048 r + e).
+fn cluster_multicast(dev: &Device, blocks: usize, planted: i32) -> (Result<(), Error>, Vec<u8>, Vec<u8>, Vec<i32>) {
+    let global: Vec<u8> = (0..MC_ROWS * MC_COLS).map(|i| ((i * 13 + 5) % 251 + 1) as u8).collect();
+    let g = bytes_tensor(&global, dev);
+    let mut out = Tensor::zeros(&[blocks * 4096], DType::U8, dev).unwrap();
+    let mut ranks = Tensor::from_slice(&vec![-1i32; blocks], &[blocks], dev).unwrap();
+    let map = TensorMapSpec {
+        addr: g.dev_ptr::<u8>().unwrap().addr(),
+        elem: TmaElem::U8,
+        dims: &[MC_COLS as u64, MC_ROWS as u64],
+        strides_bytes: &[MC_COLS as u64],
+        boxes: &[128, 16],
+        swizzle: TmaSwizzle::B128,
+    }
+    .encode(dev.launcher().unwrap())
+    .unwrap();
+    // SAFETY: (tensor map over `g`, alive; out: 4096 bytes per block; out_rank: one int per
+    // block; planted); 4 KiB of boxes + two barriers + 1 KiB slack of dynamic shared memory.
+    let r = unsafe {
+        run_sm90(
+            dev,
+            "selftest_sm90_cluster_multicast",
+            blocks as u32,
+            128,
+            4096 + 16 + 1024,
+            (map, out.dev_ptr_mut::<u8>().unwrap(), ranks.dev_ptr_mut::<i32>().unwrap(), planted),
+        )
+    };
+    let mut want = vec![0u8; blocks * 4096];
+    for b in 0..blocks {
+        for rank in 0..2 {
+            for e in 0..2048 {
+                let row = 32 * (b / 2) + 16 * rank + e / 128;
+                want[4096 * b + swizzled(2048 * rank + e, 128)] = global[row * MC_COLS + e % 128];
+            }
+        }
+    }
+    (r, out.to_vec::<u8>().unwrap(), want, ranks.to_vec::<i32>().unwrap())
+}
+
+fn check_cluster_multicast(dev: &Device) {
+    let (r, got, want, ranks) = cluster_multicast(dev, 4, 0);
+    r.unwrap();
+    assert_eq!(ranks, vec![0, 1, 0, 1], "%cluster_ctarank of blocks 0..3");
+    for b in 0..4 {
+        assert!(got[4096 * b..4096 * (b + 1)] == want[4096 * b..4096 * (b + 1)], "block {b}: both multicast boxes");
+    }
+}
+
+/// Both CTAs of each cluster receive both boxes (each rank multicasts one), in the swizzled
+/// layout; %cluster_ctarank is blockIdx.x % 2; remote arrivals complete the peers' barriers;
+/// barrier.cluster completes with exited threads. A grid that is not a multiple of the
+/// kernel's cluster size is refused, as the driver refuses it.
+#[test]
+fn emu_cluster_multicast_remote_arrive_and_barrier() {
+    let Some(d) = emu("emu_cluster_multicast_remote_arrive_and_barrier") else { return };
+    check_cluster_multicast(&d);
+    match cluster_multicast(&d, 3, 0).0 {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains("cluster size 2"), "{m}"),
+        other => panic!("a grid of 3 blocks in clusters of 2 was not refused: {other:?}"),
+    }
+    // Shuffled clusters on several workers: the same bytes.
+    let Some(Device::Emulated(e)) = emu("emu_cluster_multicast_remote_arrive_and_barrier") else { return };
+    let shuffled = Device::Emulated(e.with_block_order(BlockOrder::Shuffled(3)).with_workers(2));
+    check_cluster_multicast(&shuffled);
+}
+
+#[test]
+#[ignore = "needs a GPU: cargo test -- --include-ignored gpu_ (the GPU bundle does)"]
+fn gpu_cluster_multicast_remote_arrive_and_barrier() {
+    let Some(d) = gpu("gpu_cluster_multicast_remote_arrive_and_barrier") else { return };
+    check_cluster_multicast(&d);
+}
+
+/// Planted cluster bugs, each caught: a peer's barrier used before a barrier.cluster follows
+/// its initialisation (the emulation starts rank 1 only once rank 0 cannot go on, so rank 0's
+/// multicast meets rank 1's barrier uninitialised); a multicast mask that leaves out the peer
+/// (its expected bytes never come: a deadlock report, not a hang); a CTA that exits with no
+/// barrier.cluster after its peer's last arrival on its barrier (an arrival after the exit is
+/// a fault too; which of the two a schedule meets depends on the order).
+#[test]
+fn emu_catches_planted_cluster_bugs() {
+    let Some(d) = emu("emu_catches_planted_cluster_bugs") else { return };
+    let fault = |planted: i32| match cluster_multicast(&d, 2, planted).0 {
+        Err(Error::KernelFault(m)) => m,
+        other => panic!("planted bug {planted} not caught: {other:?}"),
+    };
+    let m = fault(1);
+    assert!(m.contains("before mbarrier.init") && m.contains("CTA rank 1"), "{m}");
+    let m = fault(2);
+    assert!(m.contains("cannot go on") && m.contains("tx-count"), "{m}");
+    let m = fault(3);
+    assert!(m.contains("CTA rank 0") && m.contains("exited without a barrier.cluster"), "{m}");
 }

@@ -35,6 +35,8 @@ pub enum Kernel {
     Sm90,
 }
 
+pub use crate::sm90::{multicast_rule, set_multicast_override};
+
 thread_local! {
     static OVERRIDE: std::cell::Cell<Option<Kernel>> = const { std::cell::Cell::new(None) };
 }

@@ -26,6 +26,28 @@ pub const SMEM_BYTES_N256: u32 = 3 * (16384 + 32768) + 2 * 32768 + 3 * 132 * 4 +
 /// 256 floats (FP8: 128 row scales of each operand's tile), barriers, 1 KiB slack.
 pub const SMEM_BYTES_KGROUPED: u32 = 6 * 2 * 16384 + 6 * 256 * 4 + 1024 + 2 * 6 * 8;
 
+thread_local! {
+    static MULTICAST: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Forces the 2-CTA cluster kernels (weight tile multicast) on (`Some(true)`) or off
+/// (`Some(false)`) for the m-grouped forward with 128-column tiles on this thread, or restores
+/// [`multicast_rule`] (`None`), so tests reach both schedules on the same shapes.
+pub fn set_multicast_override(on: Option<bool>) {
+    MULTICAST.with(|m| m.set(on));
+}
+
+/// Whether the m-grouped forward runs in 2-CTA clusters (`moekit_gemm_sm90_mc2_*`: the two
+/// CTAs take the 128-row halves of a 256-row tile, and rank 0 multicasts their shared weight
+/// tile into both): when pairs of row tiles exist, cost little and every SM has a tile. A
+/// cluster schedules `pair_row_tiles` 256-row tiles where there are `row_tiles` 128-row ones;
+/// each added half (a group with an odd count: that CTA walks empty stages) may be at most
+/// 1/8 of the real ones; and `row_tiles x col_tiles` must cover the `sms` (the multicast saves
+/// L2 bandwidth, the bound when all SMs load).
+pub fn multicast_rule(row_tiles: usize, pair_row_tiles: usize, col_tiles: usize, sms: usize) -> bool {
+    row_tiles >= 2 && (2 * pair_row_tiles).saturating_sub(row_tiles) * 8 <= row_tiles && row_tiles * col_tiles >= sms
+}
+
 /// Whether the Hopper kernel handles `op` on `shape` where `on` runs, with the kernel built for
 /// `on` (its sm_90a fatbin on a GPU, its host build in the emulation): m-grouped contiguous or
 /// masked with K a multiple of one 128-byte TMA row (64 BF16, 128 FP8), BF16 dgrad with its
@@ -88,20 +110,32 @@ pub fn launch(on: &dyn Launcher, params: moekit_abi::MoekitGemmParams) -> Result
     // box), MN-major for dgrad (64 of K by 64 rows of N per box, two boxes per stage).
     let b_rows = if dgrad { 64 } else { tile_n as u32 };
     let tmap_b = tensor_map(on, params.b, fp8, &[k, n, g], &[k * elem, n * k * elem], b_rows)?;
-    let tiles = row_tiles * (cols as usize).div_ceil(tile_n);
+    let col_tiles = (cols as usize).div_ceil(tile_n);
+    let tiles = row_tiles * col_tiles;
+    // 2-CTA clusters: masked groups counted at their full m (masked_m is on the device).
+    let pair_row_tiles = (if masked { g } else { 1 }) as usize * (m as usize).div_ceil(2 * TILE_M);
+    let sms = on.multiprocessors().max(1) as usize;
+    let multicast = !wide
+        && !dgrad
+        && MULTICAST.with(|o| o.get()).unwrap_or_else(|| multicast_rule(row_tiles, pair_row_tiles, col_tiles, sms));
     // D, BF16 [m, cols] or masked [g, m, n]: boxes of 64 columns (128 bytes) x 64 rows.
     let tmap_d = if masked {
         tensor_map(on, params.d, false, &[n, m, g], &[n * 2, m * n * 2], 64)?
     } else {
         tensor_map(on, params.d, false, &[cols, m], &[cols * 2], 64)?
     };
-    let (name, smem) = match (fp8, dgrad, wide) {
-        (true, _, _) => ("moekit_gemm_sm90_fp8", SMEM_BYTES),
-        (false, true, _) => ("moekit_gemm_sm90_bf16_dgrad", SMEM_BYTES),
-        (false, false, true) => ("moekit_gemm_sm90_bf16_n256", SMEM_BYTES_N256),
-        (false, false, false) => ("moekit_gemm_sm90_bf16", SMEM_BYTES),
+    let (name, smem) = match (fp8, dgrad, wide, multicast) {
+        (true, _, _, true) => ("moekit_gemm_sm90_mc2_fp8", SMEM_BYTES),
+        (true, _, _, false) => ("moekit_gemm_sm90_fp8", SMEM_BYTES),
+        (false, true, _, _) => ("moekit_gemm_sm90_bf16_dgrad", SMEM_BYTES),
+        (false, false, true, _) => ("moekit_gemm_sm90_bf16_n256", SMEM_BYTES_N256),
+        (false, false, false, true) => ("moekit_gemm_sm90_mc2_bf16", SMEM_BYTES),
+        (false, false, false, false) => ("moekit_gemm_sm90_bf16", SMEM_BYTES),
     };
-    launch_kernel(on, (tmap_a, tmap_b, tmap_d), params, tiles, name, smem)
+    if multicast {
+        return launch_kernel(on, (tmap_a, tmap_b, tmap_d), params, pair_row_tiles * col_tiles, 2, name, smem);
+    }
+    launch_kernel(on, (tmap_a, tmap_b, tmap_d), params, tiles, 1, name, smem)
 }
 
 /// k-grouped, tiles of dW [g, n, k]. BF16: dY [m, n] and X [m, k] as MN-major operands along
@@ -115,28 +149,31 @@ fn launch_k_grouped(on: &dyn Launcher, params: moekit_abi::MoekitGemmParams) -> 
         let tmap_b = tensor_map(on, params.b, true, &[m, k], &[m], 128)?;
         let name = "moekit_gemm_sm90_fp8_kgrouped";
         let maps = (tmap_a, tmap_b, Default::default());
-        return launch_kernel(on, maps, params, tiles, name, SMEM_BYTES_KGROUPED);
+        return launch_kernel(on, maps, params, tiles, 1, name, SMEM_BYTES_KGROUPED);
     }
     let tmap_a = tensor_map(on, params.a, false, &[n, m], &[n * 2], 64)?;
     let tmap_b = tensor_map(on, params.b, false, &[k, m], &[k * 2], 64)?;
     let maps = (tmap_a, tmap_b, Default::default());
-    launch_kernel(on, maps, params, tiles, "moekit_gemm_sm90_bf16_kgrouped", SMEM_BYTES_KGROUPED)
+    launch_kernel(on, maps, params, tiles, 1, "moekit_gemm_sm90_bf16_kgrouped", SMEM_BYTES_KGROUPED)
 }
 
-/// The persistent launch of `name` over `tiles` output tiles (none: nothing to do) with the
-/// tensor maps of A, B and D and `smem` bytes of dynamic shared memory.
+/// The persistent launch of `name` over `tiles` scheduled tiles (none: nothing to do) with the
+/// tensor maps of A, B and D and `smem` bytes of dynamic shared memory; `cluster` CTAs per
+/// tile and per cluster (the kernel's `__cluster_dims__`): the grid is a multiple of it.
 fn launch_kernel(
     on: &dyn Launcher,
     (tmap_a, tmap_b, tmap_d): (moekit_abi::MoekitTensorMap, moekit_abi::MoekitTensorMap, moekit_abi::MoekitTensorMap),
     params: moekit_abi::MoekitGemmParams,
     tiles: usize,
+    cluster: usize,
     name: &str,
     smem: u32,
 ) -> Result<()> {
     if tiles == 0 {
         return Ok(());
     }
-    let blocks = tiles.min(on.multiprocessors().max(1) as usize);
+    let sms = on.multiprocessors().max(1) as usize;
+    let blocks = (tiles * cluster).min((sms / cluster * cluster).max(cluster));
     let cfg = LaunchConfig { grid: (blocks as u32, 1, 1), block: (BLOCK, 1, 1), shared_mem_bytes: smem };
     let p = moekit_abi::MoekitGemmSm90Params { tmap_a, tmap_b, tmap_d, gemm: params, _pad: [0; 24] };
     // SAFETY: one MoekitGemmSm90Params by value (layout checked by moekit-abi's tests); the
@@ -146,4 +183,22 @@ fn launch_kernel(
     // The other pointers and sizes are the portable kernel's, checked by the caller; the kernel
     // reads ids, offsets and scales with the same range checks (offsets clamped to [0, m]).
     unsafe { moekit_cuda::launch(on, &GEMM_SM90, name, cfg, (p,)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::multicast_rule;
+
+    #[test]
+    fn multicast_rule_needs_pairs_little_waste_and_every_sm_busy() {
+        // 64 row tiles in 32 pairs, 4 column tiles: 256 tiles on 132 SMs.
+        assert!(multicast_rule(64, 32, 4, 132));
+        assert!(!multicast_rule(1, 1, 200, 132), "no pair");
+        assert!(!multicast_rule(64, 32, 1, 132), "SMs left idle");
+        // 8 groups of one live row tile each: 8 pairs with an empty half (waste 8 of 8).
+        assert!(!multicast_rule(8, 8, 40, 132));
+        // 9 row tiles in 5 pairs: one empty half of 9 (<= 1/8 rounds to 9 * 8 >= 8).
+        assert!(multicast_rule(9, 5, 20, 132));
+        assert!(!multicast_rule(7, 5, 20, 132), "3 empty halves of 7");
+    }
 }

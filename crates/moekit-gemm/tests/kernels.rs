@@ -495,6 +495,7 @@ fn gpu_grouped_gemm_sm90() {
     moekit_gemm::raw::set_kernel_override(Some(moekit_gemm::raw::Kernel::Sm90));
     let d = Device::Cuda(CudaDevice::new(0).unwrap());
     sm90_shapes(&d);
+    sm90_multicast(&d);
     m_grouped(&d, 8);
     masked(&d, 8);
     kgrouped(&d, 8);
@@ -626,42 +627,73 @@ fn sm90_emulated(dev: &Device) {
     let (a3, b3) = (values(m2 * k2, 39), values(2 * n2 * k2, 40));
     check_contiguous_bf16(dev, "sm90 contiguous bf16, two column bands", &a3, &b3, &ids2, 2, n2, k2);
     // Masked: only live row tiles are scheduled; empty groups between partial and full ones.
-    let (gm, rows, mm) = (5, 160, vec![0i32, 130, 0, 160, 77]);
-    let mmt = |d: &Device| Tensor::from_slice(&mm, &[gm], d).unwrap();
-    let (a2, b2) = (values(gm * rows * k, 35), values(gm * n * k, 36));
-    check(
-        dev,
-        "sm90 masked bf16",
-        |d| {
-            m_grouped_masked(
-                GemmInput::Bf16(&bf16_tensor(&a2, &[gm, rows, k], d)),
-                GemmInput::Bf16(&bf16_tensor(&b2, &[gm, n, k], d)),
-                Some(&mmt(d)),
-            )
-            .unwrap()
-        },
-        None,
-    );
-    let (n9, k9) = (128, 256);
-    let (a9, b9) = (values(gm * rows * k9, 37), values(gm * n9 * k9, 38));
-    let mut exact = vec![0.0f32; gm * rows * n9];
-    reference::m_grouped_masked(&a9, &b9, &mm, rows, n9, k9, &mut exact).unwrap();
-    check(
-        dev,
-        "sm90 masked fp8 MN-major",
-        |d| {
-            let qa = fp8_tokens(&a9, gm * rows, k9, ScaleLayout::MnMajor, d);
-            let qa = Activation { data: qa.data.reshape(&[gm, rows, k9]).unwrap(), ..qa };
-            let (qb, sb) = fp8_weights(&b9, gm, n9, k9, d);
-            m_grouped_masked(
-                (&qa).into(),
-                GemmInput::Fp8 { data: &qb, scales: &sb, layout: ScaleLayout::MnMajor },
-                Some(&mmt(d)),
-            )
-            .unwrap()
-        },
-        Some(&exact),
-    );
+    let (rows, mm) = (160, [0i32, 130, 0, 160, 77]);
+    check_masked_bf16(dev, "sm90 masked bf16", &mm, rows, n, k, (35, 36));
+    check_masked_fp8_mn(dev, "sm90 masked fp8 MN-major", &mm, rows, 128, 256, (37, 38));
+}
+
+/// Masked BF16 `a [groups, rows, k]` (values of seed `seeds.0`) by `b [groups, n, k]` (seed
+/// `seeds.1`) with `masked_m`: device vs CPU.
+fn check_masked_bf16(dev: &Device, what: &str, mm: &[i32], rows: usize, n: usize, k: usize, seeds: (u64, u64)) {
+    let gm = mm.len();
+    let (a, b) = (values(gm * rows * k, seeds.0), values(gm * n * k, seeds.1));
+    let mmt = |d: &Device| Tensor::from_slice(mm, &[gm], d).unwrap();
+    let run = |d: &Device| {
+        m_grouped_masked(
+            GemmInput::Bf16(&bf16_tensor(&a, &[gm, rows, k], d)),
+            GemmInput::Bf16(&bf16_tensor(&b, &[gm, n, k], d)),
+            Some(&mmt(d)),
+        )
+        .unwrap()
+    };
+    check(dev, what, run, None);
+}
+
+/// As [`check_masked_bf16`] in FP8 with MN-major scales, also against the unquantized reference.
+fn check_masked_fp8_mn(dev: &Device, what: &str, mm: &[i32], rows: usize, n: usize, k: usize, seeds: (u64, u64)) {
+    let gm = mm.len();
+    let (a, b) = (values(gm * rows * k, seeds.0), values(gm * n * k, seeds.1));
+    let mmt = |d: &Device| Tensor::from_slice(mm, &[gm], d).unwrap();
+    let mut exact = vec![0.0f32; gm * rows * n];
+    reference::m_grouped_masked(&a, &b, mm, rows, n, k, &mut exact).unwrap();
+    let run = |d: &Device| {
+        let qa = fp8_tokens(&a, gm * rows, k, ScaleLayout::MnMajor, d);
+        let qa = Activation { data: qa.data.reshape(&[gm, rows, k]).unwrap(), ..qa };
+        let (qb, sb) = fp8_weights(&b, gm, n, k, d);
+        m_grouped_masked(
+            (&qa).into(),
+            GemmInput::Fp8 { data: &qb, scales: &sb, layout: ScaleLayout::MnMajor },
+            Some(&mmt(d)),
+        )
+        .unwrap()
+    };
+    check(dev, what, run, Some(&exact));
+}
+
+/// The 2-CTA cluster kernels (`moekit_gemm_sm90_mc2_*`, forced by
+/// `raw::set_multicast_override`): 256-row tiles whose halves go to the two CTAs of a
+/// cluster. Contiguous rows where a pair shares one group (the weight tile multicast), where
+/// the halves hold different groups and different pass counts (each CTA loads its own, the
+/// one with fewer passes walks empty stages in lockstep), and an odd row tile count (the last
+/// pair's second CTA has no rows at all); 2 column tiles (a partial one) and K of 7 stages
+/// (the ring wraps). Masked groups with an odd number of live row tiles (a pair with one live
+/// half). BF16 and FP8 (both token scale layouts), same tolerances as the other kernels.
+fn sm90_multicast(dev: &Device) {
+    moekit_gemm::raw::set_multicast_override(Some(true));
+    let ids = contiguous_ids(&[(1, 300), (0, 5), (2, 200)], 32);
+    let (m, groups) = (ids.len(), 3);
+    assert_eq!(m.div_ceil(128), 5, "an odd number of row tiles");
+    let (n, k) = (136, 448);
+    let (a, b) = (values(m * k, 61), values(groups * n * k, 62));
+    check_contiguous_bf16(dev, "sm90 2-CTA clusters, contiguous bf16", &a, &b, &ids, groups, n, k);
+    let (n8, k8) = (256, 384);
+    let (a8, b8) = (values(m * k8, 63), values(groups * n8 * k8, 64));
+    check_contiguous_fp8(dev, "sm90 2-CTA clusters, contiguous fp8", &a8, &b8, &ids, groups, n8, k8);
+    // Live row tiles per group 0, 2, 0, 2, 1: the last group's pair has one live half.
+    let (rows, mm) = (160, [0i32, 130, 0, 160, 77]);
+    check_masked_bf16(dev, "sm90 2-CTA clusters, masked bf16", &mm, rows, n, k, (65, 66));
+    check_masked_fp8_mn(dev, "sm90 2-CTA clusters, masked fp8 MN-major", &mm, rows, n8, k8, (67, 68));
+    moekit_gemm::raw::set_multicast_override(None);
 }
 
 fn emu_sm90(name: &str) -> Option<Device> {
@@ -673,7 +705,18 @@ fn emu_sm90(name: &str) -> Option<Device> {
 fn emu_grouped_gemm_sm90() {
     let Some(d) = emu_sm90("emu_grouped_gemm_sm90") else { return };
     moekit_gemm::raw::set_kernel_override(Some(moekit_gemm::raw::Kernel::Sm90));
+    // The one-CTA kernels here (the rule would pick clusters for some of these shapes).
+    moekit_gemm::raw::set_multicast_override(Some(false));
     sm90_emulated(&d);
+    moekit_gemm::raw::set_multicast_override(None);
+    moekit_gemm::raw::set_kernel_override(None);
+}
+
+#[test]
+fn emu_grouped_gemm_sm90_clusters() {
+    let Some(d) = emu_sm90("emu_grouped_gemm_sm90_clusters") else { return };
+    moekit_gemm::raw::set_kernel_override(Some(moekit_gemm::raw::Kernel::Sm90));
+    sm90_multicast(&d);
     moekit_gemm::raw::set_kernel_override(None);
 }
 

@@ -41,6 +41,11 @@
 #ifndef __grid_constant__
 #define __grid_constant__
 #endif
+// The cluster size is read from the kernel's declaration by moekit-build (its launch entry
+// point passes it to the emulated launch).
+#ifndef __cluster_dims__
+#define __cluster_dims__(...)
+#endif
 
 #define threadIdx (::moekit::emu::fiber().tid)
 #define blockIdx (::moekit::emu::block().idx)

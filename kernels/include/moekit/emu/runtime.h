@@ -19,6 +19,18 @@
 // Hopper's asynchronous units (moekit/emu/sm90.h) keep their state here: mbarrier waiters
 // (a fiber blocked on a phase sleeps until the phase completes), named barriers, warpgroup
 // collectives, TMA transfers not yet performed and each warpgroup's wgmma groups.
+//
+// Thread block clusters (a kernel declared with __cluster_dims__(C, 1, 1)): the C blocks of a
+// cluster run at the same time, each on its own worker OS thread (so static __shared__,
+// thread_local per OS thread, stays per block), and take turns: one turn is one round of a
+// block's fibers, ranks in order, exactly one OS thread running at any time (a baton under a
+// mutex), so the schedule stays deterministic. A block of rank r > 0 starts only once every
+// lower rank has run until none of its threads could go on (the hardware co-schedules a
+// cluster's CTAs but may start them skewed: a CTA that touches a peer's barriers before the
+// peer initialised them - no barrier.cluster in between - meets them uninitialised here).
+// A block whose threads have all exited is gone: a peer that still arrives on its barriers or
+// multicasts into its shared memory fails the launch. A cluster deadlocks when a whole cycle
+// of turns makes no progress and no TMA transfer is pending in any of its blocks.
 #pragma once
 
 #include <sys/mman.h>
@@ -27,6 +39,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -126,6 +139,9 @@ struct Fiber {
   // This thread's bulk async-groups (TMA stores): uncommitted, then committed and not waited.
   std::vector<AsyncOp> bulk_open;
   std::deque<std::vector<AsyncOp>> bulk_groups;
+  // barrier.cluster: arrived in the phase `cluster_gen` and not yet waited.
+  bool cluster_arrived = false;
+  uint64_t cluster_gen = 0;
 };
 
 // A named barrier (bar.sync / bar.arrive with a thread count); id 0 is __syncthreads.
@@ -155,8 +171,18 @@ struct Warp {
   uint64_t slot[32] = {};
 };
 
+struct Cluster;
+
 struct Block {
   uint3 idx{0, 0, 0};
+  Cluster* cluster = nullptr;  // the block's cluster (a cluster of one without __cluster_dims__)
+  unsigned rank = 0;           // %cluster_ctarank
+  bool exited = false;         // every thread has exited: peers may no longer touch it
+  // The cluster barrier's generation at the last access to this block's shared memory by a
+  // peer (-1: none), and the highest generation a thread of this block saw complete in a
+  // barrier.cluster wait: a peer's access must be ordered before the exit by such a phase.
+  int64_t peer_access_gen = -1;
+  uint64_t cluster_waited = 0;
   std::vector<Fiber> fibers;
   std::vector<Warp> warps;
   unsigned live = 0;          // threads that have not exited
@@ -175,8 +201,22 @@ struct Block {
   // generic view is a write without the fence).
   std::vector<unsigned char> async_view;
   bool restart = false;      // start the next round at thread 0 (see sm90.h: mbar_arrive)
+  bool end_turn = false;     // end this block's turn: a peer's threads were released (clusters)
+  bool again = false;        // the last round ended on `restart`: run another in this turn
+  bool spun = false;         // the running fiber's last yield was a spin_pause
+  bool real_progress = false;  // the last round ran a fiber that did more than spin
   // Describes the mbarrier / named barrier / warpgroup waits of a deadlock (set by sm90.h).
   std::string (*describe_wait)(const Block&) = nullptr;
+};
+
+// A thread block cluster: its blocks by rank and the state of barrier.cluster (all live
+// threads of the cluster arrive; a thread that exits no longer holds the barrier back).
+struct Cluster {
+  std::vector<Block*> blocks;
+  unsigned live = 0;      // threads of the cluster that have not exited
+  unsigned arrived = 0;   // live threads arrived in the current phase
+  uint64_t generation = 0;
+  unsigned size() const { return unsigned(blocks.size()); }
 };
 
 // What one worker OS thread is running now.
@@ -263,6 +303,7 @@ constexpr uint64_t kMaxSpinPauses = 4'000'000;
 inline void spin_pause() {
   Block& b = block();
   if (++b.spin_pauses > kMaxSpinPauses) fiber().state = Fiber::Waiting;
+  b.spun = true;
   yield_to_scheduler();
 }
 
@@ -334,6 +375,15 @@ inline void syncthreads() {
 
 inline void perform_bulk_groups(Fiber& f);
 
+// Completes the current phase of barrier.cluster: every waiting thread of the cluster resumes.
+inline void cluster_complete(Cluster& c) {
+  c.arrived = 0;
+  c.generation++;
+  for (Block* b : c.blocks) {
+    if (b) wake_waiters(*b, &c);
+  }
+}
+
 inline void fiber_main() {
   Worker& w = worker();
   w.run(w.run_arg);
@@ -343,6 +393,13 @@ inline void fiber_main() {
   f.state = Fiber::Done;
   b.live--;
   b.warps[f.warp].live &= ~(1u << f.lane);
+  // barrier.cluster: an exiting thread's arrival is withdrawn with the thread; the phase
+  // completes if the exiting thread was the only one holding it back.
+  if (Cluster* c = b.cluster) {
+    c->live--;
+    if (f.cluster_arrived && f.cluster_gen == c->generation) c->arrived--;
+    if (c->arrived > 0 && c->arrived == c->live) cluster_complete(*c);
+  }
   // An exiting thread no longer holds back a barrier or a warp exchange.
   if (b.at_barrier > 0 && b.at_barrier == b.live) {
     b.at_barrier = 0;
@@ -367,8 +424,13 @@ inline void fiber_main() {
   // Returning resumes uc_link, the scheduler.
 }
 
-// Runs one block to completion on the calling worker. Returns "" or an error message.
-inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
+inline std::string block_name(const Block& b) {
+  return "block (" + std::to_string(b.idx.x) + "," + std::to_string(b.idx.y) + "," + std::to_string(b.idx.z) + ")";
+}
+
+// Prepares `b` (its index set) to run on the calling worker: fibers, poisoned shared memory.
+// Returns "" or an error message.
+inline std::string init_block(Worker& w, Block& b, size_t stack_bytes) {
   const unsigned nthreads = w.block_dim.x * w.block_dim.y * w.block_dim.z;
   b.fibers.resize(nthreads);
   b.warps.assign((nthreads + 31) / 32, Warp{});
@@ -380,6 +442,10 @@ inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
   b.warpgroups.assign((nthreads + 127) / 128, Warpgroup{});
   b.tma.clear();
   b.restart = false;
+  b.end_turn = false;
+  b.exited = false;
+  b.peer_access_gen = -1;
+  b.cluster_waited = 0;
   MOEKIT_EMU_UNPOISON(b.smem, b.smem_span());
   std::memset(b.smem, kPoison, b.smem_span());
   // Under AddressSanitizer the guards are poisoned too: a read past the tile is reported.
@@ -396,6 +462,8 @@ inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
     f.wait_obj = nullptr;
     f.bulk_open.clear();
     f.bulk_groups.clear();
+    f.cluster_arrived = false;
+    f.cluster_gen = 0;
     if (!f.stack.reserve(stack_bytes)) return "cannot map a " + std::to_string(stack_bytes) + "-byte fiber stack";
     b.warps[f.warp].live |= 1u << f.lane;
     b.warps[f.warp].converged |= 1u << f.lane;
@@ -405,71 +473,277 @@ inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
     f.ctx.uc_link = &w.sched;
     makecontext(&f.ctx, fiber_main, 0);
   }
+  return "";
+}
+
+// One round: every ready fiber of `b` runs in thread order until it waits or exits. A fiber
+// that completes an mbarrier phase of its own block ends the round (the next starts at thread
+// 0); one that releases a peer's threads ends it with `b.end_turn` set. Returns whether any
+// fiber ran; a detected misuse is left in `b.fault`.
+inline bool run_round(Worker& w, Block& b) {
   w.block = &b;
-  auto where = [&b]() {
-    return "block (" + std::to_string(b.idx.x) + "," + std::to_string(b.idx.y) + "," + std::to_string(b.idx.z) + ")";
-  };
-  for (;;) {
-    bool progressed = false;
-    for (auto& f : b.fibers) {
-      if (f.state != Fiber::Ready) continue;
-      progressed = true;
-      w.current = &f;
-      swapcontext(&w.sched, &f.ctx);
-      if (!b.fault.empty()) return where() + " " + b.fault;
-      if (b.restart) {
-        b.restart = false;
-        break;
-      }
+  bool progressed = false;
+  b.again = false;
+  b.real_progress = false;
+  for (auto& f : b.fibers) {
+    if (f.state != Fiber::Ready) continue;
+    progressed = true;
+    w.current = &f;
+    b.spun = false;
+    swapcontext(&w.sched, &f.ctx);
+    b.real_progress = b.real_progress || !b.spun;
+    if (!b.fault.empty()) break;
+    if (b.restart) {
+      b.restart = false;
+      b.again = true;
+      break;
     }
-    if (b.live == 0) break;
-    // Nothing can run: TMA transfers still in flight may complete now (the emulation
-    // performs them as late as possible: when waited for, or when nothing else can run).
-    if (!progressed && !b.tma.empty()) {
-      w.current = nullptr;
-      while (!b.tma.empty()) {
-        AsyncOp op = std::move(b.tma.front());
-        b.tma.pop_front();
-        op.perform();
-      }
-      if (!b.fault.empty()) return where() + " " + b.fault;
-      continue;
-    }
-    if (!progressed && b.spin_pauses > kMaxSpinPauses) {
-      return "block (" + std::to_string(b.idx.x) + "," + std::to_string(b.idx.y) + "," + std::to_string(b.idx.z) +
-             ") spin-waited " + std::to_string(kMaxSpinPauses) + " times for something that never happened";
-    }
-    if (!progressed) {
-      unsigned waiting = 0;
-      for (auto& f : b.fibers) waiting += f.state == Fiber::Waiting;
-      std::string msg = "deadlock in " + where() + ": " + std::to_string(waiting) + " of " + std::to_string(b.live) +
-                        " live threads wait at a barrier or warp exchange that the others never reach";
-      if (b.describe_wait) msg += b.describe_wait(b);
-      return msg;
-    }
+    if (b.end_turn) break;
   }
-  // Transfers still in flight land before the block's shared memory is checked.
+  w.current = nullptr;
+  return progressed;
+}
+
+// Performs the TMA transfers pending in `b` (as the scheduler: no thread is running).
+// Returns whether there were any.
+inline bool perform_pending_tma(Worker& w, Block& b) {
+  if (b.tma.empty()) return false;
+  Block* own = w.block;
+  w.block = &b;
   w.current = nullptr;
   while (!b.tma.empty()) {
     AsyncOp op = std::move(b.tma.front());
     b.tma.pop_front();
     op.perform();
   }
+  w.block = own;
+  return true;
+}
+
+// The message for a block none of whose live threads can go on.
+inline std::string stuck_message(const Block& b) {
+  if (b.spin_pauses > kMaxSpinPauses) {
+    return block_name(b) + " spin-waited " + std::to_string(kMaxSpinPauses) +
+           " times for something that never happened";
+  }
+  unsigned waiting = 0;
+  for (auto& f : b.fibers) waiting += f.state == Fiber::Waiting;
+  std::string msg = "deadlock in " + block_name(b) + ": " + std::to_string(waiting) + " of " + std::to_string(b.live) +
+                    " live threads wait at a barrier or warp exchange that the others never reach";
+  if (b.describe_wait) msg += b.describe_wait(b);
+  return msg;
+}
+
+// After the last thread of `b` exited: transfers in flight land, then the block's wgmma groups
+// and shared-memory guards are checked. Returns "" or an error message.
+inline std::string finish_block(Worker& w, Block& b) {
+  perform_pending_tma(w, b);
   for (size_t g = 0; g < b.warpgroups.size(); ++g) {
     if (!b.warpgroups[g].groups.empty() || !b.warpgroups[g].uncommitted.empty()) {
-      return where() + ": warpgroup " + std::to_string(g) +
+      return block_name(b) + ": warpgroup " + std::to_string(g) +
              " exited with wgmma operations it never waited for (wgmma.wait_group)";
     }
   }
-  if (!b.fault.empty()) return where() + " " + b.fault;
+  if (!b.fault.empty()) return block_name(b) + " " + b.fault;
+  if (b.peer_access_gen >= 0 && uint64_t(b.peer_access_gen) >= b.cluster_waited) {
+    return block_name(b) + " (CTA rank " + std::to_string(b.rank) +
+           " of its cluster) exited without a barrier.cluster wait after a peer's last access to its shared memory "
+           "(an mbarrier arrival or a multicast): a peer may still access it after the exit";
+  }
   MOEKIT_EMU_UNPOISON(b.smem, b.smem_span());
   for (size_t i = 0; i < kSmemGuard; ++i) {
     if (b.smem[i] != kPoison || b.smem[kSmemGuard + b.smem_bytes + i] != kPoison) {
-      return "block (" + std::to_string(b.idx.x) + "," + std::to_string(b.idx.y) + "," + std::to_string(b.idx.z) +
-             ") wrote outside its " + std::to_string(b.smem_bytes) + " bytes of dynamic shared memory";
+      return block_name(b) + " wrote outside its " + std::to_string(b.smem_bytes) + " bytes of dynamic shared memory";
     }
   }
   return "";
+}
+
+// Runs one block (a cluster of one) to completion on the calling worker. Returns "" or an
+// error message.
+inline std::string run_block(Worker& w, Block& b, size_t stack_bytes) {
+  Cluster one;
+  one.blocks = {&b};
+  b.cluster = &one;
+  b.rank = 0;
+  struct Detach {
+    Block& b;
+    ~Detach() { b.cluster = nullptr; }
+  } detach{b};
+  std::string err = init_block(w, b, stack_bytes);
+  if (!err.empty()) return err;
+  one.live = b.live;
+  for (;;) {
+    const bool progressed = run_round(w, b);
+    if (!b.fault.empty()) return block_name(b) + " " + b.fault;
+    if (b.live == 0) break;
+    // Nothing can run: TMA transfers still in flight may complete now (the emulation
+    // performs them as late as possible: when waited for, or when nothing else can run).
+    if (!progressed && perform_pending_tma(w, b)) {
+      if (!b.fault.empty()) return block_name(b) + " " + b.fault;
+      continue;
+    }
+    if (!progressed) return stuck_message(b);
+  }
+  b.exited = true;
+  return finish_block(w, b);
+}
+
+// The C worker OS threads that run clusters of C blocks together, one cluster after another,
+// taking turns (see the header). Rank 0's thread takes the next cluster of the launch.
+struct ClusterGroup {
+  std::mutex m;
+  std::condition_variable cv;
+  uint64_t epoch = 0;   // one per cluster run (and one for the stop)
+  int64_t cluster = -1; // the linear cluster id of this epoch; -1: no more
+  unsigned ready = 0;   // threads whose block is initialised
+  unsigned out = 0;     // threads done with this epoch's cluster
+  unsigned turn = 0;    // the rank whose thread runs
+  bool over = false;    // the cluster finished or failed
+  std::string error;    // the cluster's first failure
+  Cluster cl;
+  std::vector<char> started, progressed, finished;
+  unsigned idle = 0;    // consecutive turns without progress
+};
+
+// One turn of rank `r` (its thread holds the baton; no other thread of the cluster runs).
+inline void cluster_turn(ClusterGroup& g, Worker& w, Block& b, unsigned r) {
+  const unsigned C = g.cl.size();
+  auto fail = [&](const std::string& msg) {
+    if (g.error.empty()) g.error = msg;
+    g.over = true;
+  };
+  bool progressed = false;
+  if (!g.started[r]) {
+    // Starts once every lower rank has run and none of its threads could go on.
+    bool lower_idle = true;
+    for (unsigned q = 0; q < r; ++q) lower_idle = lower_idle && g.started[q] && (g.finished[q] || !g.progressed[q]);
+    if (lower_idle) g.started[r] = 1;
+    progressed = lower_idle;
+  }
+  if (g.started[r] && !g.finished[r]) {
+    bool ran = false, real = false;
+    b.end_turn = false;
+    do {
+      ran = run_round(w, b) || ran;
+      real = real || b.real_progress;
+      if (!b.fault.empty()) return fail(block_name(b) + " " + b.fault);
+    } while (b.again && !b.end_turn);
+    b.end_turn = false;
+    g.progressed[r] = real;
+    progressed = progressed || ran;
+    if (b.live == 0) {
+      b.exited = true;
+      g.finished[r] = 1;
+      const std::string err = finish_block(w, b);
+      if (!err.empty()) return fail(err);
+    }
+  }
+  bool all_done = true;
+  for (unsigned q = 0; q < C; ++q) all_done = all_done && g.finished[q];
+  if (all_done) {
+    g.over = true;
+    return;
+  }
+  // A block not started yet starts once the lower ranks are idle: not a deadlock.
+  bool all_started = true;
+  for (unsigned q = 0; q < C; ++q) all_started = all_started && g.started[q];
+  g.idle = progressed || !all_started ? 0 : g.idle + 1;
+  if (g.idle < C) return;
+  // A whole cycle without progress: pending transfers complete now, else the cluster is stuck.
+  bool any = false;
+  for (Block* q : g.cl.blocks) {
+    if (q->exited) continue;
+    any = perform_pending_tma(w, *q) || any;
+    if (!q->fault.empty()) return fail(block_name(*q) + " " + q->fault);
+  }
+  if (any) {
+    g.idle = 0;
+    return;
+  }
+  std::string msg = "cluster of blocks";
+  for (Block* q : g.cl.blocks) msg += " " + block_name(*q).substr(6);
+  msg += " cannot go on";
+  for (Block* q : g.cl.blocks) {
+    if (!q->exited) msg += "; " + stuck_message(*q);
+  }
+  fail(msg);
+}
+
+// Rank `r`'s worker thread of a cluster group: runs the launch's clusters until none is left
+// or one fails. `next_cluster()` returns the next linear cluster id or -1.
+template <typename Next, typename Fail>
+inline void cluster_worker(ClusterGroup& g, unsigned r, unsigned C, Worker& w, Block& b, size_t stack_bytes,
+                           Next next_cluster, Fail fail_launch) {
+  uint64_t seen = 0;
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lk(g.m);
+      if (r == 0) {
+        g.cv.wait(lk, [&] { return g.epoch == 0 || g.out == C; });
+        g.cluster = next_cluster();
+        g.epoch++;
+        g.ready = g.out = g.turn = g.idle = 0;
+        g.over = false;
+        g.error.clear();
+        g.cl = Cluster{};
+        g.cl.blocks.assign(C, nullptr);
+        g.started.assign(C, 0);
+        g.progressed.assign(C, 0);
+        g.finished.assign(C, 0);
+        g.started[0] = 1;
+        g.cv.notify_all();
+      } else {
+        g.cv.wait(lk, [&] { return g.epoch != seen; });
+      }
+      seen = g.epoch;
+      if (g.cluster < 0) return;
+    }
+    // Block r of cluster `id`: clusters are C x 1 x 1 blocks, numbered x fastest.
+    const uint64_t id = uint64_t(g.cluster);
+    const unsigned cx = w.grid.x / C;
+    b.idx = uint3{unsigned(id % cx) * C + r, unsigned((id / cx) % w.grid.y), unsigned(id / (uint64_t(cx) * w.grid.y))};
+    b.cluster = &g.cl;
+    b.rank = r;
+    const std::string init_err = init_block(w, b, stack_bytes);
+    bool failed = false;
+    {
+      std::unique_lock<std::mutex> lk(g.m);
+      g.cl.blocks[r] = &b;
+      g.cl.live += b.live;
+      if (!init_err.empty() && g.error.empty()) g.error = init_err, g.over = true;
+      g.ready++;
+      g.cv.notify_all();
+      g.cv.wait(lk, [&] { return g.ready == C; });
+    }
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lk(g.m);
+        g.cv.wait(lk, [&] { return g.turn == r || g.over; });
+        if (g.over) break;
+      }
+      try {
+        cluster_turn(g, w, b, r);
+      } catch (const std::exception& e) {
+        if (g.error.empty()) g.error = std::string("emulation failed: ") + e.what();
+        g.over = true;
+      }
+      std::lock_guard<std::mutex> lk(g.m);
+      g.turn = (r + 1) % C;
+      g.cv.notify_all();
+    }
+    {
+      std::lock_guard<std::mutex> lk(g.m);
+      failed = !g.error.empty();
+      if (failed && r == 0) fail_launch(g.error);
+    }
+    // A failed cluster's fibers are abandoned mid-kernel; their stacks must not be reused.
+    if (failed) b.fibers = std::vector<Fiber>();
+    b.cluster = nullptr;
+    std::lock_guard<std::mutex> lk(g.m);
+    g.out++;
+    g.cv.notify_all();
+  }
 }
 
 // Block visiting order for a launch (linear block ids).
@@ -492,10 +766,12 @@ inline std::vector<unsigned> block_order(unsigned n, int order, uint64_t seed) {
   return ids;
 }
 
-// Runs a whole grid. `run(arg)` is called on every emulated thread and invokes the kernel.
-// A failure's message goes to `*error` (one launch's own string: concurrent launches from
-// several host threads do not mix their messages). Never throws.
-inline int launch(const MoekitEmuLaunch& cfg, void (*run)(void*), void* arg, std::string* error) noexcept {
+// Runs a whole grid. `run(arg)` is called on every emulated thread and invokes the kernel;
+// `cluster_x` > 1 runs clusters of that many blocks along x (__cluster_dims__). A failure's
+// message goes to `*error` (one launch's own string: concurrent launches from several host
+// threads do not mix their messages). Never throws.
+inline int launch(const MoekitEmuLaunch& cfg, void (*run)(void*), void* arg, std::string* error,
+                  unsigned cluster_x = 1) noexcept {
   std::mutex error_mutex;
   auto fail = [&](int code, const std::string& msg) {
     std::lock_guard<std::mutex> lock(error_mutex);
@@ -509,24 +785,33 @@ inline int launch(const MoekitEmuLaunch& cfg, void (*run)(void*), void* arg, std
       return fail(MOEKIT_EMU_BAD_CONFIG, "invalid launch: grid " + std::to_string(blocks) + " blocks of " +
                                              std::to_string(threads) + " threads (1..1024 threads per block)");
     }
-    const std::vector<unsigned> order = block_order(unsigned(blocks), cfg.block_order, cfg.seed);
+    const unsigned C = cluster_x == 0 ? 1 : cluster_x;
+    if (C > 8 || cfg.grid[0] % C != 0) {
+      return fail(MOEKIT_EMU_BAD_CONFIG, "invalid launch: grid x " + std::to_string(cfg.grid[0]) +
+                                             " is not a multiple of the kernel's cluster size " + std::to_string(C) +
+                                             " (at most 8)");
+    }
+    const std::vector<unsigned> order = block_order(unsigned(blocks / C), cfg.block_order, cfg.seed);
     std::atomic<size_t> next{0};
     std::atomic<int> status{MOEKIT_EMU_OK};
     const size_t stack_bytes = cfg.stack_bytes ? size_t(cfg.stack_bytes) : (64u << 10);
+    auto setup = [&](Worker& w, Block& b) {
+      w.run = run;
+      w.run_arg = arg;
+      w.grid = uint3{cfg.grid[0], cfg.grid[1], cfg.grid[2]};
+      w.block_dim = uint3{cfg.block[0], cfg.block[1], cfg.block[2]};
+      tl_worker = &w;
+      b.smem_bytes = cfg.shared_mem_bytes;
+      b.smem_storage.assign(b.smem_span() + kSmemAlign, kPoison);
+      // The dynamic shared memory (after the guard) starts on a kSmemAlign boundary.
+      const uintptr_t raw = reinterpret_cast<uintptr_t>(b.smem_storage.data()) + kSmemGuard;
+      b.smem = b.smem_storage.data() + (kSmemAlign - raw % kSmemAlign) % kSmemAlign;
+    };
     auto work = [&]() {
       try {
         Worker w;
-        w.run = run;
-        w.run_arg = arg;
-        w.grid = uint3{cfg.grid[0], cfg.grid[1], cfg.grid[2]};
-        w.block_dim = uint3{cfg.block[0], cfg.block[1], cfg.block[2]};
-        tl_worker = &w;
         Block b;
-        b.smem_bytes = cfg.shared_mem_bytes;
-        b.smem_storage.assign(b.smem_span() + kSmemAlign, kPoison);
-        // The dynamic shared memory (after the guard) starts on a kSmemAlign boundary.
-        const uintptr_t raw = reinterpret_cast<uintptr_t>(b.smem_storage.data()) + kSmemGuard;
-        b.smem = b.smem_storage.data() + (kSmemAlign - raw % kSmemAlign) % kSmemAlign;
+        setup(w, b);
         for (size_t i; (i = next.fetch_add(1)) < order.size() && status.load() == MOEKIT_EMU_OK;) {
           const unsigned id = order[i];
           b.idx = uint3{id % cfg.grid[0], (id / cfg.grid[0]) % cfg.grid[1], id / (cfg.grid[0] * cfg.grid[1])};
@@ -544,8 +829,35 @@ inline int launch(const MoekitEmuLaunch& cfg, void (*run)(void*), void* arg, std
         status.store(fail(MOEKIT_EMU_KERNEL_FAULT, std::string("emulation failed: ") + e.what()));
       }
     };
-    const unsigned workers = std::max(1u, std::min<unsigned>(cfg.workers ? cfg.workers : 1, unsigned(blocks)));
-    if (workers == 1) {
+    const unsigned workers = std::max(1u, std::min<unsigned>(cfg.workers ? cfg.workers : 1, unsigned(blocks / C)));
+    if (C > 1) {
+      // Groups of C OS threads, one cluster at a time each (`workers` clusters at once).
+      std::deque<ClusterGroup> groups(workers);
+      std::vector<std::thread> pool;
+      for (auto& g : groups) {
+        for (unsigned r = 0; r < C; ++r) {
+          pool.emplace_back([&, r, gp = &g]() {
+            Worker w;
+            Block b;
+            try {
+              setup(w, b);
+              auto next_cluster = [&]() -> int64_t {
+                const size_t i = next.fetch_add(1);
+                return i < order.size() && status.load() == MOEKIT_EMU_OK ? int64_t(order[i]) : -1;
+              };
+              auto fail_launch = [&](const std::string& msg) { status.store(fail(MOEKIT_EMU_KERNEL_FAULT, msg)); };
+              cluster_worker(*gp, r, C, w, b, stack_bytes, next_cluster, fail_launch);
+            } catch (const std::exception& e) {
+              status.store(fail(MOEKIT_EMU_KERNEL_FAULT, std::string("emulation failed: ") + e.what()));
+              std::abort();  // a group thread lost mid-cluster would leave its peers waiting
+            }
+            MOEKIT_EMU_UNPOISON(b.smem, b.smem_span());
+            tl_worker = nullptr;
+          });
+        }
+      }
+      for (auto& t : pool) t.join();
+    } else if (workers == 1) {
       work();
     } else {
       std::vector<std::thread> pool;
@@ -575,13 +887,14 @@ struct Thunk {
 };
 
 // The entry point generated for every kernel: launch `kernel` with cuLaunchKernel-style
-// params; a failure's message is copied into `err` (NUL-terminated, truncated to `err_len`).
+// params (`cluster_x`: the kernel's __cluster_dims__ x, 1 without); a failure's message is
+// copied into `err` (NUL-terminated, truncated to `err_len`).
 template <typename... Args>
 int launch_kernel(void (*kernel)(Args...), const MoekitEmuLaunch* cfg, void** params, char* err,
-                  unsigned long long err_len) noexcept {
+                  unsigned long long err_len, unsigned cluster_x = 1) noexcept {
   Thunk<Args...> t{kernel, params};
   std::string error;
-  const int rc = launch(*cfg, &Thunk<Args...>::run, &t, &error);
+  const int rc = launch(*cfg, &Thunk<Args...>::run, &t, &error, cluster_x);
   if (err && err_len > 0) std::snprintf(err, size_t(err_len), "%s", error.c_str());
   return rc;
 }

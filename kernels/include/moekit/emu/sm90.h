@@ -1,7 +1,7 @@
 // moekit host emulation of the Hopper (sm_90a) instructions that moekit/sm90/ptx_sm90.cuh
-// wraps: mbarrier, TMA tiled loads through tensor maps, wgmma.mma_async with shared-memory
-// descriptors, named barriers, elect.sync and setmaxnreg. Included by that header's
-// emulation branch only.
+// wraps: mbarrier, TMA tiled loads (multicast too) through tensor maps, wgmma.mma_async with
+// shared-memory descriptors, named barriers, elect.sync, setmaxnreg and thread block clusters.
+// Included by that header's emulation branch only.
 //
 // Exact to the PTX ISA (what a test may rely on):
 // - mbarrier: the phase, pending-arrival and tx-count bookkeeping of init, arrive,
@@ -27,7 +27,15 @@
 //   in d[4 j + 2 h + e] the element (row 16 w + l / 4 + 8 h, column 8 j + 2 (l % 4) + e).
 // - named barriers (bar.sync / bar.arrive id, count: thread counts, multiples of 32),
 //   elect.sync (the lowest live lane of the mask), setmaxnreg (a no-op, checked uniform over
-//   the warpgroup and in range).
+//   the warpgroup and in range);
+// - clusters (scheduling: moekit/emu/runtime.h): %cluster_ctarank, mapa + mbarrier.arrive on a
+//   peer CTA's barrier, TMA multicast (.multicast::cluster with a ctaMask: the box lands at the
+//   same shared address of every CTA in the mask, each completing bytes on its own barrier at
+//   the same address), barrier.cluster.arrive / wait (all non-exited threads of the cluster).
+//   A fault: a peer's barrier used before mbarrier.init, a ctaMask naming a CTA outside the
+//   cluster, an access to a CTA that has exited, a CTA exiting with no barrier.cluster wait
+//   after a peer's last access to its shared memory (a model of "a CTA must not exit while its
+//   peers may still access its shared memory").
 //
 // A model (stated, not the hardware's bits):
 // - the f32 summation inside one wgmma: the PTX ISA does not specify it. The emulation adds
@@ -78,11 +86,25 @@ struct Mbar {
   uint32_t pending, expected, phase;
   int32_t tx;
 };
-inline Mbar mbar_load(const uint64_t* bar, const char* op) {
-  if (smem_offset(bar, 8) < 0) fault(std::string(op) + ": the mbarrier is not in the block's dynamic shared memory");
+// The shared address of `p` (and `bytes` after it) in block `b`'s dynamic shared memory, or -1.
+inline int64_t smem_offset_in(const Block& b, const void* p, size_t bytes = 1) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  const unsigned char* base = b.smem + kSmemGuard;
+  if (c < base || c + bytes > base + b.smem_bytes) return -1;
+  return int64_t(c - base);
+}
+// `bar` lives in block `b` (the caller's, or a peer's of its cluster).
+inline Mbar mbar_load(Block& b, const uint64_t* bar, const char* op) {
+  if (smem_offset_in(b, bar, 8) < 0) fault(std::string(op) + ": the mbarrier is not in the block's dynamic shared memory");
   if ((reinterpret_cast<uintptr_t>(bar) & 7) != 0) fault(std::string(op) + ": mbarrier not 8-byte aligned");
   const uint64_t v = *bar;
-  if ((v >> 62) != 1) fault(std::string(op) + ": mbarrier used before mbarrier.init");
+  if ((v >> 62) != 1) {
+    fault(std::string(op) + ": mbarrier used before mbarrier.init" +
+          (&b == &block() ? std::string()
+                          : " (in CTA rank " + std::to_string(b.rank) +
+                                " of the cluster: a peer's barriers are ready only after a barrier.cluster that "
+                                "follows their initialisation)"));
+  }
   Mbar m;
   m.pending = uint32_t(v & kMaxCount);
   m.expected = uint32_t((v >> 20) & kMaxCount);
@@ -91,6 +113,7 @@ inline Mbar mbar_load(const uint64_t* bar, const char* op) {
   m.phase = uint32_t((v >> 61) & 1);
   return m;
 }
+inline Mbar mbar_load(const uint64_t* bar, const char* op) { return mbar_load(block(), bar, op); }
 inline void mbar_store(uint64_t* bar, const Mbar& m) {
   *bar = uint64_t(m.pending) | (uint64_t(m.expected) << 20) | (uint64_t(uint32_t(m.tx) & 0x1fffffu) << 40) |
          (uint64_t(m.phase) << 61) | kMbarTag;
@@ -104,14 +127,14 @@ inline std::string mbar_describe(const uint64_t* bar) {
          std::to_string((v >> 20) & kMaxCount) + " arrivals pending, tx-count " + std::to_string(tx) + " bytes";
 }
 // The phase completes when no arrival and no transaction byte is pending: the parity flips
-// and the arrival count is re-armed (tx-count is 0 by then).
-// Returns whether a phase completed.
-inline bool mbar_maybe_complete(uint64_t* bar, Mbar& m) {
+// and the arrival count is re-armed (tx-count is 0 by then). `b` holds the barrier (its
+// waiters wake). Returns whether a phase completed.
+inline bool mbar_maybe_complete(Block& b, uint64_t* bar, Mbar& m) {
   if (m.pending == 0 && m.tx == 0) {
     m.phase ^= 1u;
     m.pending = m.expected;
     mbar_store(bar, m);
-    wake_waiters(block(), bar);
+    wake_waiters(b, bar);
     return true;
   }
   mbar_store(bar, m);
@@ -131,29 +154,36 @@ inline void mbar_expect_tx(uint64_t* bar, uint32_t bytes, const char* op) {
   m.tx = int32_t(tx);
   mbar_store(bar, m);
 }
-inline void mbar_arrive(uint64_t* bar, const char* op = "mbarrier.arrive") {
-  Mbar m = mbar_load(bar, op);
+// One arrival on `bar` of block `b` (the caller's or a peer's).
+inline void mbar_arrive_in(Block& b, uint64_t* bar, const char* op) {
+  Mbar m = mbar_load(b, bar, op);
   if (m.pending == 0) fault(std::string(op) + ": more arrivals than the barrier's count in one phase");
   m.pending--;
-  if (mbar_maybe_complete(bar, m)) {
+  if (mbar_maybe_complete(b, bar, m)) {
     // The threads this arrival releases run at once, before the arriving thread goes on
-    // (the scheduler's next round starts at thread 0): a consumer that releases a stage
-    // before its wgmma completed meets the producer's refill while the wgmma still reads.
-    block().restart = true;
+    // (the scheduler's next round starts at thread 0; released threads of a peer CTA run in
+    // the peer's turn, which comes next): a consumer that releases a stage before its wgmma
+    // completed meets the producer's refill while the wgmma still reads.
+    if (&b == &block()) {
+      block().restart = true;
+    } else {
+      block().end_turn = true;
+    }
     yield_to_scheduler();
   }
 }
+inline void mbar_arrive(uint64_t* bar, const char* op = "mbarrier.arrive") { mbar_arrive_in(block(), bar, op); }
 inline void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
   mbar_expect_tx(bar, bytes, "mbarrier.arrive.expect_tx");
   mbar_arrive(bar, "mbarrier.arrive.expect_tx");
 }
-// complete-tx: what a TMA transfer does on its mbarrier when its bytes have landed.
-inline void mbar_complete_tx(uint64_t* bar, uint32_t bytes) {
-  Mbar m = mbar_load(bar, "complete_tx");
+// complete-tx: what a TMA transfer does on its mbarrier (in block `b`) when its bytes landed.
+inline void mbar_complete_tx(Block& b, uint64_t* bar, uint32_t bytes) {
+  Mbar m = mbar_load(b, bar, "complete_tx");
   const int64_t tx = int64_t(m.tx) - bytes;
   if (tx < -int64_t(kMaxCount)) fault("complete_tx: tx-count below -(2^20 - 1)");
   m.tx = int32_t(tx);
-  mbar_maybe_complete(bar, m);
+  mbar_maybe_complete(b, bar, m);
 }
 // Whether the phase with parity `parity` has completed (the current phase has the other one).
 inline bool mbar_phase_done(const uint64_t* bar, uint32_t parity) {
@@ -203,6 +233,9 @@ inline std::string describe_waits(const Block& b) {
       const auto* nb = static_cast<const NamedBarrier*>(f.wait_obj);
       what = "waits at named barrier " + std::to_string(nb - &b.named[0]) + " (" + std::to_string(nb->arrived) + " of " +
              std::to_string(nb->expected) + " threads arrived)";
+    } else if (b.cluster && f.wait_obj == b.cluster) {
+      what = "waits at barrier.cluster (" + std::to_string(b.cluster->arrived) + " of " +
+             std::to_string(b.cluster->live) + " live threads of the cluster arrived)";
     } else {
       for (size_t g = 0; g < b.warpgroups.size(); ++g) {
         if (f.wait_obj == &b.warpgroups[g]) {
@@ -255,6 +288,66 @@ inline bool elect_one(unsigned mask) {
     return m ? unsigned(__builtin_ctz(m)) : 32u;
   });
   return leader == lane;
+}
+
+// ---- clusters ------------------------------------------------------------------------------------
+// %cluster_ctarank and %cluster_nctarank (a launch without __cluster_dims__ is a cluster of one).
+inline unsigned cluster_rank() { return block().rank; }
+inline unsigned cluster_size() { return block().cluster ? block().cluster->size() : 1u; }
+// The block of CTA rank `r` of the caller's cluster, for an access by `op` (a fault when out of
+// range or gone: a CTA must not exit while peers may still access its shared memory).
+inline Block& cluster_block(unsigned r, const char* op) {
+  Block& b = block();
+  if (!b.cluster || r >= b.cluster->size()) {
+    fault(std::string(op) + ": CTA rank " + std::to_string(r) + " outside the cluster of " +
+          std::to_string(cluster_size()));
+  }
+  Block& peer = *b.cluster->blocks[r];
+  if (peer.exited) {
+    fault(std::string(op) + ": CTA rank " + std::to_string(r) +
+          " of the cluster has exited (a CTA must not exit while its peers may still access its shared memory: "
+          "barrier.cluster before exit)");
+  }
+  return peer;
+}
+// The address in CTA `r`'s shared memory of the caller's shared `p` (mapa.shared::cluster).
+template <typename T>
+inline T* map_shared(T* p, unsigned r, const char* op) {
+  const int64_t off = smem_offset(p);
+  if (off < 0) fault(std::string(op) + ": not an address in the block's dynamic shared memory");
+  Block& peer = cluster_block(r, op);
+  return reinterpret_cast<T*>(peer.smem + kSmemGuard + off);
+}
+// mapa + mbarrier.arrive.release.cluster.shared::cluster: one arrival on the barrier at the
+// caller's shared address `bar` in CTA `r` of the cluster (the caller's own CTA included).
+inline void mbar_arrive_cluster(uint64_t* bar, unsigned r) {
+  const char* op = "mbarrier.arrive.shared::cluster";
+  uint64_t* remote = map_shared(bar, r, op);
+  Block& peer = *block().cluster->blocks[r];
+  if (&peer != &block()) peer.peer_access_gen = int64_t(block().cluster->generation);
+  mbar_arrive_in(peer, remote, op);
+}
+// barrier.cluster.arrive / barrier.cluster.wait: every live thread of the cluster arrives
+// before any waiting thread resumes (a thread arrives once per phase, then waits).
+inline void cluster_arrive() {
+  Block& b = block();
+  Fiber& f = fiber();
+  Cluster& c = *b.cluster;
+  if (f.cluster_arrived) fault("barrier.cluster.arrive twice without barrier.cluster.wait in between");
+  install_describe();
+  f.cluster_arrived = true;
+  f.cluster_gen = c.generation;
+  if (++c.arrived == c.live) cluster_complete(c);
+}
+inline void cluster_wait() {
+  Block& b = block();
+  Fiber& f = fiber();
+  Cluster& c = *b.cluster;
+  if (!f.cluster_arrived) fault("barrier.cluster.wait without a barrier.cluster.arrive before it");
+  const uint64_t gen = f.cluster_gen;
+  wait_on(&c, [&] { return c.generation != gen; });
+  f.cluster_arrived = false;
+  b.cluster_waited = std::max(b.cluster_waited, c.generation);
 }
 
 // ---- warpgroup collectives ------------------------------------------------------------------------
@@ -344,9 +437,9 @@ inline size_t swizzle(size_t a, unsigned bytes) {
   return a ^ (((a >> 7) & mask) << 4);
 }
 
-// Checks a new TMA write of [lo, hi) against the uncompleted wgmma reads of every warpgroup.
-inline void check_tma_write(size_t lo, size_t hi, const char* op) {
-  Block& b = block();
+// Checks a new TMA write of [lo, hi) of block `b`'s shared memory against the uncompleted
+// wgmma reads of its warpgroups.
+inline void check_tma_write(Block& b, size_t lo, size_t hi, const char* op) {
   auto overlaps = [&](const AsyncOp& o) { return (lo < o.hi && o.lo < hi) || (lo < o.hi2 && o.lo2 < hi); };
   for (size_t g = 0; g < b.warpgroups.size(); ++g) {
     bool hit = false;
@@ -357,6 +450,7 @@ inline void check_tma_write(size_t lo, size_t hi, const char* op) {
     if (hit) {
       fault(std::string(op) + " into shared addresses [" + std::to_string(lo) + ", " + std::to_string(hi) +
             ") that an uncompleted wgmma of warpgroup " + std::to_string(g) +
+            (&b == &block() ? std::string() : " of CTA rank " + std::to_string(b.rank)) +
             " still reads: the stage was released before wgmma.wait_group");
     }
   }
@@ -380,10 +474,13 @@ inline void check_async_view(size_t lo, size_t hi, const char* op) {
   }
 }
 
-// cp.async.bulk.tensor.Nd.shared::cluster.global.mbarrier::complete_tx::bytes [dst], [map,
-// {c0, ..}], [bar]: issues the transfer of one box; performed later (see the header).
-inline void tma_load(void* dst, const void* map, uint64_t* bar, const int* coords, unsigned rank) {
-  const char* op = "cp.async.bulk.tensor";
+// cp.async.bulk.tensor.Nd.shared::cluster.global.mbarrier::complete_tx::bytes[.multicast::cluster]
+// [dst], [map, {c0, ..}], [bar](, mask): issues the transfer of one box into the caller's CTA
+// (`mask` 0) or, multicast, into every CTA of the cluster whose rank bit is set in `mask`, each
+// at the same shared address and completing bytes on its own barrier at `bar`'s shared
+// address; performed later (see the header), queued in each destination CTA.
+inline void tma_load(void* dst, const void* map, uint64_t* bar, const int* coords, unsigned rank, unsigned mask = 0) {
+  const char* op = mask ? "cp.async.bulk.tensor (multicast::cluster)" : "cp.async.bulk.tensor";
   const Tmap m = tmap_decode(map, op);
   if (m.rank != rank) {
     fault(std::string(op) + "." + std::to_string(rank) + "d with a rank-" + std::to_string(m.rank) + " tensor map");
@@ -398,42 +495,55 @@ inline void tma_load(void* dst, const void* map, uint64_t* bar, const int* coord
     fault(std::string(op) + ": dst (shared address " + std::to_string(lo) + ") not " + std::to_string(align) +
           "-byte aligned (" + (m.swizzle ? "the swizzle atom" : "128 bytes") + ")");
   }
-  mbar_load(bar, op);  // initialised
-  check_tma_write(size_t(lo), size_t(lo) + bytes, op);
+  const int64_t bar_off = smem_offset(bar, 8);
+  if (bar_off < 0) fault(std::string(op) + ": the mbarrier is not in the block's dynamic shared memory");
+  if (mask >> cluster_size()) {
+    fault(std::string(op) + ": ctaMask " + std::to_string(mask) + " names CTAs outside the cluster of " +
+          std::to_string(cluster_size()));
+  }
   install_describe();
   int c[5] = {0, 0, 0, 0, 0};
   for (unsigned i = 0; i < rank; ++i) c[i] = coords[i];
-  unsigned char* base = static_cast<unsigned char*>(dst) - lo;  // shared address 0
-  AsyncOp a;
-  a.bar = bar;
-  a.lo = size_t(lo);
-  a.hi = size_t(lo) + bytes;
-  a.perform = [m, c, base, lo, bytes, bar]() {
-    unsigned j[5] = {0, 0, 0, 0, 0};
-    for (size_t e = 0; e < bytes / m.elem; ++e) {
-      // Element e of the box: j[0] fastest.
-      size_t rest = e;
-      bool in = true;
-      int64_t off = 0;
-      for (unsigned i = 0; i < m.rank; ++i) {
-        j[i] = unsigned(rest % m.box[i]);
-        rest /= m.box[i];
-        const int64_t g = int64_t(c[i]) + j[i];
-        in = in && g >= 0 && uint64_t(g) < m.dims[i];
-        off += g * int64_t(m.strides[i]);
+  const unsigned targets = mask ? mask : 1u << block().rank;
+  for (unsigned r = 0; r < cluster_size(); ++r) {
+    if (!(targets >> r & 1u)) continue;
+    Block* to = &cluster_block(r, op);
+    if (to != &block()) to->peer_access_gen = int64_t(block().cluster->generation);
+    uint64_t* to_bar = reinterpret_cast<uint64_t*>(to->smem + kSmemGuard + bar_off);
+    mbar_load(*to, to_bar, op);  // initialised
+    check_tma_write(*to, size_t(lo), size_t(lo) + bytes, op);
+    unsigned char* base = to->smem + kSmemGuard;  // shared address 0 of the destination
+    AsyncOp a;
+    a.bar = to_bar;
+    a.lo = size_t(lo);
+    a.hi = size_t(lo) + bytes;
+    a.perform = [m, c, base, lo, bytes, to_bar, to]() {
+      unsigned j[5] = {0, 0, 0, 0, 0};
+      for (size_t e = 0; e < bytes / m.elem; ++e) {
+        // Element e of the box: j[0] fastest.
+        size_t rest = e;
+        bool in = true;
+        int64_t off = 0;
+        for (unsigned i = 0; i < m.rank; ++i) {
+          j[i] = unsigned(rest % m.box[i]);
+          rest /= m.box[i];
+          const int64_t g = int64_t(c[i]) + j[i];
+          in = in && g >= 0 && uint64_t(g) < m.dims[i];
+          off += g * int64_t(m.strides[i]);
+        }
+        const size_t s = swizzle(size_t(lo) + e * m.elem, m.swizzle);
+        if (in) {
+          std::memcpy(base + s, reinterpret_cast<const unsigned char*>(m.addr) + off, m.elem);
+        } else {
+          std::memset(base + s, 0, m.elem);
+        }
       }
-      const size_t s = swizzle(size_t(lo) + e * m.elem, m.swizzle);
-      if (in) {
-        std::memcpy(base + s, reinterpret_cast<const unsigned char*>(m.addr) + off, m.elem);
-      } else {
-        std::memset(base + s, 0, m.elem);
-      }
-    }
-    // The async proxy wrote it: both views hold the box (the swizzle stays inside it).
-    std::memcpy(block().async_view.data() + lo, base + lo, bytes);
-    mbar_complete_tx(bar, uint32_t(bytes));
-  };
-  block().tma.push_back(std::move(a));
+      // The async proxy wrote it: both views hold the box (the swizzle stays inside it).
+      std::memcpy(to->async_view.data() + lo, base + lo, bytes);
+      mbar_complete_tx(*to, to_bar, uint32_t(bytes));
+    };
+    to->tma.push_back(std::move(a));
+  }
 }
 
 // cp.async.bulk.tensor.Nd.global.shared::cta.bulk_group [map, {c0, ..}], [src]: queues the

@@ -50,27 +50,53 @@ __device__ __forceinline__ int group_runs(const int* m_indices, int row0, int ti
 // other tile; no thread scans the rows). All 32 lanes must call it; the list is complete in
 // every lane on return (__syncwarp), and the call waits (__syncwarp) until every lane is done
 // with the previous list before rewriting it.
+// Lane `lane`'s kRowsPerLane group ids of rows row0 + kRowsPerLane lane + j (-1: padding, an
+// id out of range or a row past m), and the ids just before and after them in the tile (-1
+// outside it). All 32 lanes must call it.
 template <int kRowsPerLane>
-__device__ __forceinline__ int group_runs_warp(const int* m_indices, int row0, int m, int groups, int lane, int* group,
-                                               int* span) {
-  static_assert(kRowsPerLane >= 1 && kRowsPerLane <= 8, "32 kRowsPerLane rows must fit in 8 bits");
-  constexpr unsigned kAll = 0xffffffffu;
-  int id[kRowsPerLane];
+__device__ __forceinline__ void tile_row_ids(const int* m_indices, int row0, int m, int groups, int lane,
+                                             int (&id)[kRowsPerLane], int& prev_lane, int& next_lane) {
 #pragma unroll
   for (int j = 0; j < kRowsPerLane; ++j) {
     const int r = row0 + kRowsPerLane * lane + j;
     const int g = r < m ? m_indices[r] : -1;
     id[j] = (g < 0 || g >= groups) ? -1 : g;
   }
-  const int prev_lane = __shfl_up_sync(kAll, id[kRowsPerLane - 1], 1);
-  const int next_lane = __shfl_down_sync(kAll, id[0], 1);
+  prev_lane = __shfl_up_sync(0xffffffffu, id[kRowsPerLane - 1], 1);
+  next_lane = __shfl_down_sync(0xffffffffu, id[0], 1);
+  if (lane == 0) prev_lane = -1;
+  if (lane == 31) next_lane = -1;
+}
+
+// The number of group runs group_runs_warp finds among rows [row0, row0 + 32 kRowsPerLane),
+// without the list (a cluster peer's pass count). All 32 lanes must call it.
+template <int kRowsPerLane>
+__device__ __forceinline__ int group_run_count_warp(const int* m_indices, int row0, int m, int groups, int lane) {
+  int id[kRowsPerLane], prev_lane, next_lane;
+  tile_row_ids<kRowsPerLane>(m_indices, row0, m, groups, lane, id, prev_lane, next_lane);
+  int total = 0;
+#pragma unroll
+  for (int j = 0; j < kRowsPerLane; ++j) {
+    const int before = j > 0 ? id[j - 1] : prev_lane;
+    total += __popc(__ballot_sync(0xffffffffu, id[j] >= 0 && id[j] != before));
+  }
+  return total;
+}
+
+template <int kRowsPerLane>
+__device__ __forceinline__ int group_runs_warp(const int* m_indices, int row0, int m, int groups, int lane, int* group,
+                                               int* span) {
+  static_assert(kRowsPerLane >= 1 && kRowsPerLane <= 8, "32 kRowsPerLane rows must fit in 8 bits");
+  constexpr unsigned kAll = 0xffffffffu;
+  int id[kRowsPerLane], prev_lane, next_lane;
+  tile_row_ids<kRowsPerLane>(m_indices, row0, m, groups, lane, id, prev_lane, next_lane);
   const unsigned below = (1u << lane) - 1u;
   unsigned starts = 0, ends = 0;  // this lane's flags, bit j
   int first = 0, last = 0, total = 0;  // starts / ends in lower lanes, starts in the warp
 #pragma unroll
   for (int j = 0; j < kRowsPerLane; ++j) {
-    const int before = j > 0 ? id[j - 1] : (lane > 0 ? prev_lane : -1);
-    const int after = j + 1 < kRowsPerLane ? id[j + 1] : (lane < 31 ? next_lane : -1);
+    const int before = j > 0 ? id[j - 1] : prev_lane;
+    const int after = j + 1 < kRowsPerLane ? id[j + 1] : next_lane;
     const bool s = id[j] >= 0 && id[j] != before, e = id[j] >= 0 && id[j] != after;
     const unsigned sb = __ballot_sync(kAll, s), eb = __ballot_sync(kAll, e);
     starts |= static_cast<unsigned>(s) << j;

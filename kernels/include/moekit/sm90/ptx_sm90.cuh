@@ -1,5 +1,5 @@
-// Hopper (sm_90a) PTX wrappers: mbarrier, TMA, wgmma, register reallocation, named barriers,
-// elect.sync. One wrapper per instruction: on the device one inline `asm`; in the host
+// Hopper (sm_90a) PTX wrappers: mbarrier, TMA (multicast too), wgmma, register reallocation,
+// named barriers, elect.sync, thread block clusters. One wrapper per instruction: on the device one inline `asm`; in the host
 // emulation (MOEKIT_EMULATION) the reference implementation of moekit/emu/sm90.h, exact to
 // the PTX ISA where it fixes the result (what is exact and what is a model is listed there).
 // Shared addresses in the emulation are offsets into the block's dynamic shared memory, so
@@ -97,6 +97,53 @@ template <int N>
 __device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory"); }
 __device__ __forceinline__ void prefetch_tmap(const void* tmap) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(tmap) : "memory");
+}
+
+// ---- thread block clusters (kernels declared with __cluster_dims__) -----------------------------
+// %cluster_ctarank: this CTA's rank in its cluster.
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// barrier.cluster.arrive (release) then barrier.cluster.wait (acquire): every non-exited thread
+// of the cluster, e.g. after the barriers are initialised (before a peer uses them) and
+// before exit (while peers may still arrive on this CTA's barriers).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+// One arrival on the barrier at `bar`'s shared address in CTA `cta` of the cluster (mapa, then
+// mbarrier.arrive.relaxed.cluster on the shared::cluster address), when `pred` holds: a
+// predicated instruction, no branch. Relaxed: it orders none of the caller's memory accesses
+// (the default .release costs a MEMBAR.ALL.GPU before every arrival in SASS). For a consumer's
+// release of a stage in a peer CTA: all it read there is the peer's multicast tile, through
+// wgmmas that wgmma.wait_group has completed; its own CTA's stage is released with
+// mbar_arrive_if (release at CTA scope: the plain loads of the producer's scale slot).
+__device__ __forceinline__ void mbar_arrive_peer_if(uint64_t* bar, uint32_t cta, bool pred) {
+  asm volatile(
+      "{\n.reg .pred p;\n.reg .b32 remote;\nsetp.ne.b32 p, %2, 0;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "@p mbarrier.arrive.relaxed.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_addr(bar)),
+      "r"(cta), "r"(static_cast<int>(pred))
+      : "memory");
+}
+// TMA tile loads multicast to the CTAs of `mask` (bit r: rank r): each receives the box at
+// `dst`'s shared address and completes its bytes on its own barrier at `bar`'s address.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const void* tmap, uint64_t* bar, int c0, int c1,
+                                                      uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%3, %4}], [%2], %5;\n" ::"r"(smem_addr(dst)),
+      "l"(tmap), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "h"(mask)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_3d_multicast(void* dst, const void* tmap, uint64_t* bar, int c0, int c1,
+                                                      int c2, uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%3, %4, %5}], [%2], %6;\n" ::"r"(smem_addr(dst)),
+      "l"(tmap), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2), "h"(mask)
+      : "memory");
 }
 
 // ---- named barriers (ids 1..15; 0 is __syncthreads), elect.sync ---------------------------------
@@ -204,6 +251,24 @@ inline void tma_store_2d(const void* tmap, const void* src, int c0, int c1) {
 inline void tma_store_3d(const void* tmap, const void* src, int c0, int c1, int c2) {
   const int c[3] = {c0, c1, c2};
   emu90::tma_store(tmap, src, c, 3);
+}
+inline uint32_t cluster_ctarank() { return emu90::cluster_rank(); }
+inline void cluster_sync() {
+  emu90::cluster_arrive();
+  emu90::cluster_wait();
+}
+inline void mbar_arrive_peer_if(uint64_t* bar, uint32_t cta, bool pred) {
+  if (pred) emu90::mbar_arrive_cluster(bar, cta);
+}
+inline void tma_load_2d_multicast(void* dst, const void* tmap, uint64_t* bar, int c0, int c1, uint16_t mask) {
+  const int c[2] = {c0, c1};
+  if (mask == 0) ::moekit::emu::fault("cp.async.bulk.tensor (multicast::cluster): empty ctaMask");
+  emu90::tma_load(dst, tmap, bar, c, 2, mask);
+}
+inline void tma_load_3d_multicast(void* dst, const void* tmap, uint64_t* bar, int c0, int c1, int c2, uint16_t mask) {
+  const int c[3] = {c0, c1, c2};
+  if (mask == 0) ::moekit::emu::fault("cp.async.bulk.tensor (multicast::cluster): empty ctaMask");
+  emu90::tma_load(dst, tmap, bar, c, 3, mask);
 }
 inline void fence_proxy_async() { emu90::fence_proxy_async(); }
 inline void bulk_commit() { emu90::bulk_commit(); }
